@@ -1,0 +1,103 @@
+"""System checks: configuration mistakes are reported by ``manage.py check`` with a hint."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from .conf import BatchframeworkSettings, get_settings
+
+
+def _hint_settings() -> str:
+    return "See the settings reference in the batchframework docs (docs/settings.rst)."
+
+
+@checks.register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    messages: list[checks.CheckMessage] = []
+    if not settings.USE_TZ:
+        messages.append(checks.Error(
+            "batchframework needs USE_TZ = True.",
+            hint="Due times are compared on the database clock in UTC; naive datetimes are "
+            "ambiguous. Set USE_TZ = True (Django's default).",
+            id="batchframework.E001",
+        ))
+    try:
+        conf: BatchframeworkSettings = get_settings()
+    except (ImproperlyConfigured, TypeError) as exc:
+        messages.append(checks.Error(
+            f"Invalid BATCHFRAMEWORK setting: {exc}", hint=_hint_settings(),
+            id="batchframework.E002",
+        ))
+        return messages
+    positive = {
+        "BATCH_SIZE": conf.BATCH_SIZE,
+        "DEFAULT_MAX_ATTEMPTS": conf.DEFAULT_MAX_ATTEMPTS,
+        "MAX_INPUT_BYTES": conf.MAX_INPUT_BYTES,
+    }
+    for name, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            messages.append(checks.Error(
+                f"BATCHFRAMEWORK[{name!r}] must be a positive integer, not {value!r}.",
+                hint=_hint_settings(), id="batchframework.E003",
+            ))
+    durations = {
+        "DEFAULT_LEASE": conf.DEFAULT_LEASE,
+        "POLL_INTERVAL": conf.POLL_INTERVAL,
+        "PUBLISH_TIMEOUT": conf.PUBLISH_TIMEOUT,
+        "DISPATCH_HORIZON": conf.DISPATCH_HORIZON,
+    }
+    for name, duration in durations.items():
+        if duration <= timedelta(0):
+            messages.append(checks.Error(
+                f"BATCHFRAMEWORK[{name!r}] must be positive, not {duration!r}.",
+                hint=_hint_settings(), id="batchframework.E004",
+            ))
+    if conf.DEFAULT_RETRY_BACKOFF < timedelta(0):
+        messages.append(checks.Error(
+            "BATCHFRAMEWORK['DEFAULT_RETRY_BACKOFF'] must not be negative.",
+            hint=_hint_settings(), id="batchframework.E004",
+        ))
+    if conf.DISPATCHER:
+        try:
+            import_string(conf.DISPATCHER)
+        except ImportError as exc:
+            messages.append(checks.Error(
+                f"BATCHFRAMEWORK['DISPATCHER'] = {conf.DISPATCHER!r} cannot be imported: {exc}",
+                hint="Use a dotted path to a batchframework.dispatch.Dispatcher subclass, or "
+                "leave it unset to pick one automatically.",
+                id="batchframework.E005",
+            ))
+    if conf.POLL_INTERVAL > conf.DEFAULT_LEASE:
+        messages.append(checks.Warning(
+            "BATCHFRAMEWORK['POLL_INTERVAL'] is longer than DEFAULT_LEASE.",
+            hint="Lost workers are only noticed on a poll; keep the poll interval shorter "
+            "than the lease.",
+            id="batchframework.W001",
+        ))
+    return messages
+
+
+@checks.register()
+def check_routes(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from .registry import registry
+
+    try:
+        routes = get_settings().ROUTES
+    except ImproperlyConfigured:
+        return []  # reported by check_settings
+    return [
+        checks.Warning(
+            f"BATCHFRAMEWORK['ROUTES'] routes {operationtype!r}, which has no registered handler.",
+            hint=f"Registered operationtypes: {', '.join(registry.operationtypes()) or 'none'}. "
+            "Check the spelling, or that the handler module is discovered.",
+            id="batchframework.W002",
+        )
+        for operationtype in routes
+        if operationtype not in registry
+    ]

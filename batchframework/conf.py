@@ -1,0 +1,102 @@
+"""The library's settings: one typed, documented object read from ``settings.BATCHFRAMEWORK``.
+
+Settings are resolved once and cached; the cache is dropped on Django's ``setting_changed``
+signal so ``override_settings`` works in tests. Every default is documented on
+:class:`BatchframeworkSettings` and in ``docs/settings.rst``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+SETTING_NAME = "BATCHFRAMEWORK"
+
+
+def _as_timedelta(name: str, value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    raise ImproperlyConfigured(
+        f"{SETTING_NAME}[{name!r}] must be a number of seconds or a timedelta, got {value!r}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchframeworkSettings:
+    """All settings, with their defaults. Set any of them in ``settings.BATCHFRAMEWORK``."""
+
+    #: Run operations that are due in-process when the enqueuing transaction commits, through
+    #: the same claim as a worker. For development and tests. Delayed operations still wait
+    #: for their due time (see :func:`batchframework.testing.run_due`).
+    ALWAYS_SYNCHRONOUS: bool = False
+    #: Dotted path of the dispatcher class. ``None`` picks one: the immediate dispatcher when
+    #: ``ALWAYS_SYNCHRONOUS`` is set, the Celery dispatcher when ``batchframework_celery`` is
+    #: installed, else no dispatch (a DB-polling worker runs operations).
+    DISPATCHER: str | None = None
+    #: Queue of operations whose handler names none.
+    DEFAULT_QUEUE: str = "default"
+    #: How long a claim is valid before another worker may recover the operation.
+    DEFAULT_LEASE: timedelta = timedelta(minutes=5)
+    #: Attempts of a handler that does not set ``max_attempts``.
+    DEFAULT_MAX_ATTEMPTS: int = 1
+    #: Base of the exponential backoff between attempts (``base * 2 ** (attempt - 1)``).
+    DEFAULT_RETRY_BACKOFF: timedelta = timedelta(seconds=10)
+    #: How often pollers (the DB worker, the Celery beat poller) look for due operations.
+    POLL_INTERVAL: timedelta = timedelta(seconds=5)
+    #: How many operations one claim statement takes.
+    BATCH_SIZE: int = 50
+    #: Largest accepted ``input_data``, as bytes of its JSON encoding.
+    MAX_INPUT_BYTES: int = 1_000_000
+    #: Module name looked up in every installed app to discover handlers.
+    HANDLER_MODULES: tuple[str, ...] = ("batch_handlers",)
+    #: Celery transport: operations due within this window are published with an ETA; the
+    #: poller hands on those further out as they come due. Keep it well under the broker's
+    #: visibility timeout.
+    DISPATCH_HORIZON: timedelta = timedelta(minutes=5)
+    #: Celery transport: map of operationtype to Celery queue, overriding handlers' queues.
+    ROUTES: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Celery transport: longest time a publish may block the caller before it gives up and
+    #: leaves the operation to the poller.
+    PUBLISH_TIMEOUT: timedelta = timedelta(seconds=1)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BatchframeworkSettings:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Unknown key(s) in {SETTING_NAME}: {', '.join(unknown)}. "
+                f"Known keys: {', '.join(sorted(fields))}."
+            )
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            default = getattr(cls, name, None)
+            if isinstance(default, timedelta):
+                value = _as_timedelta(name, value)
+            elif name == "HANDLER_MODULES":
+                value = tuple(value)
+            elif name == "ROUTES":
+                value = dict(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+@functools.cache
+def get_settings() -> BatchframeworkSettings:
+    """Return the resolved settings (cached until a ``setting_changed`` signal)."""
+    return BatchframeworkSettings.from_dict(getattr(django_settings, SETTING_NAME, {}) or {})
+
+
+@receiver(setting_changed)
+def _reset_on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == SETTING_NAME:
+        get_settings.cache_clear()

@@ -1,0 +1,105 @@
+"""Dispatchers: what happens to operations once their enqueuing transaction commits.
+
+A dispatcher only decides *when and where* to ask the engine to run an operation; the engine
+decides *whether* it may. Dispatch is best effort: if it fails, the operation is still stored
+and a poller (the DB worker or the Celery beat poller) runs it when it is due (invariant 6).
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from django.apps import apps
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from .conf import get_settings
+from .signals import log_event
+
+if TYPE_CHECKING:
+    from .models import BatchOperation
+
+CELERY_DISPATCHER = "batchframework_celery.dispatcher.CeleryDispatcher"
+IMMEDIATE_DISPATCHER = "batchframework.dispatch.ImmediateDispatcher"
+NULL_DISPATCHER = "batchframework.dispatch.NullDispatcher"
+
+
+class Dispatcher(abc.ABC):
+    """Interface of a dispatcher. Subclasses implement :meth:`dispatch`."""
+
+    #: ``False`` lets ``enqueue`` skip registering an on-commit callback at all.
+    dispatches_anything: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
+        """Hand committed operations on. May raise; :meth:`dispatch_safely` logs it."""
+
+    def dispatch_safely(self, operations: Sequence[BatchOperation], *, using: str) -> None:
+        """Dispatch, never raising into the caller of ``enqueue``: a failure is logged and the
+        operations are left for the poller."""
+        try:
+            self.dispatch(operations, using=using)
+        except Exception as exc:
+            log_event(
+                logging.WARNING, "dispatch_failed", count=len(operations),
+                first_id=operations[0].pk if operations else "", error=repr(exc),
+                fallback="poller",
+            )
+
+
+class NullDispatcher(Dispatcher):
+    """Dispatches nothing: a DB-polling worker (``batchframework_worker``) runs operations."""
+
+    dispatches_anything = False
+
+    def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
+        return None
+
+
+class ImmediateDispatcher(Dispatcher):
+    """Runs due operations in the committing process, through the same claim as a worker.
+
+    Used for ``ALWAYS_SYNCHRONOUS``. Operations that are not yet due are left for
+    :func:`batchframework.testing.run_due` or a worker: never early, even in development.
+    """
+
+    def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
+        from .engine import run
+
+        now = timezone.now()
+        for operation in operations:
+            if operation.run_after <= now:
+                run(operation.pk, using=using, now=now)
+            else:
+                log_event(logging.DEBUG, "dispatch_deferred", id=operation.pk,
+                          reason="not_due", run_after=operation.run_after.isoformat())
+
+
+def dispatcher_path() -> str:
+    settings = get_settings()
+    if settings.DISPATCHER:
+        return settings.DISPATCHER
+    if settings.ALWAYS_SYNCHRONOUS:
+        return IMMEDIATE_DISPATCHER
+    if apps.is_installed("batchframework_celery"):
+        return CELERY_DISPATCHER
+    return NULL_DISPATCHER
+
+
+@functools.cache
+def get_dispatcher() -> Dispatcher:
+    """The configured dispatcher instance (cached until settings change)."""
+    dispatcher_class: Any = import_string(dispatcher_path())
+    return dispatcher_class()
+
+
+@receiver(setting_changed)
+def _reset_dispatcher(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("BATCHFRAMEWORK", "INSTALLED_APPS"):
+        get_dispatcher.cache_clear()

@@ -1,0 +1,33 @@
+"""The engine: the only code that changes an operation's status on behalf of workers.
+
+Everything that decides *whether* an operation may run lives here, once; transports (the
+DB-polling worker, ``batchframework_celery``) only decide *when and where* to call it.
+
+- :mod:`.enqueue`  store operations and dispatch them after commit
+- :mod:`.claim`    the atomic compare-and-set from unprocessed to running
+- :mod:`.run`      run a claimed operation's handler and finish it, fenced by the claim
+- :mod:`.recover`  put back (or fail) operations whose worker's lease expired
+- :mod:`.control`  cancel, postpone and report progress
+"""
+
+from .claim import claim, claim_due, release
+from .control import CancelOutcome, cancel, postpone, set_progress
+from .enqueue import enqueue, enqueue_many
+from .recover import recover_expired
+from .run import RunOutcome, run, run_claimed
+
+__all__ = [
+    "CancelOutcome",
+    "RunOutcome",
+    "cancel",
+    "claim",
+    "claim_due",
+    "enqueue",
+    "enqueue_many",
+    "postpone",
+    "recover_expired",
+    "release",
+    "run",
+    "run_claimed",
+    "set_progress",
+]

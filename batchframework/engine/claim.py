@@ -1,0 +1,173 @@
+"""Claiming: the single atomic conditional write that moves an operation from unprocessed to
+running (invariant 1). Whoever's UPDATE matched the row owns this attempt; everyone else did
+nothing and logs so.
+
+A claim increments ``attempts``, sets a lease on the database clock, and writes a fresh claim
+token to ``claimed_by``; finishing is fenced by that token (see :mod:`.run`). Operations whose
+operationtype has no registered handler are never claimed, so the original's manual flow
+(``mark_as_running()`` then ``finish()``) keeps working for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from ..clock import now_expression
+from ..conf import get_settings
+from ..models import BatchOperation
+from ..registry import registry
+from ..signals import log_event
+from ._common import new_claim_token, supports_skip_locked, time_after, write_alias
+
+
+def _claim_update(lease: timedelta, token: str, now: datetime | None) -> dict[str, Any]:
+    return {
+        "status": BatchOperation.STATUS_RUNNING,
+        "result": BatchOperation.RESULT_NOT_AVAILABLE,
+        "attempts": F("attempts") + 1,
+        "claimed_by": token,
+        "started_running_datetime": now_expression(now),
+        "lease_expires_at": time_after(lease, now),
+        "debounce_key": None,
+    }
+
+
+def _mark_claimed(operation: BatchOperation, token: str, lease: timedelta, now: datetime | None) -> None:
+    """Mirror the claim's UPDATE on the in-memory instance (times approximated locally)."""
+    started = now or timezone.now()
+    operation.status = BatchOperation.STATUS_RUNNING
+    operation.result = BatchOperation.RESULT_NOT_AVAILABLE
+    operation.attempts += 1
+    operation.claimed_by = token
+    operation.started_running_datetime = started
+    operation.lease_expires_at = started + lease
+    operation.debounce_key = None
+
+
+def claim(
+    operation_id: Any,
+    *,
+    worker: str | None = None,
+    now: datetime | None = None,
+    using: str | None = None,
+) -> BatchOperation | None:
+    """Claim one operation by id, if it is unprocessed, due and has a handler.
+
+    Returns the claimed operation, or ``None`` (and logs why) when it was deleted, cancelled,
+    already claimed, finished, not yet due or has no registered handler. Two statements: a
+    read, then the compare-and-set UPDATE.
+    """
+    alias = write_alias(using)
+    manager = BatchOperation.objects.db_manager(alias)
+    operation = manager.filter(pk=operation_id).first()
+    if operation is None:
+        log_event(logging.INFO, "claim_skipped", id=operation_id, reason="not_found")
+        return None
+    registered = registry.get(operation.operationtype)
+    if registered is None:
+        log_event(logging.WARNING, "claim_skipped", id=operation_id, reason="no_handler",
+                  operationtype=operation.operationtype)
+        return None
+    if operation.status != BatchOperation.STATUS_UNPROCESSED:
+        log_event(logging.INFO, "claim_skipped", id=operation_id, reason=f"already_{operation.status}")
+        return None
+    token = new_claim_token(worker)
+    lease = registered.resolved_lease()
+    won = (
+        manager.filter(
+            pk=operation.pk,
+            status=BatchOperation.STATUS_UNPROCESSED,
+            attempts=operation.attempts,
+            run_after__lte=now_expression(now),
+        ).update(**_claim_update(lease, token, now))
+    )
+    if not won:
+        log_event(logging.INFO, "claim_skipped", id=operation_id, reason="lost_race_or_not_due")
+        return None
+    _mark_claimed(operation, token, lease, now)
+    return operation
+
+
+def claim_due(
+    *,
+    queues: Sequence[str] | None = None,
+    operationtypes: Sequence[str] | None = None,
+    limit: int | None = None,
+    worker: str | None = None,
+    now: datetime | None = None,
+    using: str | None = None,
+) -> list[BatchOperation]:
+    """Claim up to ``limit`` due operations, highest priority then earliest due first.
+
+    Rows are locked with ``SELECT … FOR UPDATE SKIP LOCKED`` where the database supports it, so
+    concurrent claimers take disjoint batches; elsewhere (SQLite) the conditional UPDATE still
+    guarantees one winner per row. A constant number of statements per batch.
+    """
+    alias = write_alias(using)
+    limit = limit or get_settings().BATCH_SIZE
+    types = registry.operationtypes_for_queues(list(queues) if queues is not None else None)
+    if operationtypes is not None:
+        types = [t for t in types if t in set(operationtypes)]
+    if not types:
+        return []
+    token = new_claim_token(worker)
+    manager = BatchOperation.objects.db_manager(alias)
+    with transaction.atomic(using=alias):
+        candidates = manager.due(now).filter(operationtype__in=types)
+        if queues is not None:
+            candidates = candidates.filter(queue__in=list(queues))
+        candidates = candidates.order_by("-priority", "run_after", "pk")
+        if supports_skip_locked(alias):
+            candidates = candidates.select_for_update(skip_locked=True)
+        operations = list(candidates[:limit])
+        if not operations:
+            return []
+        by_lease: dict[timedelta, list[BatchOperation]] = defaultdict(list)
+        for operation in operations:
+            by_lease[registry[operation.operationtype].resolved_lease()].append(operation)
+        claimed_count = 0
+        for lease, group in by_lease.items():
+            claimed_count += manager.filter(
+                pk__in=[op.pk for op in group], status=BatchOperation.STATUS_UNPROCESSED
+            ).update(**_claim_update(lease, token, now))
+            for operation in group:
+                _mark_claimed(operation, token, lease, now)
+        if claimed_count != len(operations):
+            # Without row locks a concurrent claimer may have won some rows: keep only ours.
+            ours = set(manager.filter(pk__in=[op.pk for op in operations], claimed_by=token)
+                       .values_list("pk", flat=True))
+            operations = [op for op in operations if op.pk in ours]
+    return operations
+
+
+def release(operations: Sequence[BatchOperation], *, using: str | None = None) -> int:
+    """Give back claimed operations that were not started (e.g. on worker shutdown).
+
+    Fenced by each operation's claim; the attempt is not counted. Returns how many went back.
+    """
+    if not operations:
+        return 0
+    alias = write_alias(using)
+    released = 0
+    by_token: dict[str, list[Any]] = defaultdict(list)
+    for operation in operations:
+        by_token[operation.claimed_by].append(operation.pk)
+    for token, pks in by_token.items():
+        released += BatchOperation.objects.db_manager(alias).filter(
+            pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token
+        ).update(
+            status=BatchOperation.STATUS_UNPROCESSED,
+            attempts=F("attempts") - 1,
+            claimed_by="",
+            lease_expires_at=None,
+        )
+    log_event(logging.INFO, "released", count=released)
+    return released

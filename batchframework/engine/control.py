@@ -1,0 +1,145 @@
+"""Changing a pending operation from outside: cancel, postpone; and progress from inside.
+
+Cancel and postpone act only on unprocessed rows, with a conditional write, so they can't race
+a claim silently (invariant 3): either they win and the operation never runs early or at all,
+or they report that it is too late.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+
+from ..models import BatchOperation
+from ..registry import registry
+from ..signals import log_event, operation_cancelled
+from ._common import time_after, write_alias
+
+
+class CancelOutcome(enum.Enum):
+    """The answer of :func:`cancel`. Truthy only for :attr:`CANCELLED`."""
+
+    CANCELLED = "cancelled"  #: it was pending and now never runs
+    TOO_LATE_RUNNING = "too_late_running"  #: a worker already runs it; nothing changed
+    TOO_LATE_FINISHED = "too_late_finished"  #: it already finished; nothing changed
+    NOT_FOUND = "not_found"  #: no such operation (already cancelled or deleted)
+
+    def __bool__(self) -> bool:
+        return self is CancelOutcome.CANCELLED
+
+
+def _pk(operation: BatchOperation | Any) -> Any:
+    return operation.pk if isinstance(operation, BatchOperation) else operation
+
+
+def _alias(operation: BatchOperation | Any, using: str | None) -> str:
+    if using:
+        return using
+    if isinstance(operation, BatchOperation) and operation._state.db:
+        return operation._state.db
+    return write_alias()
+
+
+def cancel(operation: BatchOperation | Any, *, using: str | None = None) -> CancelOutcome:
+    """Make sure a pending operation never runs, by deleting it, atomically.
+
+    The conditional UPDATE locks the row only if it is still unprocessed; the delete follows
+    in the same transaction (cascading to rows that reference it, as ``delete()`` does).
+    """
+    pk = _pk(operation)
+    alias = _alias(operation, using)
+    manager = BatchOperation.objects.db_manager(alias)
+    with transaction.atomic(using=alias):
+        pending = manager.filter(pk=pk, status=BatchOperation.STATUS_UNPROCESSED)
+        if pending.update(status=BatchOperation.STATUS_UNPROCESSED):
+            manager.filter(pk=pk).delete()
+            outcome = CancelOutcome.CANCELLED
+        else:
+            status = manager.filter(pk=pk).values_list("status", flat=True).first()
+            outcome = {
+                None: CancelOutcome.NOT_FOUND,
+                BatchOperation.STATUS_RUNNING: CancelOutcome.TOO_LATE_RUNNING,
+                BatchOperation.STATUS_FINISHED: CancelOutcome.TOO_LATE_FINISHED,
+            }[status]
+    if outcome is CancelOutcome.CANCELLED:
+        operation_cancelled.send(sender=BatchOperation, operation_id=pk)
+    else:
+        log_event(logging.INFO, "cancel_refused", id=pk, reason=outcome.value)
+    return outcome
+
+
+def postpone(
+    operation: BatchOperation | Any,
+    delay: timedelta | float | None = None,
+    *,
+    run_after: datetime | None = None,
+    using: str | None = None,
+) -> bool:
+    """Move a pending operation's due time to ``now + delay`` (or ``run_after``).
+
+    Returns ``False`` and changes nothing when the operation is no longer pending.
+    """
+    from .enqueue import dispatch_on_commit, resolve_run_after
+
+    due = resolve_run_after(delay, run_after)
+    pk = _pk(operation)
+    alias = _alias(operation, using)
+    manager = BatchOperation.objects.db_manager(alias)
+    with transaction.atomic(using=alias):
+        if not manager.filter(pk=pk, status=BatchOperation.STATUS_UNPROCESSED).update(run_after=due):
+            log_event(logging.INFO, "postpone_refused", id=pk, reason="not_pending")
+            return False
+        if isinstance(operation, BatchOperation):
+            operation.run_after = due
+            dispatched = operation
+        else:
+            dispatched = manager.get(pk=pk)
+        dispatch_on_commit([dispatched], alias)
+    log_event(logging.INFO, "postponed", id=pk, run_after=due.isoformat())
+    return True
+
+
+def set_progress(
+    operation: BatchOperation,
+    done: int,
+    total: int | None = None,
+    message: str | None = None,
+    *,
+    using: str | None = None,
+) -> bool:
+    """Record progress of a running operation durably; renews the claim's lease.
+
+    Returns ``False`` when the operation is no longer running under this claim (its lease was
+    lost): a long handler may take that as a signal to stop.
+    """
+    for name, value in (("done", done), ("total", total)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    alias = _alias(operation, using)
+    changes: dict[str, Any] = {"progress_done": done}
+    if total is not None:
+        changes["progress_total"] = total
+    if message is not None:
+        changes["progress_message"] = str(message)[:255]
+    rows = BatchOperation.objects.db_manager(alias).filter(
+        pk=operation.pk, status=BatchOperation.STATUS_RUNNING
+    )
+    if operation.claimed_by:
+        rows = rows.filter(claimed_by=operation.claimed_by)
+        registered = registry.get(operation.operationtype)
+        if registered is not None:
+            changes["lease_expires_at"] = time_after(registered.resolved_lease())
+    updated = bool(rows.update(**changes))
+    if updated:
+        operation.progress_done = done
+        if total is not None:
+            operation.progress_total = total
+        if message is not None:
+            operation.progress_message = changes["progress_message"]
+    else:
+        log_event(logging.WARNING, "progress_refused", id=operation.pk, reason="not_running_under_claim")
+    return updated

@@ -1,0 +1,285 @@
+"""Storing operations: ``enqueue`` (one INSERT) and ``enqueue_many`` (one INSERT per chunk).
+
+Everything is validated before anything is written, and the dispatcher is called only after
+the enclosing transaction commits, on the alias the row was written to (invariant 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.contenttypes.models import ContentType
+from django.db import IntegrityError, models, transaction
+from django.utils import timezone
+
+from ..conf import get_settings
+from ..exceptions import InvalidOperationError, OperationStateError
+from ..jsondata import encode_json
+from ..models import BatchOperation
+from ..registry import registry
+from ..signals import operations_enqueued
+from ._common import write_alias
+
+#: How often a ``replace=True`` enqueue retries when a concurrent one won the insert.
+_REPLACE_ATTEMPTS = 8
+
+
+def resolve_run_after(
+    delay: timedelta | float | None, run_after: datetime | None
+) -> datetime:
+    """The due time from ``delay`` or ``run_after`` (at most one), validated."""
+    if delay is not None and run_after is not None:
+        raise InvalidOperationError("Pass either delay or run_after, not both.")
+    if run_after is not None:
+        if not isinstance(run_after, datetime):
+            raise InvalidOperationError(f"run_after must be a datetime, not {run_after!r}.")
+        if timezone.is_naive(run_after):
+            raise InvalidOperationError(
+                "run_after must be timezone-aware (e.g. django.utils.timezone.now() + delta); "
+                "a naive datetime is ambiguous."
+            )
+        return run_after
+    now = timezone.now()
+    if delay is None:
+        return now
+    if isinstance(delay, bool) or not isinstance(delay, timedelta | int | float):
+        raise InvalidOperationError(
+            f"delay must be a timedelta or a number of seconds, not {delay!r}."
+        )
+    if not isinstance(delay, timedelta):
+        if delay != delay or delay in (float("inf"), float("-inf")):  # NaN or infinite
+            raise InvalidOperationError(f"delay must be a finite number of seconds, not {delay!r}.")
+        delay = timedelta(seconds=delay)
+    if delay < timedelta(0):
+        raise InvalidOperationError(f"delay must not be negative, got {delay!r}.")
+    try:
+        return now + delay
+    except OverflowError as exc:
+        raise InvalidOperationError(f"delay {delay!r} is too large.") from exc
+
+
+@dataclass(frozen=True)
+class _Context:
+    content_type: ContentType | None
+    object_id: str | None
+
+
+def _resolve_context(context_object: models.Model | None, alias: str) -> _Context:
+    if context_object is None:
+        return _Context(None, None)
+    if not isinstance(context_object, models.Model):
+        raise InvalidOperationError(
+            f"context_object must be a saved model instance, not {type(context_object).__name__}."
+        )
+    if context_object.pk is None:
+        raise InvalidOperationError("context_object must be saved (it has no primary key yet).")
+    content_type = ContentType.objects.db_manager(alias).get_for_model(context_object)
+    return _Context(content_type, str(context_object.pk))
+
+
+def _check_started_by(started_by: Any) -> None:
+    if started_by is None:
+        return
+    if not isinstance(started_by, models.Model) or started_by.pk is None:
+        raise InvalidOperationError(
+            "started_by must be a saved user instance or None "
+            f"(got {started_by!r}; pass None for anonymous users)."
+        )
+
+
+def _check_priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -32768 <= priority <= 32767:
+        raise InvalidOperationError(f"priority must be an integer from -32768 to 32767, not {priority!r}.")
+    return priority
+
+
+def _debounce_key(operationtype: str, context: _Context) -> str:
+    raw = f"{operationtype}\x00{context.content_type.pk if context.content_type else ''}\x00{context.object_id or ''}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _build(
+    operationtype: str,
+    *,
+    context: _Context,
+    input_data: Any,
+    run_after: datetime,
+    started_by: Any,
+    queue: str | None,
+    priority: int,
+) -> BatchOperation:
+    registered = registry[operationtype]  # raises UnknownOperationTypeError, listing known types
+    if input_data is not None:
+        encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
+    if queue is not None and (not isinstance(queue, str) or not queue or len(queue) > 100):
+        raise InvalidOperationError(f"queue must be a non-empty string of at most 100 characters, not {queue!r}.")
+    return BatchOperation(
+        operationtype=operationtype,
+        context_content_type=context.content_type,
+        context_object_id=context.object_id,
+        input_data=input_data,
+        run_after=run_after,
+        started_by=started_by,
+        queue=queue or registered.resolved_queue(),
+        priority=priority,
+        status=BatchOperation.STATUS_UNPROCESSED,
+    )
+
+
+def enqueue(
+    operationtype: str,
+    *,
+    context_object: models.Model | None = None,
+    input_data: Any = None,
+    delay: timedelta | float | None = None,
+    run_after: datetime | None = None,
+    started_by: Any = None,
+    queue: str | None = None,
+    priority: int = 0,
+    replace: bool = False,
+    using: str | None = None,
+) -> BatchOperation:
+    """Store an operation for the handler of ``operationtype`` and dispatch it after commit.
+
+    ``delay`` (a timedelta or seconds) or ``run_after`` (an aware datetime) sets when it is
+    due; by default it is due now. With ``replace=True``, an unprocessed operation of the same
+    operationtype and context object is updated instead (debounce), so at most one is pending.
+    Raises a subclass of :class:`~batchframework.exceptions.InvalidOperationError` and writes
+    nothing when an argument is invalid.
+    """
+    alias = write_alias(using)
+    due = resolve_run_after(delay, run_after)
+    _check_started_by(started_by)
+    context = _resolve_context(context_object, alias)
+    operation = _build(
+        operationtype,
+        context=context,
+        input_data=input_data,
+        run_after=due,
+        started_by=started_by,
+        queue=queue,
+        priority=_check_priority(priority),
+    )
+    if replace:
+        operation = _insert_or_replace(operation, _debounce_key(operationtype, context), alias)
+    else:
+        operation.save(force_insert=True, using=alias)
+    _after_enqueue([operation], alias)
+    return operation
+
+
+def _insert_or_replace(operation: BatchOperation, key: str, alias: str) -> BatchOperation:
+    """Update the pending operation of this operationtype and context, or insert one.
+
+    Race-free: an insert carries ``debounce_key``, unique among pending operations, so of two
+    concurrent inserts one fails and retries as an update of the other's row.
+    """
+    manager = BatchOperation.objects.db_manager(alias)
+    pending = manager.unprocessed().filter(
+        operationtype=operation.operationtype,
+        context_content_type=operation.context_content_type,
+        context_object_id=operation.context_object_id,
+    )
+    for _ in range(_REPLACE_ATTEMPTS):
+        with transaction.atomic(using=alias):
+            updated = pending.update(
+                run_after=operation.run_after,
+                input_data=operation.input_data,
+                priority=operation.priority,
+                queue=operation.queue,
+                started_by=operation.started_by,
+            )
+            if updated:
+                current = pending.order_by("-pk").first()
+                if current is not None:
+                    return current
+                continue  # claimed between the two statements: insert a new one
+            operation.debounce_key = key
+            try:
+                with transaction.atomic(using=alias):
+                    operation.save(force_insert=True, using=alias)
+            except IntegrityError:
+                operation.pk = None
+                operation._state.adding = True
+                continue
+            return operation
+    raise OperationStateError(
+        f"Could not enqueue {operation.operationtype!r} with replace=True: "
+        f"{_REPLACE_ATTEMPTS} concurrent attempts conflicted."
+    )
+
+
+def enqueue_many(
+    operationtype: str,
+    items: Iterable[Mapping[str, Any]],
+    *,
+    delay: timedelta | float | None = None,
+    run_after: datetime | None = None,
+    started_by: Any = None,
+    queue: str | None = None,
+    priority: int = 0,
+    batch_size: int = 1000,
+    using: str | None = None,
+) -> list[BatchOperation]:
+    """Store many operations of one operationtype: one INSERT per ``batch_size`` chunk.
+
+    Each item is a mapping with optional ``context_object``, ``input_data``, ``delay``,
+    ``run_after`` and ``priority`` keys overriding the call's defaults. All items are
+    validated before the first INSERT; an invalid item writes nothing.
+    """
+    alias = write_alias(using)
+    _check_started_by(started_by)
+    allowed = {"context_object", "input_data", "delay", "run_after", "priority"}
+    operations: list[BatchOperation] = []
+    for index, item in enumerate(items):
+        unknown = set(item) - allowed
+        if unknown:
+            raise InvalidOperationError(
+                f"enqueue_many item {index} has unknown key(s) {sorted(unknown)}; "
+                f"allowed: {sorted(allowed)}."
+            )
+        try:
+            has_own_time = "delay" in item or "run_after" in item
+            due = resolve_run_after(
+                item.get("delay") if has_own_time else delay,
+                item.get("run_after") if has_own_time else run_after,
+            )
+            operations.append(
+                _build(
+                    operationtype,
+                    context=_resolve_context(item.get("context_object"), alias),
+                    input_data=item.get("input_data"),
+                    run_after=due,
+                    started_by=started_by,
+                    queue=queue,
+                    priority=_check_priority(item.get("priority", priority)),
+                )
+            )
+        except InvalidOperationError as exc:
+            raise type(exc)(f"enqueue_many item {index}: {exc}") from exc
+    if not operations:
+        return []
+    with transaction.atomic(using=alias):
+        created = BatchOperation.objects.using(alias).bulk_create(operations, batch_size=batch_size)
+        _after_enqueue(created, alias)
+    return created
+
+
+def _after_enqueue(operations: list[BatchOperation], alias: str) -> None:
+    operations_enqueued.send(sender=BatchOperation, operations=operations)
+    dispatch_on_commit(operations, alias)
+
+
+def dispatch_on_commit(operations: list[BatchOperation], alias: str) -> None:
+    """Hand ``operations`` to the dispatcher once the transaction on ``alias`` commits."""
+    from ..dispatch import get_dispatcher
+
+    dispatcher = get_dispatcher()
+    if dispatcher.dispatches_anything:
+        transaction.on_commit(
+            lambda: dispatcher.dispatch_safely(operations, using=alias), using=alias
+        )

@@ -1,0 +1,95 @@
+"""Lease recovery: operations whose worker died are put back, or failed when their attempts
+are spent (invariant 7). Pollers and workers call this on every tick; no user-written reaper.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Value
+from django.db.models.functions import Concat
+
+from ..clock import now_expression
+from ..conf import get_settings
+from ..models import BatchOperation
+from ..registry import registry
+from ..signals import log_event
+from ._common import supports_skip_locked, write_alias
+
+LOST_WORKER_ERROR_TYPE = "batchframework.WorkerLost"
+
+
+def _lost_message(attempt_word: str) -> str:
+    return (
+        "The worker running this operation was lost: its lease expired before it finished "
+        f"({attempt_word}). Last claimed by "
+    )
+
+
+def recover_expired(
+    *, now: datetime | None = None, limit: int | None = None, using: str | None = None
+) -> int:
+    """Recover up to ``limit`` running operations whose lease has expired.
+
+    Each goes back to unprocessed (due at once) if it has attempts left, else it finishes as
+    failed with a reason that says the worker was lost. Returns how many were recovered. A
+    constant number of statements per call.
+    """
+    alias = write_alias(using)
+    limit = limit or get_settings().BATCH_SIZE * 10
+    manager = BatchOperation.objects.db_manager(alias)
+    with transaction.atomic(using=alias):
+        expired = manager.lease_expired(now).order_by("lease_expires_at")
+        if supports_skip_locked(alias):
+            expired = expired.select_for_update(skip_locked=True)
+        rows = list(expired.values_list("pk", "operationtype", "attempts")[:limit])
+        if not rows:
+            return 0
+        retry: list[Any] = []
+        spent: list[Any] = []
+        for pk, operationtype, attempts in rows:
+            registered = registry.get(operationtype)
+            max_attempts = (
+                registered.resolved_max_attempts() if registered
+                else get_settings().DEFAULT_MAX_ATTEMPTS
+            )
+            (retry if attempts < max_attempts else spent).append(pk)
+        # Re-check the expiry in the UPDATE: a renewal may have landed since the read.
+        still_expired: dict[str, Any] = {
+            "status": BatchOperation.STATUS_RUNNING,
+            "lease_expires_at__lt": now_expression(now),
+        }
+        recovered = 0
+        if retry:
+            recovered += manager.filter(pk__in=retry, **still_expired).update(
+                status=BatchOperation.STATUS_UNPROCESSED,
+                run_after=now_expression(now),
+                last_error=Concat(Value(_lost_message("will retry")), "claimed_by"),
+                claimed_by="",
+                lease_expires_at=None,
+            )
+        if spent:
+            recovered += manager.filter(pk__in=spent, **still_expired).update(
+                status=BatchOperation.STATUS_FINISHED,
+                result=BatchOperation.RESULT_FAILED,
+                finished_datetime=now_expression(now),
+                last_error=Concat(Value(_lost_message("attempts spent")), "claimed_by"),
+                output_data={
+                    "error": {
+                        "type": LOST_WORKER_ERROR_TYPE,
+                        "message": "The worker running this operation was lost (its lease "
+                        "expired) and no attempts are left.",
+                        "traceback": "",
+                    }
+                },
+                claimed_by="",
+                lease_expires_at=None,
+            )
+    if recovered:
+        log_event(logging.WARNING, "leases_recovered", count=recovered,
+                  retried=len(retry), failed=len(spent))
+    return recovered

@@ -1,0 +1,162 @@
+"""Running a claimed operation and recording how it went, fenced by the claim (invariant 2).
+
+A finish, failure or retry is one UPDATE that applies only while the row is still running under
+the same claim token; a worker that lost its lease and finishes late changes nothing. Handlers
+run outside any transaction of ours, except ``atomic=True`` handlers, whose writes commit
+together with the finish so that they happen exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+
+from ..clock import now_expression
+from ..errors import ErrorDetails, describe_exception, format_error
+from ..exceptions import HandlerOutputError
+from ..jsondata import encode_json
+from ..models import BatchOperation
+from ..registry import Handler, registry
+from ..signals import log_event, operation_finished, operation_retry_scheduled, operation_started
+from ._common import time_after, write_alias
+from .claim import claim
+
+
+class RunOutcome(enum.Enum):
+    """What happened to one claimed operation."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # attempts spent; finished as failed
+    RETRY_SCHEDULED = "retry_scheduled"  # put back as unprocessed with a backoff
+    LOST_CLAIM = "lost_claim"  # the lease was lost before the finish: nothing was recorded
+    NOT_CLAIMED = "not_claimed"  # someone else has it, or it is gone, or not due
+
+
+def _fenced(operation: BatchOperation, alias: str) -> Any:
+    return BatchOperation.objects.db_manager(alias).filter(
+        pk=operation.pk,
+        status=BatchOperation.STATUS_RUNNING,
+        claimed_by=operation.claimed_by,
+    )
+
+
+def _finish_success(operation: BatchOperation, output: Any, alias: str) -> RunOutcome:
+    if not _fenced(operation, alias).update(
+        status=BatchOperation.STATUS_FINISHED,
+        result=BatchOperation.RESULT_SUCCESSFUL,
+        finished_datetime=now_expression(),
+        output_data=output,
+        lease_expires_at=None,
+    ):
+        return _lost(operation)
+    operation.status = BatchOperation.STATUS_FINISHED
+    operation.result = BatchOperation.RESULT_SUCCESSFUL
+    operation.output_data = output
+    operation.lease_expires_at = None
+    operation_finished.send(sender=BatchOperation, operation=operation, succeeded=True, error=None)
+    return RunOutcome.SUCCEEDED
+
+
+def _finish_failure(
+    operation: BatchOperation, registered: Handler, error: ErrorDetails, alias: str
+) -> RunOutcome:
+    last_error = format_error(error)
+    if operation.attempts < registered.resolved_max_attempts():
+        backoff = registered.backoff_for(operation.attempts)
+        if not _fenced(operation, alias).update(
+            status=BatchOperation.STATUS_UNPROCESSED,
+            run_after=time_after(backoff),
+            last_error=last_error,
+            claimed_by="",
+            lease_expires_at=None,
+        ):
+            return _lost(operation)
+        operation.status = BatchOperation.STATUS_UNPROCESSED
+        operation.last_error = last_error
+        operation_retry_scheduled.send(
+            sender=BatchOperation, operation=operation, error=error, attempt=operation.attempts
+        )
+        return RunOutcome.RETRY_SCHEDULED
+    output = {"error": dict(error)}
+    if not _fenced(operation, alias).update(
+        status=BatchOperation.STATUS_FINISHED,
+        result=BatchOperation.RESULT_FAILED,
+        finished_datetime=now_expression(),
+        output_data=output,
+        last_error=last_error,
+        lease_expires_at=None,
+    ):
+        return _lost(operation)
+    operation.status = BatchOperation.STATUS_FINISHED
+    operation.result = BatchOperation.RESULT_FAILED
+    operation.output_data = output
+    operation.last_error = last_error
+    operation_finished.send(sender=BatchOperation, operation=operation, succeeded=False, error=error)
+    return RunOutcome.FAILED
+
+
+def _lost(operation: BatchOperation) -> RunOutcome:
+    log_event(
+        logging.WARNING, "finish_fenced", id=operation.pk, operationtype=operation.operationtype,
+        claimed_by=operation.claimed_by, reason="claim_lost_lease_expired",
+    )
+    return RunOutcome.LOST_CLAIM
+
+
+def _call(registered: Handler, operation: BatchOperation) -> Any:
+    output = registered.function(operation)
+    try:
+        encode_json(output, what="handler return value")
+    except ValueError as exc:
+        raise HandlerOutputError(str(exc)) from exc
+    return output
+
+
+def run_claimed(operation: BatchOperation, *, using: str | None = None) -> RunOutcome:
+    """Run the handler of an operation this process claimed, and record the outcome.
+
+    ``Exception``\\s from the handler fail the attempt; ``BaseException``\\s (``SystemExit``,
+    ``KeyboardInterrupt``) propagate and leave the operation running until its lease expires.
+    """
+    alias = using or operation._state.db or write_alias()
+    registered = registry[operation.operationtype]
+    operation_started.send(sender=BatchOperation, operation=operation)
+    if registered.atomic:
+        return _run_atomic(operation, registered, alias)
+    try:
+        output = _call(registered, operation)
+    except Exception as exc:
+        return _finish_failure(operation, registered, describe_exception(exc), alias)
+    return _finish_success(operation, output, alias)
+
+
+def _run_atomic(operation: BatchOperation, registered: Handler, alias: str) -> RunOutcome:
+    with transaction.atomic(using=alias):
+        # Lock our row (fenced) first: a late worker whose lease was recovered stops here.
+        if not _fenced(operation, alias).select_for_update().exists():
+            return _lost(operation)
+        try:
+            with transaction.atomic(using=alias):
+                output = _call(registered, operation)
+        except Exception as exc:
+            # The savepoint rolled back the handler's writes; record the failure.
+            return _finish_failure(operation, registered, describe_exception(exc), alias)
+        return _finish_success(operation, output, alias)
+
+
+def run(
+    operation_id: Any,
+    *,
+    worker: str | None = None,
+    now: datetime | None = None,
+    using: str | None = None,
+) -> RunOutcome:
+    """Claim one operation by id and, if the claim was won, run it."""
+    operation = claim(operation_id, worker=worker, now=now, using=using)
+    if operation is None:
+        return RunOutcome.NOT_CLAIMED
+    return run_claimed(operation, using=using)

@@ -1,0 +1,40 @@
+"""Every error the library raises: one base class, never raised itself, and one class per failure.
+
+Each class's docstring says when it is raised; the message says what to do about it.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+
+
+class BatchframeworkError(Exception):
+    """Base class of every error raised by batchframework. Never raised itself."""
+
+
+class InvalidOperationError(BatchframeworkError, ValueError):
+    """Arguments that describe an operation are invalid; nothing was written."""
+
+
+class UnknownOperationTypeError(InvalidOperationError):
+    """No handler is registered for the operationtype given to ``enqueue``."""
+
+
+class InputDataError(InvalidOperationError):
+    """``input_data`` is not JSON-serializable, or is larger than ``MAX_INPUT_BYTES``."""
+
+
+class HandlerRegistrationError(BatchframeworkError):
+    """A handler was registered twice for one operationtype, or with invalid options."""
+
+
+class HandlerOutputError(BatchframeworkError, TypeError):
+    """A handler returned a value that cannot be stored as JSON ``output_data``."""
+
+
+class OperationStateError(BatchframeworkError):
+    """The operation is not in a state that allows the requested change."""
+
+
+class OperationValidationError(ValidationError, BatchframeworkError):
+    """``BatchOperation.clean()`` found an inconsistent status/result/timestamps combination."""

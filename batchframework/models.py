@@ -1,0 +1,389 @@
+"""The ``BatchOperation`` model: one row records one batch operation, sync or async.
+
+It keeps the original ``ievv_batchframework`` API (``create_asyncronous``, ``mark_as_running``,
+``finish``, ``input_data_json`` …) and adds the columns the engine needs to run operations
+reliably (due time, attempts, lease, queue, priority, progress). Status changes made by workers
+go through :mod:`batchframework.engine`; the model's own methods serve the manual flow of the
+original and the synchronous bulk use case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from django.conf import settings
+from django.contrib.contenttypes.fields import GenericForeignKey
+from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from .clock import now_expression
+from .conf import get_settings
+from .errors import describe_exception
+from .exceptions import InvalidOperationError
+from .jsondata import encode_json
+
+if TYPE_CHECKING:
+    from .engine import CancelOutcome
+
+
+def check_context_arguments(kwargs: dict[str, Any]) -> None:
+    """Refuse a model instance passed as ``context_object_id`` (a mistake the seed's own
+    example makes): on a text column it would silently be stored as ``str(instance)``."""
+    if isinstance(kwargs.get("context_object_id"), models.Model):
+        raise InvalidOperationError(
+            "context_object_id got a model instance "
+            f"({type(kwargs['context_object_id']).__name__}); "
+            "pass the object as context_object=... instead."
+        )
+
+
+class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
+    """Filters named after what they mean."""
+
+    def for_context_object(self, obj: models.Model) -> BatchOperationQuerySet:
+        """Operations that concern ``obj`` (uses the context-object index)."""
+        content_type = ContentType.objects.db_manager(self.db).get_for_model(obj)
+        return self.filter(context_content_type=content_type, context_object_id=str(obj.pk))
+
+    def unprocessed(self) -> BatchOperationQuerySet:
+        return self.filter(status=BatchOperation.STATUS_UNPROCESSED)
+
+    def running(self) -> BatchOperationQuerySet:
+        return self.filter(status=BatchOperation.STATUS_RUNNING)
+
+    def finished(self) -> BatchOperationQuerySet:
+        return self.filter(status=BatchOperation.STATUS_FINISHED)
+
+    def successful(self) -> BatchOperationQuerySet:
+        return self.filter(
+            status=BatchOperation.STATUS_FINISHED, result=BatchOperation.RESULT_SUCCESSFUL
+        )
+
+    def failed(self) -> BatchOperationQuerySet:
+        return self.filter(
+            status=BatchOperation.STATUS_FINISHED, result=BatchOperation.RESULT_FAILED
+        )
+
+    def due(self, now: datetime | None = None) -> BatchOperationQuerySet:
+        """Unprocessed operations whose ``run_after`` has come, judged by the database clock
+        (or by ``now`` when given)."""
+        return self.unprocessed().filter(run_after__lte=now_expression(now))
+
+    def not_due(self, now: datetime | None = None) -> BatchOperationQuerySet:
+        """Unprocessed operations that are still waiting for their ``run_after``."""
+        return self.unprocessed().filter(run_after__gt=now_expression(now))
+
+    def lease_expired(self, now: datetime | None = None) -> BatchOperationQuerySet:
+        """Running operations whose claim has lapsed: their worker is presumed lost."""
+        return self.running().filter(lease_expires_at__lt=now_expression(now))
+
+
+class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)):  # type: ignore[misc]
+    """The original's creation API, a context manager for synchronous work, and every
+    :class:`BatchOperationQuerySet` filter."""
+
+    def _create_validated(self, input_data: Any, **kwargs: Any) -> BatchOperation:
+        check_context_arguments(kwargs)
+        if input_data is not None:
+            encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
+        operation = self.model(**kwargs)
+        operation.input_data = input_data
+        operation.clean()
+        operation.save(force_insert=True, using=self._db)
+        return operation
+
+    def create_asynchronous(self, input_data: Any = None, **kwargs: Any) -> BatchOperation:
+        """Create an unprocessed operation for some asynchronous service to run.
+
+        This only records the operation; to have a registered handler run it, use
+        :func:`batchframework.enqueue`.
+        """
+        kwargs.setdefault("status", BatchOperation.STATUS_UNPROCESSED)
+        return self._create_validated(input_data, **kwargs)
+
+    def create_synchronous(self, input_data: Any = None, **kwargs: Any) -> BatchOperation:
+        """Create an operation that is already running, in one INSERT.
+
+        Its id can tag rows made with ``bulk_create`` so that they can be fetched back.
+        """
+        kwargs.setdefault("status", BatchOperation.STATUS_RUNNING)
+        kwargs.setdefault("started_running_datetime", timezone.now())
+        return self._create_validated(input_data, **kwargs)
+
+    # The original's spellings, kept so code written for ievv_batchframework runs unchanged.
+    create_asyncronous = create_asynchronous
+    create_syncronous = create_synchronous
+
+    @contextlib.contextmanager
+    def synchronous(self, input_data: Any = None, **kwargs: Any) -> Iterator[BatchOperation]:
+        """Run a block as a synchronous operation.
+
+        On normal exit the operation is finished as successful (unless the block finished it);
+        if the block raises, it is finished as failed with the error's type, message and
+        traceback in ``output_data["error"]``, and the exception propagates.
+        """
+        operation = self.create_synchronous(input_data=input_data, **kwargs)
+        try:
+            yield operation
+        except BaseException as exc:
+            if operation.status != BatchOperation.STATUS_FINISHED:
+                operation.finish(failed=True, output_data={"error": describe_exception(exc)})
+            raise
+        if operation.status != BatchOperation.STATUS_FINISHED:
+            operation.finish()
+
+
+class BatchOperation(models.Model):
+    """One batch operation: what it is, what it concerns, who started it, how it went."""
+
+    STATUS_UNPROCESSED = "unprocessed"
+    STATUS_RUNNING = "running"
+    STATUS_FINISHED = "finished"
+    STATUS_CHOICES = [
+        (STATUS_UNPROCESSED, _("unprocessed")),
+        (STATUS_RUNNING, _("running")),
+        (STATUS_FINISHED, _("finished")),
+    ]
+
+    RESULT_NOT_AVAILABLE = "not-available"
+    RESULT_SUCCESSFUL = "successful"
+    RESULT_FAILED = "failed"
+    RESULT_CHOICES = [
+        (RESULT_NOT_AVAILABLE, _("not available yet (not finished)")),
+        (RESULT_SUCCESSFUL, _("successful")),
+        (RESULT_FAILED, _("failed")),
+    ]
+
+    #: Who started the operation, if anyone.
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        verbose_name=_("started by"),
+    )
+    #: When the row was created.
+    created_datetime = models.DateTimeField(_("created"), default=timezone.now)
+    #: When the operation started running (set when it is claimed or marked as running).
+    started_running_datetime = models.DateTimeField(_("started running"), null=True, blank=True)
+    #: When the operation finished.
+    finished_datetime = models.DateTimeField(_("finished"), null=True, blank=True)
+    context_content_type = models.ForeignKey(
+        ContentType,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="+",
+        verbose_name=_("context object type"),
+    )
+    #: Text, so objects with integer, UUID and string primary keys all fit.
+    context_object_id = models.CharField(
+        _("context object id"), max_length=255, null=True, blank=True
+    )
+    #: The object this operation concerns (a generic foreign key).
+    context_object = GenericForeignKey("context_content_type", "context_object_id")
+    #: What kind of operation this is; the key of its handler in the registry.
+    operationtype = models.CharField(
+        _("operation type"), max_length=255, blank=True, default="", db_index=True
+    )
+    status = models.CharField(
+        _("status"), max_length=12, choices=STATUS_CHOICES, default=STATUS_UNPROCESSED
+    )
+    result = models.CharField(
+        _("result"), max_length=13, choices=RESULT_CHOICES, default=RESULT_NOT_AVAILABLE
+    )
+    #: Input for the handler, stored as native JSON.
+    input_data = models.JSONField(_("input data"), null=True, blank=True)
+    #: What the operation produced (the handler's return value), or ``{"error": …}``.
+    output_data = models.JSONField(_("output data"), null=True, blank=True)
+
+    # --- Columns the engine uses to run operations. ---------------------------------------
+    #: Not run before this time (judged by the database clock).
+    run_after = models.DateTimeField(_("run after"), default=timezone.now)
+    #: The queue workers take it from.
+    queue = models.CharField(_("queue"), max_length=100, default="default")
+    #: Higher runs first among due operations.
+    priority = models.SmallIntegerField(_("priority"), default=0)
+    #: How many times a worker has claimed it.
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    #: Until when the current claim holds; after it another worker may recover the operation.
+    lease_expires_at = models.DateTimeField(_("lease expires"), null=True, blank=True)
+    #: Identifies the current claim (worker and claim token); fences the finish.
+    claimed_by = models.CharField(_("claimed by"), max_length=255, blank=True, default="")
+    #: Type, message and traceback of the last failed attempt.
+    last_error = models.TextField(_("last error"), blank=True, default="")
+    progress_done = models.PositiveBigIntegerField(_("progress done"), null=True, blank=True)
+    progress_total = models.PositiveBigIntegerField(_("progress total"), null=True, blank=True)
+    progress_message = models.CharField(
+        _("progress message"), max_length=255, blank=True, default=""
+    )
+    #: Set while an operation enqueued with ``replace=True`` is pending: at most one pending
+    #: operation per operationtype and context object, enforced by the unique index.
+    debounce_key = models.CharField(max_length=64, null=True, blank=True, unique=True)
+
+    objects: ClassVar[BatchOperationManager] = BatchOperationManager()
+
+    class Meta:
+        verbose_name = _("batch operation")
+        verbose_name_plural = _("batch operations")
+        ordering = ["-created_datetime", "-id"]
+        indexes = [
+            models.Index(
+                fields=["context_content_type", "context_object_id"],
+                name="batchop_context_idx",
+            ),
+            # Matches the claim query: unprocessed, ordered by priority then due time.
+            models.Index(
+                fields=["-priority", "run_after"],
+                name="batchop_ready_idx",
+                condition=Q(status="unprocessed"),
+            ),
+            # Matches lease recovery.
+            models.Index(
+                fields=["lease_expires_at"],
+                name="batchop_lease_idx",
+                condition=Q(status="running"),
+            ),
+            # Matches pruning of old finished operations.
+            models.Index(
+                fields=["finished_datetime"],
+                name="batchop_finished_idx",
+                condition=Q(status="finished"),
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=["unprocessed", "running", "finished"]),
+                name="batchop_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(result__in=["not-available", "successful", "failed"]),
+                name="batchop_result_valid",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status="finished") | ~Q(result="not-available"),
+                name="batchop_finished_has_result",
+            ),
+            models.CheckConstraint(
+                condition=Q(status="unprocessed") | Q(started_running_datetime__isnull=False),
+                name="batchop_started_has_datetime",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        label = self.operationtype or "batch operation"
+        text = f"{label} #{self.pk} ({self.status}"
+        if self.status == self.STATUS_FINISHED:
+            text += f", {self.result}"
+        return text + ")"
+
+    # --- JSON text compatibility with the original's *_json fields. -------------------------
+    @property
+    def input_data_json(self) -> str:
+        """``input_data`` as JSON text (``""`` when there is none), as the original stored it."""
+        return "" if self.input_data is None else json.dumps(self.input_data)
+
+    @input_data_json.setter
+    def input_data_json(self, value: str) -> None:
+        self.input_data = json.loads(value) if value else None
+
+    @property
+    def output_data_json(self) -> str:
+        """``output_data`` as JSON text (``""`` when there is none)."""
+        return "" if self.output_data is None else json.dumps(self.output_data)
+
+    @output_data_json.setter
+    def output_data_json(self, value: str) -> None:
+        self.output_data = json.loads(value) if value else None
+
+    # --- Validation. --------------------------------------------------------------------------
+    def clean(self) -> None:
+        """The original's two rules: a finished operation has a result; a running or finished
+        operation has ``started_running_datetime``."""
+        check_context_arguments({"context_object_id": self.context_object_id})
+        errors: dict[str, str] = {}
+        if self.status == self.STATUS_FINISHED and self.result == self.RESULT_NOT_AVAILABLE:
+            errors["result"] = "Must be specified when status is finished."
+        if self.status != self.STATUS_UNPROCESSED and not self.started_running_datetime:
+            errors["started_running_datetime"] = (
+                "Can not be None when status is running or finished."
+            )
+        if errors:
+            raise ValidationError(errors)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        check_context_arguments({"context_object_id": self.context_object_id})
+        super().save(*args, **kwargs)
+
+    # --- The original's manual flow. ----------------------------------------------------------
+    def mark_as_running(self) -> None:
+        """Mark the operation as running now and save it (the original's manual flow)."""
+        self.status = self.STATUS_RUNNING
+        self.started_running_datetime = timezone.now()
+        self.clean()
+        self.save(update_fields=["status", "started_running_datetime"])
+
+    def finish(self, failed: bool = False, output_data: Any = None) -> None:
+        """Mark the operation as finished, successful unless ``failed``, and save it."""
+        if output_data is not None:
+            encode_json(output_data, what="output_data")
+            self.output_data = output_data
+        self.status = self.STATUS_FINISHED
+        self.result = self.RESULT_FAILED if failed else self.RESULT_SUCCESSFUL
+        self.finished_datetime = timezone.now()
+        if not self.started_running_datetime:
+            self.started_running_datetime = self.finished_datetime
+        self.clean()
+        self.save(
+            update_fields=[
+                "status",
+                "result",
+                "finished_datetime",
+                "started_running_datetime",
+                "output_data",
+            ]
+        )
+
+    # --- Engine operations, as methods for convenience. ---------------------------------------
+    def cancel(self) -> CancelOutcome:
+        """Make sure this operation never runs, if it has not started; see
+        :func:`batchframework.engine.cancel`."""
+        from .engine import cancel
+
+        return cancel(self)
+
+    def postpone(self, delay: timedelta | None = None, *, run_after: datetime | None = None) -> bool:
+        """Move a pending operation's due time; see :func:`batchframework.engine.postpone`."""
+        from .engine import postpone
+
+        return postpone(self, delay, run_after=run_after)
+
+    def set_progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
+        """Record progress from inside a handler (durable, and it renews the lease)."""
+        from .engine import set_progress
+
+        set_progress(self, done, total=total, message=message)
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction done (0.0–1.0) when both progress figures are known."""
+        if self.progress_done is None or not self.progress_total:
+            return None
+        return min(1.0, self.progress_done / self.progress_total)
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        """The recorded error of a failed operation (``output_data["error"]``), if any."""
+        if isinstance(self.output_data, dict):
+            error = self.output_data.get("error")
+            if isinstance(error, dict):
+                return error
+        return None

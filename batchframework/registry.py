@@ -1,0 +1,184 @@
+"""The handler registry and the ``@handler`` decorator.
+
+A handler is found only by looking an operation's ``operationtype`` up here, never by importing
+a name taken from data, so a message or a row can't make a worker run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django.apps import apps
+from django.utils.module_loading import module_has_submodule
+
+from .conf import get_settings
+from .exceptions import HandlerRegistrationError, UnknownOperationTypeError
+
+if TYPE_CHECKING:
+    from .models import BatchOperation
+
+HandlerFunction = Callable[["BatchOperation"], Any]
+Backoff = timedelta | float | int | Callable[[int], timedelta]
+F = TypeVar("F", bound=HandlerFunction)
+
+_OPERATIONTYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Handler:
+    """A registered handler and its options. ``None`` options fall back to the settings."""
+
+    operationtype: str
+    function: HandlerFunction
+    queue: str | None = None
+    max_attempts: int | None = None
+    retry_backoff: Backoff | None = None
+    lease: timedelta | None = None
+    atomic: bool = False
+
+    @property
+    def name(self) -> str:
+        return _qualified_name(self.function)
+
+    def resolved_queue(self) -> str:
+        settings = get_settings()
+        return settings.ROUTES.get(self.operationtype) or self.queue or settings.DEFAULT_QUEUE
+
+    def resolved_max_attempts(self) -> int:
+        return self.max_attempts or get_settings().DEFAULT_MAX_ATTEMPTS
+
+    def resolved_lease(self) -> timedelta:
+        return self.lease or get_settings().DEFAULT_LEASE
+
+    def backoff_for(self, attempt: int) -> timedelta:
+        """Delay before the attempt after ``attempt`` (1-based), exponential by default."""
+        backoff = self.retry_backoff
+        if callable(backoff):
+            return backoff(attempt)
+        base = get_settings().DEFAULT_RETRY_BACKOFF if backoff is None else backoff
+        if not isinstance(base, timedelta):
+            base = timedelta(seconds=base)
+        return base * (2 ** max(0, attempt - 1))
+
+
+class HandlerRegistry:
+    """Maps operationtypes to handlers. Thread-safe to register into; read without locks."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+        self._lock = threading.Lock()
+
+    def register(self, registered: Handler) -> Handler:
+        with self._lock:
+            existing = self._handlers.get(registered.operationtype)
+            if existing is not None and existing.function is not registered.function:
+                if existing.name != registered.name:
+                    raise HandlerRegistrationError(
+                        f"Operationtype {registered.operationtype!r} is already handled by "
+                        f"{existing.name}; cannot register {registered.name} for it too."
+                    )
+            self._handlers[registered.operationtype] = registered
+        return registered
+
+    def unregister(self, operationtype: str) -> None:
+        with self._lock:
+            self._handlers.pop(operationtype, None)
+
+    def get(self, operationtype: str) -> Handler | None:
+        return self._handlers.get(operationtype)
+
+    def __getitem__(self, operationtype: str) -> Handler:
+        found = self._handlers.get(operationtype)
+        if found is None:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            raise UnknownOperationTypeError(
+                f"No handler is registered for operationtype {operationtype!r}. "
+                f"Registered operationtypes: {known}."
+            )
+        return found
+
+    def __contains__(self, operationtype: object) -> bool:
+        return operationtype in self._handlers
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(sorted(self._handlers.values(), key=lambda h: h.operationtype))
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+    def operationtypes(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def operationtypes_for_queues(self, queues: list[str] | None) -> list[str]:
+        """Registered operationtypes whose handler takes work from one of ``queues``."""
+        if queues is None:
+            return self.operationtypes()
+        return [h.operationtype for h in self if h.resolved_queue() in queues]
+
+
+registry = HandlerRegistry()
+
+
+def handler(
+    operationtype: str,
+    *,
+    queue: str | None = None,
+    max_attempts: int | None = None,
+    retry_backoff: Backoff | None = None,
+    lease: timedelta | float | None = None,
+    atomic: bool = False,
+) -> Callable[[F], F]:
+    """Register the decorated function as the handler of ``operationtype``.
+
+    The function is called as ``fn(operation)`` with the claimed :class:`BatchOperation`. What
+    it returns (JSON-serializable) becomes ``output_data`` and the operation finishes as
+    successful; if it raises, the attempt fails and is retried with backoff until
+    ``max_attempts``. With ``atomic=True`` the handler's database writes and the finish commit
+    in one transaction, so they happen exactly once.
+    """
+    if not isinstance(operationtype, str) or not _OPERATIONTYPE_RE.match(operationtype):
+        raise HandlerRegistrationError(
+            f"Invalid operationtype {operationtype!r}: use 1-255 letters, digits and . _ : -"
+        )
+    if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+        raise HandlerRegistrationError(f"max_attempts must be a positive integer, not {max_attempts!r}")
+    if lease is not None and not isinstance(lease, timedelta):
+        lease = timedelta(seconds=lease)
+    if lease is not None and lease <= timedelta(0):
+        raise HandlerRegistrationError(f"lease must be positive, not {lease!r}")
+
+    def decorator(fn: F) -> F:
+        if not callable(fn):
+            raise HandlerRegistrationError(f"@handler({operationtype!r}) must decorate a callable")
+        registry.register(
+            Handler(
+                operationtype=operationtype,
+                function=fn,
+                queue=queue,
+                max_attempts=max_attempts,
+                retry_backoff=retry_backoff,
+                lease=lease,
+                atomic=atomic,
+            )
+        )
+        return fn
+
+    return decorator
+
+
+def autodiscover() -> None:
+    """Import the handler module (``batch_handlers`` by default) of every installed app."""
+    for module_name in get_settings().HANDLER_MODULES:
+        for app_config in apps.get_app_configs():
+            if module_has_submodule(app_config.module, module_name):
+                importlib.import_module(f"{app_config.name}.{module_name}")
