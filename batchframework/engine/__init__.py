@@ -10,7 +10,7 @@ DB-polling worker, ``batchframework_celery``) only decide *when and where* to ca
 - :mod:`.control`  cancel, postpone and report progress
 """
 
-from .claim import claim, claim_due, release
+from .claim import claim, claim_due, release, renew_leases
 from .control import CancelOutcome, cancel, postpone, set_progress
 from .enqueue import enqueue, enqueue_many
 from .recover import recover_expired
@@ -27,6 +27,7 @@ __all__ = [
     "postpone",
     "recover_expired",
     "release",
+    "renew_leases",
     "run",
     "run_claimed",
     "set_progress",

@@ -171,3 +171,34 @@ def release(operations: Sequence[BatchOperation], *, using: str | None = None) -
         )
     log_event(logging.INFO, "released", count=released)
     return released
+
+
+def renew_leases(
+    operations: Sequence[BatchOperation], *, using: str | None = None
+) -> list[BatchOperation]:
+    """Extend the leases of claimed operations that have not started yet.
+
+    Workers call this while working through a claimed batch, so that operations waiting their
+    turn are not recovered by others. Returns the operations still held (fenced by claim).
+    """
+    if not operations:
+        return []
+    alias = write_alias(using)
+    manager = BatchOperation.objects.db_manager(alias)
+    groups: dict[tuple[str, timedelta], list[BatchOperation]] = defaultdict(list)
+    for operation in operations:
+        lease = registry[operation.operationtype].resolved_lease()
+        groups[(operation.claimed_by, lease)].append(operation)
+    held: list[BatchOperation] = []
+    for (token, lease), group in groups.items():
+        pks = [op.pk for op in group]
+        rows = manager.filter(pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token)
+        renewed = rows.update(lease_expires_at=time_after(lease))
+        if renewed != len(group):
+            still = set(rows.values_list("pk", flat=True))
+            group = [op for op in group if op.pk in still]
+        expires = timezone.now() + lease
+        for operation in group:
+            operation.lease_expires_at = expires
+        held.extend(group)
+    return held

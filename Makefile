@@ -1,0 +1,40 @@
+# Every target creates the virtual environment it needs first.
+#   make test                 the test suite (SQLite unless DATABASE_URL is set)
+#   make demo                 the example project's demo (arrives with the example project)
+# Variables: PYTHON (interpreter for the venv), VENV (its folder), DJANGO (e.g. '>=5.2,<6'),
+#            DATABASE_URL (postgres://…, mysql://…, sqlite:///…), PYTEST_ARGS.
+
+PYTHON ?= python3
+VENV ?= .venv
+DJANGO ?=
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: venv test lint typecheck migrations-check docs demo run bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,celery]' $(if $(DJANGO),'Django$(DJANGO)')
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check batchframework batchframework_celery tests example_project benchmarks
+	$(BIN)/ruff format --check batchframework batchframework_celery
+
+typecheck: venv
+	$(BIN)/mypy batchframework batchframework_celery
+
+migrations-check: venv
+	DJANGO_SETTINGS_MODULE=tests.settings PYTHONPATH=. $(BIN)/django-admin makemigrations --check --dry-run
+
+docs: venv
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) docs/_build .pytest_cache .mypy_cache .ruff_cache

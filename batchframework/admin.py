@@ -1,0 +1,99 @@
+"""Admin for batch operations: read-only, with pretty JSON and a link to the context object."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
+
+from .models import BatchOperation
+
+
+def _pretty_json(value: Any) -> str:
+    if value is None:
+        return "-"
+    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True))
+
+
+@admin.register(BatchOperation)
+class BatchOperationAdmin(admin.ModelAdmin):
+    list_display = (
+        "id", "operationtype", "status", "result", "context_link", "started_by",
+        "created_datetime", "run_after", "started_running_datetime", "finished_datetime",
+        "attempts", "queue",
+    )
+    list_filter = ("status", "result", "operationtype", "queue", "context_content_type")
+    search_fields = ("=id", "operationtype", "context_object_id", "started_by__username",
+                     "last_error")
+    date_hierarchy = "created_datetime"
+    list_select_related = ("started_by", "context_content_type")
+    actions = ["cancel_selected"]
+    readonly_fields = (
+        "operationtype", "status", "result", "context_link", "started_by", "created_datetime",
+        "run_after", "started_running_datetime", "finished_datetime", "queue", "priority",
+        "attempts", "claimed_by", "lease_expires_at", "progress_display",
+        "input_data_pretty", "output_data_pretty", "last_error_pretty",
+    )
+    fieldsets = (
+        (None, {"fields": ("operationtype", "status", "result", "context_link", "started_by")}),
+        (_("Times"), {"fields": ("created_datetime", "run_after", "started_running_datetime",
+                                 "finished_datetime")}),
+        (_("Execution"), {"fields": ("queue", "priority", "attempts", "claimed_by",
+                                     "lease_expires_at", "progress_display")}),
+        (_("Data"), {"fields": ("input_data_pretty", "output_data_pretty", "last_error_pretty")}),
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Viewing needs view/change permission; nothing is editable (status is the engine's).
+        return False
+
+    @admin.display(description=_("context object"))
+    def context_link(self, obj: BatchOperation) -> str:
+        if obj.context_content_type_id is None:
+            return "-"
+        content_type = obj.context_content_type
+        label = f"{content_type.app_label}.{content_type.model} #{obj.context_object_id}"
+        try:
+            url = reverse(
+                f"admin:{content_type.app_label}_{content_type.model}_change",
+                args=[obj.context_object_id],
+            )
+        except NoReverseMatch:
+            return label
+        return format_html('<a href="{}">{}</a>', url, label)
+
+    @admin.display(description=_("progress"))
+    def progress_display(self, obj: BatchOperation) -> str:
+        if obj.progress_done is None:
+            return "-"
+        total = f" / {obj.progress_total}" if obj.progress_total is not None else ""
+        message = f" — {obj.progress_message}" if obj.progress_message else ""
+        return f"{obj.progress_done}{total}{message}"
+
+    @admin.display(description=_("input data"))
+    def input_data_pretty(self, obj: BatchOperation) -> str:
+        return _pretty_json(obj.input_data)
+
+    @admin.display(description=_("output data"))
+    def output_data_pretty(self, obj: BatchOperation) -> str:
+        return _pretty_json(obj.output_data)
+
+    @admin.display(description=_("last error"))
+    def last_error_pretty(self, obj: BatchOperation) -> str:
+        return format_html("<pre>{}</pre>", obj.last_error) if obj.last_error else "-"
+
+    @admin.action(description=_("Cancel selected pending operations"), permissions=["delete"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[BatchOperation]) -> None:
+        outcomes = [operation.cancel() for operation in queryset]
+        cancelled = sum(1 for outcome in outcomes if outcome)
+        self.message_user(request, _("Cancelled %(n)d operation(s); %(m)d were too late.") % {
+            "n": cancelled, "m": len(outcomes) - cancelled}, messages.INFO)

@@ -1,0 +1,50 @@
+"""``manage.py batchframework_worker``: run operations from the database, without Celery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from batchframework.worker import Worker
+
+
+class Command(BaseCommand):
+    help = (
+        "Run due batch operations from the database (no broker needed). Stops gracefully on "
+        "SIGTERM/SIGINT after the operation in hand; a second signal stops at once."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--queue", action="append", dest="queues", metavar="QUEUE",
+                            help="Only take operations from this queue (repeatable).")
+        parser.add_argument("--batch-size", type=int, default=None,
+                            help="Operations claimed per statement (default: BATCH_SIZE).")
+        parser.add_argument("--max-operations", type=int, default=None,
+                            help="Exit after running this many operations.")
+        parser.add_argument("--once", action="store_true",
+                            help="Run what is due now, then exit.")
+        parser.add_argument("--poll-interval", type=float, default=None,
+                            help="Seconds between polls when idle (default: POLL_INTERVAL).")
+        parser.add_argument("--name", default=None, help="Worker name shown in claimed_by.")
+        parser.add_argument("--database", default=None, help="Database alias to work on.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for option in ("batch_size", "max_operations"):
+            if options[option] is not None and options[option] < 1:
+                self.stderr.write(f"--{option.replace('_', '-')} must be at least 1")
+                raise SystemExit(2)
+        worker = Worker(
+            queues=options["queues"],
+            batch_size=options["batch_size"],
+            max_operations=options["max_operations"],
+            once=options["once"],
+            poll_interval=(timedelta(seconds=options["poll_interval"])
+                           if options["poll_interval"] else None),
+            name=options["name"],
+            using=options["database"],
+            log=lambda message: self.stdout.write(message),
+        )
+        worker.install_signal_handlers()
+        worker.run()

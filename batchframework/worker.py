@@ -1,0 +1,167 @@
+"""The DB-polling worker: runs operations without Celery, for small deployments and the demo.
+
+It claims due operations in batches, runs them, recovers expired leases, and sleeps until the
+next operation is due or the poll interval has passed. On SIGTERM/SIGINT it finishes the
+operation in hand, gives back the rest of its batch, and exits; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+from django.db import DatabaseError, close_old_connections, connections
+from django.db.models import Min
+from django.utils import timezone
+
+from .conf import get_settings
+from .engine import claim_due, recover_expired, release, renew_leases, run_claimed
+from .models import BatchOperation
+from .registry import registry
+from .signals import log_event
+
+#: Wait this long after a database error before trying again (the server may be restarting).
+DATABASE_ERROR_BACKOFF = 1.0
+#: Never sleep less than this between empty polls.
+MIN_SLEEP = 0.01
+
+
+class Worker:
+    """A loop over the engine. Construct it, then call :meth:`run`."""
+
+    def __init__(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        max_operations: int | None = None,
+        once: bool = False,
+        poll_interval: timedelta | None = None,
+        name: str | None = None,
+        using: str | None = None,
+        log: Callable[[str], Any] | None = None,
+    ) -> None:
+        settings = get_settings()
+        self.queues = list(queues) if queues else None
+        self.batch_size = batch_size or settings.BATCH_SIZE
+        self.max_operations = max_operations
+        self.once = once
+        self.poll_interval = (poll_interval or settings.POLL_INTERVAL).total_seconds()
+        self.name = name
+        self.using = using
+        self.log = log or (lambda message: None)
+        self.processed = 0
+        self._stop = threading.Event()
+        self._signals_received = 0
+
+    # --- Signals -------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals_received += 1
+        if self._signals_received > 1:
+            log_event(logging.WARNING, "worker_exit_now", signal=signum)
+            raise SystemExit(128 + signum)
+        log_event(logging.INFO, "worker_stopping", signal=signum,
+                  reason="finishing the operation in hand")
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the operation in hand."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # --- Loop ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped, ``max_operations`` are done, or (with ``once``) nothing is due.
+
+        Returns how many operations this worker ran.
+        """
+        log_event(logging.INFO, "worker_started", queues=",".join(self.queues or ["*"]),
+                  batch_size=self.batch_size, handlers=len(registry))
+        self.log(f"batchframework worker started (queues: {', '.join(self.queues or ['all'])})")
+        while not self.stopping and not self._reached_max():
+            try:
+                ran = self._tick()
+            except DatabaseError as exc:
+                log_event(logging.ERROR, "worker_database_error", error=repr(exc),
+                          retry_in=DATABASE_ERROR_BACKOFF)
+                self._reset_connections()
+                self._stop.wait(DATABASE_ERROR_BACKOFF)
+                continue
+            if ran == 0:
+                if self.once:
+                    break
+                self._stop.wait(self._sleep_seconds())
+        log_event(logging.INFO, "worker_stopped", processed=self.processed)
+        self.log(f"batchframework worker stopped after {self.processed} operation(s)")
+        return self.processed
+
+    def _reached_max(self) -> bool:
+        return self.max_operations is not None and self.processed >= self.max_operations
+
+    def _tick(self) -> int:
+        recover_expired(using=self.using)
+        limit = self.batch_size
+        if self.max_operations is not None:
+            limit = min(limit, self.max_operations - self.processed)
+        claimed = claim_due(queues=self.queues, limit=limit, worker=self.name, using=self.using)
+        return self._run_batch(claimed)
+
+    def _run_batch(self, claimed: list[BatchOperation]) -> int:
+        ran = 0
+        pending = list(claimed)
+        while pending:
+            if self.stopping:
+                release(pending, using=self.using)
+                break
+            pending = self._keep_leases(pending)
+            if not pending:
+                break
+            operation = pending.pop(0)
+            run_claimed(operation, using=self.using)
+            ran += 1
+            self.processed += 1
+        return ran
+
+    def _keep_leases(self, pending: list[BatchOperation]) -> list[BatchOperation]:
+        """Renew the batch's leases once half of the first one has gone by."""
+        first = pending[0]
+        lease = registry[first.operationtype].resolved_lease()
+        assert first.lease_expires_at is not None
+        if first.lease_expires_at - timezone.now() < lease / 2:
+            return renew_leases(pending, using=self.using)
+        return pending
+
+    def _sleep_seconds(self) -> float:
+        """Until the next operation is due, at most the poll interval."""
+        types = registry.operationtypes_for_queues(self.queues)
+        upcoming = BatchOperation.objects.db_manager(self.using).unprocessed().filter(
+            operationtype__in=types
+        )
+        if self.queues is not None:
+            upcoming = upcoming.filter(queue__in=self.queues)
+        next_due = upcoming.aggregate(next_due=Min("run_after"))["next_due"]
+        if next_due is None:
+            return self.poll_interval
+        wait = (next_due - timezone.now()).total_seconds()
+        return max(MIN_SLEEP, min(self.poll_interval, wait))
+
+    def _reset_connections(self) -> None:
+        for connection in connections.all(initialized_only=True):
+            try:
+                connection.close()
+            except DatabaseError:
+                pass
+        close_old_connections()
+
