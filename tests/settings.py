@@ -18,7 +18,9 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
+    "django_celery_beat",
     "batchframework",
+    "batchframework_celery",
     "tests.testapp",
 ]
 
@@ -60,7 +62,27 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 BATCHFRAMEWORK = {
     "DEFAULT_RETRY_BACKOFF": 0,
+    # Most tests don't want a broker; Celery tests switch to the Celery dispatcher.
+    "DISPATCHER": "batchframework.dispatch.NullDispatcher",
+    "POLL_INTERVAL": 1,
+    "DISPATCH_HORIZON": 10,
 }
+
+# Celery, configured the standard way (see tests/celery_app.py). Redis DB 15 keeps the tests'
+# queues apart from anything else on the machine.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": 60,
+    "socket_connect_timeout": 1,
+    "socket_timeout": 2,
+}
+CELERY_BROKER_CONNECTION_TIMEOUT = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

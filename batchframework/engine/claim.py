@@ -98,6 +98,7 @@ def claim(
 
 def claim_due(
     *,
+    ids: Sequence[Any] | None = None,
     queues: Sequence[str] | None = None,
     operationtypes: Sequence[str] | None = None,
     limit: int | None = None,
@@ -106,6 +107,9 @@ def claim_due(
     using: str | None = None,
 ) -> list[BatchOperation]:
     """Claim up to ``limit`` due operations, highest priority then earliest due first.
+
+    ``ids`` restricts the claim to those operations (a chunk named by a message); ``queues``
+    and ``operationtypes`` restrict it to those queues and types.
 
     Rows are locked with ``SELECT … FOR UPDATE SKIP LOCKED`` where the database supports it, so
     concurrent claimers take disjoint batches; elsewhere (SQLite) the conditional UPDATE still
@@ -122,6 +126,8 @@ def claim_due(
     manager = BatchOperation.objects.db_manager(alias)
     with transaction.atomic(using=alias):
         candidates = manager.due(now).filter(operationtype__in=types)
+        if ids is not None:
+            candidates = candidates.filter(pk__in=list(ids))
         if queues is not None:
             candidates = candidates.filter(queue__in=list(queues))
         candidates = candidates.order_by("-priority", "run_after", "pk")

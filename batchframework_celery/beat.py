@@ -1,0 +1,77 @@
+"""Registering the poller with celery beat, idempotently.
+
+With django-celery-beat's ``DatabaseScheduler``, :func:`register_poller` creates or updates one
+``PeriodicTask`` (named :data:`PERIODIC_TASK_NAME`) running ``batchframework.poll`` every
+``POLL_INTERVAL``; it runs after ``migrate`` and from ``manage.py batchframework_register_poller``.
+Without the database scheduler, put :func:`beat_schedule` into Celery's ``beat_schedule``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.apps import apps
+from django.db import DEFAULT_DB_ALIAS, transaction
+
+from batchframework.conf import get_settings
+
+from .tasks import POLL_TASK
+
+PERIODIC_TASK_NAME = "batchframework: poll for due operations"
+
+
+def beat_schedule() -> dict[str, dict[str, Any]]:
+    """A ``beat_schedule`` entry for projects that don't use the database scheduler::
+
+        app.conf.beat_schedule = {**app.conf.beat_schedule, **beat_schedule()}
+    """
+    seconds = get_settings().POLL_INTERVAL.total_seconds()
+    return {"batchframework-poll": {"task": POLL_TASK, "schedule": seconds,
+                                    "options": {"expires": seconds * 2}}}
+
+
+def register_poller(*, using: str = DEFAULT_DB_ALIAS, queue: str | None = None) -> tuple[Any, bool]:
+    """Create or update the poller's ``PeriodicTask``. Returns ``(task, changed)``.
+
+    Running it again with the same settings changes nothing; a changed ``POLL_INTERVAL``
+    updates the existing row instead of adding a second one.
+    """
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    seconds = max(1, round(get_settings().POLL_INTERVAL.total_seconds()))
+    with transaction.atomic(using=using):
+        schedule, _ = IntervalSchedule.objects.using(using).get_or_create(
+            every=seconds, period=IntervalSchedule.SECONDS
+        )
+        wanted = {
+            "task": POLL_TASK,
+            "interval": schedule,
+            "enabled": True,
+            "queue": queue,
+            # A tick that waited longer than two intervals is stale: the next one will do.
+            "expire_seconds": seconds * 2,
+        }
+        task = PeriodicTask.objects.using(using).select_for_update().filter(name=PERIODIC_TASK_NAME).first()
+        if task is None:
+            task = PeriodicTask.objects.using(using).create(name=PERIODIC_TASK_NAME, **wanted)
+            return task, True
+        changed = [name for name, value in wanted.items() if getattr(task, name) != value]
+        if changed:
+            for name in changed:
+                setattr(task, name, wanted[name])
+            task.save()
+        return task, bool(changed)
+
+
+def register_poller_after_migrate(sender: Any, using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
+    """``post_migrate`` receiver: register the poller once django-celery-beat's tables exist."""
+    if not apps.is_installed("django_celery_beat"):
+        return
+    if getattr(sender, "label", None) != "batchframework_celery":
+        return
+    from django.db import connections
+
+    tables = connections[using].introspection.table_names()
+    if "django_celery_beat_periodictask" not in tables:
+        return
+    register_poller(using=using)

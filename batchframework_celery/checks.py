@@ -1,0 +1,58 @@
+"""System checks for the Celery transport: horizon vs visibility timeout, secure serializers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core import checks
+
+from batchframework.conf import get_settings
+
+#: Celery's default visibility timeout on Redis and SQS, in seconds.
+DEFAULT_VISIBILITY_TIMEOUT = 3600
+
+
+def _celery_conf() -> Any:
+    from celery import current_app
+
+    return current_app.conf
+
+
+@checks.register()
+def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    messages: list[checks.CheckMessage] = []
+    conf = _celery_conf()
+    settings = get_settings()
+    broker = str(conf.broker_url or "")
+    options = conf.broker_transport_options or {}
+    if broker.startswith(("redis", "rediss", "sqs", "sentinel")):
+        visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+        horizon = settings.DISPATCH_HORIZON.total_seconds()
+        if horizon > visibility / 2:
+            messages.append(checks.Warning(
+                f"BATCHFRAMEWORK['DISPATCH_HORIZON'] ({horizon:g}s) is more than half the "
+                f"broker's visibility timeout ({visibility:g}s).",
+                hint="Messages with an ETA beyond the visibility timeout are delivered again, "
+                "and wait in worker memory. Lower DISPATCH_HORIZON (the poller publishes "
+                "operations due later as they come due) or raise visibility_timeout.",
+                id="batchframework_celery.W001",
+            ))
+    unsafe = {"pickle", "application/x-python-serialize", "yaml", "application/x-yaml"}
+    accepted = set(conf.accept_content or [])
+    if accepted & unsafe or conf.task_serializer in unsafe:
+        messages.append(checks.Warning(
+            "Celery accepts or produces pickle/yaml messages.",
+            hint="batchframework messages carry only ids and need nothing but JSON. Set "
+            "CELERY_ACCEPT_CONTENT = ['json'] and CELERY_TASK_SERIALIZER = 'json' so a message "
+            "pushed onto the queue can't execute code in the worker.",
+            id="batchframework_celery.W002",
+        ))
+    poll = settings.POLL_INTERVAL.total_seconds()
+    if settings.DISPATCH_HORIZON.total_seconds() < poll * 2:
+        messages.append(checks.Warning(
+            "BATCHFRAMEWORK['DISPATCH_HORIZON'] is shorter than two poll intervals.",
+            hint="The poller publishes operations due before its next tick; a horizon shorter "
+            "than that leaves gaps in which operations are late by up to a poll interval.",
+            id="batchframework_celery.W003",
+        ))
+    return messages

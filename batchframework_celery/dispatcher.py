@@ -1,0 +1,73 @@
+"""The Celery dispatcher: after commit, publish what is due within the horizon.
+
+Operations due within ``DISPATCH_HORIZON`` are published to their queue with an ETA equal to
+their ``run_after``, carrying only ids. Operations further out are not published: the poller
+hands them to Celery as they come due, because Celery keeps ETA messages in worker memory and
+re-delivers them when they outlive the broker's visibility timeout.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from django.db import DEFAULT_DB_ALIAS
+from django.utils import timezone
+
+from batchframework.conf import get_settings
+from batchframework.dispatch import Dispatcher
+from batchframework.models import BatchOperation
+
+from .publish import Publisher
+
+#: Operations whose due times lie within this span share one chunk message (ETA = the latest).
+CHUNK_SPREAD = timedelta(milliseconds=5)
+
+
+def chunk_by_due_time(
+    operations: Sequence[BatchOperation], size: int
+) -> list[tuple[datetime, list[int]]]:
+    """Group operations (one queue) into chunks of at most ``size`` ids whose due times lie
+    within :data:`CHUNK_SPREAD`; each chunk's ETA is its latest due time, so none runs early."""
+    chunks: list[tuple[datetime, list[int]]] = []
+    first_due: datetime | None = None
+    for operation in sorted(operations, key=lambda op: op.run_after):
+        due = operation.run_after
+        if chunks and first_due is not None and len(chunks[-1][1]) < size and due - first_due <= CHUNK_SPREAD:
+            chunks[-1] = (due, [*chunks[-1][1], operation.pk])
+        else:
+            chunks.append((due, [operation.pk]))
+            first_due = due
+    return chunks
+
+
+class CeleryDispatcher(Dispatcher):
+    """Publishes ``batchframework.run_operations`` messages for operations due soon."""
+
+    def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
+        publish_operations(operations, using=using)
+
+
+def publish_operations(
+    operations: Sequence[BatchOperation], *, using: str = DEFAULT_DB_ALIAS,
+    horizon: timedelta | None = None,
+) -> Publisher:
+    """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``)."""
+    from .tasks import run_operations
+
+    settings = get_settings()
+    now = timezone.now()
+    limit = now + (horizon if horizon is not None else settings.DISPATCH_HORIZON)
+    by_queue: dict[str, list[BatchOperation]] = defaultdict(list)
+    for operation in operations:
+        if operation.run_after <= limit:
+            by_queue[operation.queue].append(operation)
+    publisher = Publisher()
+    kwargs = {} if using == DEFAULT_DB_ALIAS else {"using": using}
+    for queue, queued in by_queue.items():
+        for due, ids in chunk_by_due_time(queued, settings.BATCH_SIZE):
+            publisher.publish(
+                run_operations, [ids], queue=queue, eta=due if due > now else None, kwargs=kwargs
+            )
+    return publisher

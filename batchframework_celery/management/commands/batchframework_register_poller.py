@@ -1,0 +1,28 @@
+"""``manage.py batchframework_register_poller``: create or update the poller's PeriodicTask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.apps import apps
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+
+class Command(BaseCommand):
+    help = "Create or update the django-celery-beat PeriodicTask that runs batchframework.poll."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--database", default="default")
+        parser.add_argument("--queue", default=None, help="Celery queue for the poll task.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not apps.is_installed("django_celery_beat"):
+            raise CommandError(
+                "django_celery_beat is not in INSTALLED_APPS. Add it, or use "
+                "batchframework_celery.beat.beat_schedule() in Celery's beat_schedule instead."
+            )
+        from batchframework_celery.beat import register_poller
+
+        task, changed = register_poller(using=options["database"], queue=options["queue"])
+        state = "registered/updated" if changed else "already up to date"
+        self.stdout.write(f"{task.name}: {state} (every {task.interval.every}s)")

@@ -1,0 +1,76 @@
+"""The poller's logic, run by the ``batchframework.poll`` task on every beat tick.
+
+1. Recover operations whose lease expired (their worker died).
+2. For each queue with due operations, publish ``drain`` messages: workers then claim batches
+   with ``SKIP LOCKED``. The database, not the broker, says what is due, so operations whose
+   message was never sent, or was lost with the broker's state, run anyway.
+3. Publish operations coming due before the next tick, which were beyond the dispatch horizon
+   when they were enqueued (and so have no message), with an ETA, so they are not late by a
+   poll interval.
+
+Running two pollers at once (two beats) is harmless: claims decide, messages only wake workers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from django.db import DEFAULT_DB_ALIAS
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from batchframework.conf import get_settings
+from batchframework.engine import recover_expired
+from batchframework.models import BatchOperation
+from batchframework.registry import registry
+
+from .dispatcher import publish_operations
+from .publish import Publisher
+
+#: Most drain messages one tick publishes per queue.
+MAX_DRAINS_PER_QUEUE = 64
+
+
+def poll_once(*, using: str | None = None) -> dict[str, int]:
+    """One poller tick. Returns counts of what it did (for logs and tests)."""
+    from .tasks import drain
+
+    settings = get_settings()
+    alias = using or DEFAULT_DB_ALIAS
+    recovered = recover_expired(using=alias)
+    manager = BatchOperation.objects.db_manager(alias)
+    types = registry.operationtypes()
+    due_by_queue = dict(
+        manager.due().filter(operationtype__in=types)
+        .values_list("queue").annotate(n=Count("pk")).values_list("queue", "n")
+    )
+    publisher = Publisher()
+    kwargs = {} if alias == DEFAULT_DB_ALIAS else {"using": alias}
+    drains = 0
+    for queue, count in due_by_queue.items():
+        for _ in range(min(MAX_DRAINS_PER_QUEUE, math.ceil(count / settings.BATCH_SIZE))):
+            if publisher.publish(drain, [queue], queue=queue, kwargs=kwargs):
+                drains += 1
+    # Coming due before the next tick (with slack for a late tick), and either beyond the horizon
+    # when enqueued or put back for a retry: nobody has published those yet.
+    window = settings.POLL_INTERVAL * 2
+    now = timezone.now()
+    soon = list(
+        manager.unprocessed()
+        .filter(operationtype__in=types, run_after__gt=now, run_after__lte=now + window)
+        .filter(
+            Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON)
+            | Q(attempts__gt=0)
+        )
+        .only("pk", "run_after", "queue")
+    )
+    scheduled = publish_operations(soon, using=alias, horizon=window).published if soon else 0
+    return {
+        "recovered": recovered,
+        "due": sum(due_by_queue.values()),
+        "drain_messages": drains,
+        "scheduled_messages": scheduled,
+        "publish_failures": publisher.failed,
+    }
+
+
