@@ -1,6 +1,8 @@
 # Every target creates the virtual environment it needs first.
 #   make test                 the test suite (SQLite unless DATABASE_URL is set)
-#   make demo                 the example project's demo (arrives with the example project)
+#   make demo                 the example project's demo (real Celery worker + beat, ~1 minute)
+#   make run                  the example project: web + worker + beat, for local development
+#   make bench                the benchmark suite (BENCH_ARGS=--quick for the short mode)
 # Variables: PYTHON (interpreter for the venv), VENV (its folder), DJANGO (e.g. '>=5.2,<6'),
 #            DATABASE_URL (postgres://…, mysql://…, sqlite:///…), PYTEST_ARGS.
 
@@ -35,6 +37,16 @@ migrations-check: venv
 
 docs: venv
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+demo: venv
+	$(BIN)/python example_project/manage.py demo
+
+run: venv
+	$(BIN)/python example_project/manage.py run_all
+
+BENCH_ARGS ?=
+bench: venv
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache .mypy_cache .ruff_cache
