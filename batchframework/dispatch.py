@@ -2,7 +2,8 @@
 
 A dispatcher only decides *when and where* to ask the engine to run an operation; the engine
 decides *whether* it may. Dispatch is best effort: if it fails, the operation is still stored
-and a poller (the DB worker or the Celery beat poller) runs it when it is due (invariant 6).
+and a poller (the DB worker or the Celery beat poller) runs it when it is due: the database,
+not the broker, is the source of truth.
 """
 
 from __future__ import annotations

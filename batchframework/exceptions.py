@@ -5,8 +5,6 @@ Each class's docstring says when it is raised; the message says what to do about
 
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError
-
 
 class BatchframeworkError(Exception):
     """Base class of every error raised by batchframework. Never raised itself."""
@@ -34,7 +32,3 @@ class HandlerOutputError(BatchframeworkError, TypeError):
 
 class OperationStateError(BatchframeworkError):
     """The operation is not in a state that allows the requested change."""
-
-
-class OperationValidationError(ValidationError, BatchframeworkError):
-    """``BatchOperation.clean()`` found an inconsistent status/result/timestamps combination."""

@@ -120,7 +120,7 @@ class HandlerRegistry:
         return sorted(self._handlers)
 
     def operationtypes_for_queues(self, queues: list[str] | None) -> list[str]:
-        """Registered operationtypes whose handler takes work from one of ``queues``."""
+        """Registered operationtypes whose handler declares (or is routed to) one of ``queues``."""
         if queues is None:
             return self.operationtypes()
         return [h.operationtype for h in self if h.resolved_queue() in queues]

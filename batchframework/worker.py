@@ -145,7 +145,7 @@ class Worker:
 
     def _sleep_seconds(self) -> float:
         """Until the next operation is due, at most the poll interval."""
-        types = registry.operationtypes_for_queues(self.queues)
+        types = registry.operationtypes()
         upcoming = BatchOperation.objects.db_manager(self.using).unprocessed().filter(
             operationtype__in=types
         )

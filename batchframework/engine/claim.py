@@ -117,7 +117,8 @@ def claim_due(
     """
     alias = write_alias(using)
     limit = limit or get_settings().BATCH_SIZE
-    types = registry.operationtypes_for_queues(list(queues) if queues is not None else None)
+    # The row's queue decides where it runs (it was routed when stored), not the handler's.
+    types = registry.operationtypes()
     if operationtypes is not None:
         types = [t for t in types if t in set(operationtypes)]
     if not types:
