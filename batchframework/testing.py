@@ -26,8 +26,9 @@ def run_due(
 ) -> list[BatchOperation]:
     """Run, in this process, every operation due at ``now`` (default: the current time).
 
-    Operations put back for a retry whose backoff has passed by ``now`` run again in the same
-    call. Expired leases at ``now`` are recovered first. Returns the operations that were run,
+    A failed attempt is rescheduled on the database clock (real time + backoff), so a retry
+    runs in this call only when ``now`` lies beyond that; pass a later ``now`` to run retries.
+    Expired leases at ``now`` are recovered first. Returns the operations that were run,
     in the order they ran, with their final status.
     """
     now = now or timezone.now()
