@@ -8,20 +8,48 @@ from typing import Any
 from .exceptions import InputDataError
 
 
+def _unstorable_part(value: Any) -> str | None:
+    """Why ``value`` (already known to serialize) would not come back as it was stored, or
+    would be refused by a supported database; ``None`` when it is fine."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return f"dict key {key!r} is not a string (JSON would turn it into one)"
+                stack.append(key)
+                stack.append(child)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "a string contains a NUL character (PostgreSQL's jsonb refuses \\u0000)"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string contains a lone surrogate (not valid Unicode text)"
+    return None
+
+
 def encode_json(value: Any, *, what: str = "input_data", max_bytes: int | None = None) -> str:
     """Return ``value`` as JSON text, or raise :class:`InputDataError` saying why it can't be.
 
     Only plain JSON is accepted (dicts with string keys, lists, strings, numbers, booleans,
     ``None``): what a handler reads back is then exactly what was stored. NaN and infinity are
-    refused because PostgreSQL's ``jsonb`` refuses them.
+    refused because PostgreSQL's ``jsonb`` refuses them, and so are strings holding NUL
+    characters or lone surrogates, which PostgreSQL or MariaDB refuse.
     """
     try:
         text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InputDataError(
             f"{what} must be JSON-serializable (dict, list, str, int, float, bool, None); "
             f"{exc}. Convert values such as datetimes, Decimals and UUIDs to strings first."
         ) from exc
+    problem = _unstorable_part(value)
+    if problem is not None:
+        raise InputDataError(f"{what} can't be stored as JSON unchanged: {problem}.")
     if max_bytes is not None and len(text.encode()) > max_bytes:
         raise InputDataError(
             f"{what} is {len(text.encode())} bytes as JSON, more than the limit of {max_bytes} "

@@ -321,6 +321,14 @@ class BatchOperation(models.Model):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         check_context_arguments({"context_object_id": self.context_object_id})
+        if self.status != self.STATUS_UNPROCESSED and self.started_running_datetime is None:
+            # The original's manual flow (``status = STATUS_RUNNING; save()``, as in the seed's
+            # example) never set the start time; record it so the row satisfies the
+            # ``batchop_started_has_datetime`` constraint instead of failing with an
+            # IntegrityError.
+            self.started_running_datetime = timezone.now()
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "started_running_datetime"}
         super().save(*args, **kwargs)
 
     # --- The original's manual flow. ----------------------------------------------------------
@@ -366,11 +374,15 @@ class BatchOperation(models.Model):
 
         return postpone(self, delay, run_after=run_after)
 
-    def set_progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
-        """Record progress from inside a handler (durable, and it renews the lease)."""
+    def set_progress(self, done: int, total: int | None = None, message: str | None = None) -> bool:
+        """Record progress from inside a handler (durable, and it renews the lease).
+
+        Returns ``False`` when the operation no longer runs under this claim; see
+        :func:`batchframework.engine.set_progress`.
+        """
         from .engine import set_progress
 
-        set_progress(self, done, total=total, message=message)
+        return set_progress(self, done, total=total, message=message)
 
     @property
     def progress(self) -> float | None:

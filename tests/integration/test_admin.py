@@ -1,0 +1,247 @@
+"""The read-only admin for batch operations: changelist, change view, filters, search,
+pretty JSON, permissions and the cancel action."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.admin import helpers
+from django.contrib.auth.models import Permission
+from django.urls import reverse
+from django.utils import timezone
+
+from batchframework.models import BatchOperation
+from tests.testapp.models import Post
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "admin:batchframework_batchoperation_changelist"
+
+
+def change_url(operation: BatchOperation) -> str:
+    return reverse("admin:batchframework_batchoperation_change", args=[operation.pk])
+
+
+def listed_pks(response) -> set:
+    return {operation.pk for operation in response.context["cl"].result_list}
+
+
+@pytest.fixture
+def superuser(django_user_model):
+    return django_user_model.objects.create_superuser("admin", "admin@example.com", "pw")
+
+
+@pytest.fixture
+def admin_client(client, superuser):
+    client.force_login(superuser)
+    return client
+
+
+@pytest.fixture
+def operations(superuser):
+    """One operation per state, the finished ones with data, about a user (whose admin page
+    exists, so the context object is a link) or a post (no admin page)."""
+    pending = BatchOperation.objects.create_asynchronous(
+        operationtype="new-blogpost-email",
+        context_object=Post.objects.create(title="p"),
+        input_data={"recipients": ["a@example.com"], "subject": "Hello"},
+    )
+    running = BatchOperation.objects.create_synchronous(
+        operationtype="deal-cards", context_object=superuser, started_by=superuser,
+    )
+    successful = BatchOperation.objects.create_synchronous(operationtype="deal-cards")
+    successful.finish(output_data={"dealt": 52, "players": ["ann", "bob"]})
+    failed = BatchOperation.objects.create_synchronous(operationtype="import-users")
+    failed.finish(failed=True, output_data={"error": {"type": "ValueError", "message": "bad"}})
+    return {"pending": pending, "running": running, "successful": successful, "failed": failed}
+
+
+# --- Changelist. ------------------------------------------------------------------------------
+
+
+def test_changelist_lists_every_operation_with_its_columns(admin_client, operations, superuser):
+    response = admin_client.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    assert listed_pks(response) == {op.pk for op in operations.values()}
+    html = response.content.decode()
+    for column in (
+        "operationtype", "status", "result", "context_link", "started_by",
+        "created_datetime", "run_after", "started_running_datetime", "finished_datetime",
+    ):
+        assert f"column-{column}" in html, column
+    assert "new-blogpost-email" in html and "import-users" in html
+    user_url = reverse("admin:auth_user_change", args=[superuser.pk])
+    assert f'<a href="{user_url}">auth.user #{superuser.pk}</a>' in html
+    post = operations["pending"].context_object
+    # Post has no admin page: shown as text, not a link.
+    assert f"testapp.post #{post.pk}" in html
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("status__exact=unprocessed", {"pending"}),
+        ("status__exact=running", {"running"}),
+        ("status__exact=finished", {"successful", "failed"}),
+        ("result__exact=failed", {"failed"}),
+        ("operationtype__exact=deal-cards", {"running", "successful"}),
+        ("status__exact=finished&result__exact=successful", {"successful"}),
+    ],
+)
+def test_changelist_filters(admin_client, operations, query, expected):
+    response = admin_client.get(f"{reverse(CHANGELIST)}?{query}")
+    assert response.status_code == 200
+    assert listed_pks(response) == {operations[name].pk for name in expected}
+
+
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [
+        ("blogpost", {"pending"}),
+        ("deal", {"running", "successful"}),
+        ("admin", {"running"}),  # started_by__username
+        ("no-such-thing", set()),
+    ],
+)
+def test_changelist_search(admin_client, operations, term, expected):
+    response = admin_client.get(reverse(CHANGELIST), {"q": term})
+    assert response.status_code == 200
+    assert listed_pks(response) == {operations[name].pk for name in expected}
+
+
+def test_changelist_search_by_id(admin_client, operations):
+    wanted = operations["failed"]
+    response = admin_client.get(reverse(CHANGELIST), {"q": str(wanted.pk)})
+    assert response.status_code == 200
+    assert wanted.pk in listed_pks(response)
+    # No column of this one holds the searched number.
+    assert operations["successful"].pk not in listed_pks(response)
+
+
+def test_changelist_filters_by_creation_date(admin_client, operations):
+    old = BatchOperation.objects.create_asynchronous(
+        operationtype="old", created_datetime=timezone.now() - timedelta(days=30)
+    )
+    since = (timezone.now() - timedelta(days=7)).isoformat()
+    response = admin_client.get(reverse(CHANGELIST), {"created_datetime__gte": since})
+    assert response.status_code == 200
+    assert listed_pks(response) == {op.pk for op in operations.values()}
+    response = admin_client.get(reverse(CHANGELIST), {"created_datetime__lt": since})
+    assert listed_pks(response) == {old.pk}
+
+
+# --- Change view. -----------------------------------------------------------------------------
+
+
+def test_change_view_shows_the_operation_read_only(admin_client, operations, superuser):
+    operation = operations["running"]
+    response = admin_client.get(change_url(operation))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "deal-cards" in html
+    assert "running" in html
+    user_url = reverse("admin:auth_user_change", args=[superuser.pk])
+    assert f'<a href="{user_url}">auth.user #{superuser.pk}</a>' in html
+    for label in ("Started running", "Finished", "Created", "Run after"):
+        assert label in html
+    # Read-only: no form fields for the data and no save buttons.
+    for field in ("status", "result", "input_data", "output_data", "operationtype"):
+        assert f'name="{field}"' not in html
+    assert 'name="_save"' not in html
+
+
+def test_change_view_shows_json_pretty_printed(admin_client, operations):
+    response = admin_client.get(change_url(operations["pending"]))
+    html = response.content.decode()
+    assert (
+        "<pre>{\n"
+        '  &quot;recipients&quot;: [\n'
+        '    &quot;a@example.com&quot;\n'
+        "  ],\n"
+        '  &quot;subject&quot;: &quot;Hello&quot;\n'
+        "}</pre>"
+    ) in html
+
+    response = admin_client.get(change_url(operations["successful"]))
+    html = response.content.decode()
+    assert '<pre>{\n  &quot;dealt&quot;: 52,\n  &quot;players&quot;: [\n' in html
+
+
+def test_change_view_escapes_json_content(admin_client):
+    operation = BatchOperation.objects.create_asynchronous(
+        input_data={"html": "<script>alert(1)</script>"}
+    )
+    html = admin_client.get(change_url(operation)).content.decode()
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_change_view_refuses_changes(admin_client, operations):
+    operation = operations["pending"]
+    response = admin_client.post(change_url(operation), {"status": "finished"})
+    assert response.status_code == 403
+    assert BatchOperation.objects.get(pk=operation.pk).status == "unprocessed"
+
+
+# --- Permissions. -----------------------------------------------------------------------------
+
+
+def test_add_view_is_forbidden(admin_client):
+    response = admin_client.get(reverse("admin:batchframework_batchoperation_add"))
+    assert response.status_code == 403
+    changelist = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert reverse("admin:batchframework_batchoperation_add") not in changelist
+
+
+def test_staff_user_without_permissions_gets_403(client, django_user_model, operations):
+    staff = django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+    client.force_login(staff)
+    assert client.get(reverse(CHANGELIST)).status_code == 403
+    assert client.get(change_url(operations["pending"])).status_code == 403
+
+
+def test_staff_user_with_view_permission_sees_but_cannot_cancel(
+    client, django_user_model, operations
+):
+    staff = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    staff.user_permissions.add(
+        Permission.objects.get(
+            codename="view_batchoperation", content_type__app_label="batchframework"
+        )
+    )
+    client.force_login(staff)
+    response = client.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    assert "cancel_selected" not in response.content.decode()
+    assert client.get(change_url(operations["pending"])).status_code == 200
+
+
+# --- The cancel action. -----------------------------------------------------------------------
+
+
+def test_cancel_selected_cancels_pending_and_reports_too_late(admin_client, operations):
+    second_pending = BatchOperation.objects.create_asynchronous(operationtype="later")
+    selected = [
+        operations["pending"], second_pending, operations["running"], operations["successful"],
+    ]
+    response = admin_client.post(
+        reverse(CHANGELIST),
+        {"action": "cancel_selected", helpers.ACTION_CHECKBOX_NAME: [op.pk for op in selected]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == ["Cancelled 2 operation(s); 2 were too late."]
+
+    assert not BatchOperation.objects.filter(
+        pk__in=[operations["pending"].pk, second_pending.pk]
+    ).exists()
+    assert BatchOperation.objects.get(pk=operations["running"].pk).status == "running"
+    assert BatchOperation.objects.get(pk=operations["successful"].pk).result == "successful"
+    assert BatchOperation.objects.get(pk=operations["failed"].pk).result == "failed"
+
+
+def test_cancel_selected_is_offered_to_superusers(admin_client, operations):
+    html = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert 'value="cancel_selected"' in html
