@@ -1,0 +1,261 @@
+"""Reliability scenarios 4-7 (issue E): the broker is down, a transaction rolls back, an ETA
+outlives the visibility timeout, the broker loses its state. Each test has a private Redis
+(see :mod:`.servers`), so killing, freezing or restarting it touches nobody else.
+
+Invariants 5 (transactional enqueue) and 6 (the database is the source of truth).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.http import HttpResponse
+from django.test import RequestFactory
+
+from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework_celery.tasks import drain
+from tests.testapp.models import Effect, Execution
+
+from .conftest import OTHER_ALIAS, celery_on
+from .processes import wait_until
+
+pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True)]
+
+POLL = 1.0
+#: Allowance on top of a poll interval for a drain message to reach a worker and be claimed.
+GRACE = 2.0
+
+
+def _runs(ids: list[int]) -> dict[int, int]:
+    keys = {str(pk): pk for pk in ids}
+    counts = dict.fromkeys(ids, 0)
+    for key in Execution.objects.filter(key__in=keys).values_list("key", flat=True):
+        counts[keys[key]] += 1
+    return counts
+
+
+def _lateness(ids: list[int]) -> list[float]:
+    return [(op.started_running_datetime - op.run_after).total_seconds()
+            for op in BatchOperation.objects.filter(pk__in=ids)]
+
+
+def create_post_view(request, *, delay: float) -> HttpResponse:
+    """A view as a user writes it: save, and schedule an e-mail, in one transaction."""
+    with transaction.atomic():
+        operation = enqueue("test-effect", delay=timedelta(seconds=delay))
+    return HttpResponse(str(operation.pk), status=201)
+
+
+def _warm_up(private_redis) -> None:
+    """Publish once and see it run, so this process holds a pooled broker connection, as a
+    web process that has served requests does."""
+    op = enqueue("test-effect")
+    wait_until(lambda: BatchOperation.objects.finished().filter(pk=op.pk).exists(), timeout=20,
+               what="the warm-up operation")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_broker_down_at_commit(fault, private_redis, processes, reliability_report):
+    """Scenario 4: Redis is down when a view commits an ``enqueue`` → the view responds
+    within 2 s with the row committed; Redis comes back → the operation runs within one poll
+    interval (plus a small grace) after it is due, once.
+
+    ``killed``: ``kill -9`` (connections refused). ``frozen``: ``SIGSTOP`` (connections hang:
+    the port accepts but nothing answers, like a broker that is overloaded or cut off).
+    """
+    delay = 5.0
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    procs.celery_worker(f"broker-{fault}", concurrency=1)
+    procs.poller()
+    request = RequestFactory().post("/posts/")
+    with celery_on(private_redis.url()):
+        _warm_up(private_redis)
+        getattr(private_redis, {"killed": "kill", "frozen": "freeze"}[fault])()
+        try:
+            started = time.monotonic()
+            response = create_post_view(request, delay=delay)
+            response_seconds = time.monotonic() - started
+        finally:
+            if fault == "killed":
+                private_redis.start()
+            else:
+                private_redis.thaw()
+    pk = int(response.content)
+    assert response.status_code == 201
+    assert BatchOperation.objects.filter(pk=pk).exists(), "the operation was not committed"
+    wait_until(lambda: BatchOperation.objects.finished().filter(pk=pk).exists(),
+               timeout=delay + 20, what="the operation to run once the broker is back")
+    time.sleep(POLL)
+    late = _lateness([pk])[0]
+    runs = _runs([pk])[pk]
+    reliability_report(
+        f"4-{fault}", operations=1, runs=runs, duplicates=max(0, runs - 1),
+        lost=int(not BatchOperation.objects.successful().filter(pk=pk).exists()),
+        seconds=response_seconds, late_by=late,
+    )
+    assert response_seconds < 2.0, f"enqueue blocked the view for {response_seconds:.2f}s"
+    assert runs == 1
+    assert 0 <= late <= POLL + GRACE, f"ran {late:.2f}s after it was due"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.django_db(transaction=True, databases=["default", OTHER_ALIAS])
+@pytest.mark.parametrize("alias", ["default", OTHER_ALIAS])
+def test_rollback_leaves_no_row_and_publishes_nothing(alias, private_redis, reliability_report):
+    """Scenario 5: ``enqueue`` then an exception in the same transaction (also: a rolled-back
+    savepoint inside a committed transaction, and ``enqueue_many``) → no row, no message in
+    the broker, nothing runs; on the default and on a second database alias."""
+    started = time.monotonic()
+    pks: list[int] = []
+    with celery_on(private_redis.url()):
+        with pytest.raises(RuntimeError), transaction.atomic(using=alias):
+            pks.append(enqueue("test-effect", using=alias).pk)
+            raise RuntimeError("the view failed after enqueue")
+        with pytest.raises(RuntimeError), transaction.atomic(using=alias):
+            pks += [op.pk for op in enqueue_many("test-effect", [{}] * 3, using=alias)]
+            raise RuntimeError("the view failed after enqueue_many")
+        with transaction.atomic(using=alias):
+            try:
+                with transaction.atomic(using=alias):
+                    pks.append(enqueue("test-effect", using=alias).pk)
+                    raise RuntimeError("the savepoint rolls back")
+            except RuntimeError:
+                pass
+        time.sleep(0.2)
+        rows = BatchOperation.objects.using(alias).filter(pk__in=pks).count()
+        messages = private_redis.messages()
+        ran = drain("default", using=None if alias == "default" else alias)
+        # The probe sees a message when there is one: the same enqueue, committed.
+        with transaction.atomic(using=alias):
+            committed = enqueue("test-effect", using=alias)
+        control_messages = private_redis.messages()
+        control_rows = BatchOperation.objects.using(alias).filter(pk=committed.pk).count()
+    reliability_report(
+        f"5-{alias}", operations=len(pks), runs=ran + Execution.objects.count(), duplicates=0,
+        lost=0, seconds=time.monotonic() - started, rows=rows, messages=messages,
+        control_messages=control_messages,
+    )
+    assert rows == 0
+    assert messages == 0
+    assert ran == 0 and not Execution.objects.exists() and not Effect.objects.exists()
+    assert (control_rows, control_messages) == (1, 1)
+
+
+RECEIVED = re.compile(r"Task batchframework\.run_operations\[([0-9a-f-]+)\] received")
+
+
+@pytest.mark.timeout(90)
+def test_eta_longer_than_visibility_timeout_runs_once(private_redis, processes, reliability_report):
+    """Scenario 6: a visibility timeout of 3 s, and a message whose ETA lies 12 s ahead (a
+    dispatch horizon set far beyond the visibility timeout, which the system check warns
+    about) → Redis hands the unacknowledged message out again, more than one worker holds it
+    until its ETA; the operation runs exactly once."""
+    visibility = 3.0
+    delay = 12.0
+    procs = processes(private_redis.url(), poll_interval=POLL, visibility_timeout=visibility,
+                      restore_interval=1)
+    workers = [procs.celery_worker(f"eta{i}", concurrency=1, ready=False) for i in range(2)]
+    for worker in workers:
+        worker.wait_log(r"\bready\.", timeout=90)
+    started = time.monotonic()
+    with celery_on(private_redis.url(), transport_options={"visibility_timeout": visibility},
+                   DISPATCH_HORIZON=60):
+        op = enqueue("test-effect", delay=timedelta(seconds=delay))
+    wait_until(lambda: BatchOperation.objects.finished().filter(pk=op.pk).exists(),
+               timeout=delay + 30, what="the operation to run")
+    time.sleep(2)  # every held copy has fired by now
+    logs = procs.logs()
+    deliveries = len(RECEIVED.findall(logs))
+    message_ids = set(RECEIVED.findall(logs))
+    noops = logs.count("event=message_noop")
+    runs = _runs([op.pk])[op.pk]
+    reliability_report(
+        6, operations=1, runs=runs, duplicates=max(0, runs - 1),
+        lost=int(not BatchOperation.objects.successful().filter(pk=op.pk).exists()),
+        seconds=time.monotonic() - started, deliveries=deliveries, messages=len(message_ids),
+        noops=noops, late_by=_lateness([op.pk])[0],
+    )
+    assert len(message_ids) == 1
+    assert deliveries >= 2, "the broker should have delivered the ETA message again"
+    assert runs == 1
+    assert Effect.objects.filter(key=str(op.pk)).count() == 1
+    assert noops >= 1, "a duplicate delivery that ran nothing should say so"
+    assert _lateness([op.pk])[0] >= 0
+
+
+class _Supervisor:
+    """Restarts a Celery worker that exits, as systemd's ``Restart=always`` would: kombu
+    5.7's Redis transport crashes the worker ("Unrecoverable error: AttributeError(\"'NoneType'
+    object has no attribute 'hostname'\")" in ``restore_unacked``) when the broker connection
+    drops while it holds unacknowledged (ETA) messages."""
+
+    def __init__(self, procs, name: str) -> None:
+        self.procs, self.name = procs, name
+        self.worker = procs.celery_worker(name, concurrency=2)
+        self.restarts = 0
+        self.crash_lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            if not self.worker.alive():
+                self.crash_lines += [line for line in self.worker.log().splitlines()
+                                     if "Unrecoverable error" in line]
+                self.restarts += 1
+                self.worker = self.procs.celery_worker(f"{self.name}-r{self.restarts}",
+                                                       concurrency=2, ready=False)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@pytest.mark.timeout(120)
+def test_broker_state_lost_every_operation_runs_once(private_redis, processes, reliability_report):
+    """Scenario 7: 100 delayed operations published (ETA messages, held by the worker), then
+    the broker restarted without persistence → all 100 run, once each, no later than their
+    due time + a poll interval + a small grace. The worker runs under a supervisor (see
+    :class:`_Supervisor`); ``worker_crashes`` in the figure counts its restarts."""
+    total = 100
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    supervisor = _Supervisor(procs, "lost-state")
+    procs.poller()
+    started = time.monotonic()
+    try:
+        with celery_on(private_redis.url()):
+            ops = enqueue_many("test-effect", [{"delay": 8 + i * 0.04} for i in range(total)])
+        ids = [op.pk for op in ops]
+        wait_until(lambda: private_redis.unacked() > 0 and private_redis.waiting() == 0,
+                   timeout=10, what="the worker to take the ETA messages")
+        held = private_redis.unacked()
+        private_redis.restart()
+        assert private_redis.messages() == 0
+        wait_until(lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == total,
+                   timeout=40, what="all 100 operations to run")
+        time.sleep(POLL + 0.5)
+    finally:
+        supervisor.stop()
+    runs = _runs(ids)
+    late = _lateness(ids)
+    successful = BatchOperation.objects.filter(pk__in=ids).successful().count()
+    reliability_report(
+        7, operations=total, runs=sum(runs.values()),
+        duplicates=sum(n - 1 for n in runs.values() if n > 1), lost=total - successful,
+        seconds=time.monotonic() - started, held_before_restart=held,
+        max_late_by=max(late), early=sum(1 for x in late if x < 0),
+        worker_crashes=supervisor.restarts,
+    )
+    if supervisor.crash_lines:
+        print("worker crash on broker restart:", supervisor.crash_lines[0], flush=True)
+    assert set(runs.values()) == {1}, {k: v for k, v in runs.items() if v != 1}
+    assert successful == total
+    assert min(late) >= 0
+    assert max(late) <= POLL + GRACE, f"latest ran {max(late):.2f}s after it was due"

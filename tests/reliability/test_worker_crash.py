@@ -1,0 +1,192 @@
+"""Reliability scenario 3 (issue E): workers killed with real signals, and leases.
+
+``test-sleep`` has a 2 s lease and 3 attempts. A Celery worker (prefork) and a poller loop
+(``poll_once`` every second: it recovers expired leases and drains due operations) run as
+subprocesses on a private Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from batchframework import BatchOperation, enqueue, enqueue_many
+from tests.testapp.models import Effect, Execution
+
+from .conftest import celery_on
+from .processes import wait_until
+
+pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True)]
+
+LEASE = 2.0
+POLL = 1.0
+#: Shorter than the lease (a healthy attempt keeps it), long enough to be killed mid-way.
+SLEEP = 1.5
+
+
+def _claimer_pid(operation: BatchOperation) -> int:
+    """The pid in a claim token (``host:pid:token``): the process that runs the handler."""
+    return int(operation.claimed_by.rsplit(":", 2)[1])
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+def _gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _executions(pk: int) -> int:
+    return Execution.objects.filter(key=str(pk)).count()
+
+
+def _started(pk: int) -> BatchOperation | None:
+    """The operation once its handler has started (it writes an Execution row first)."""
+    if not Execution.objects.filter(key=str(pk)).exists():
+        return None
+    return BatchOperation.objects.get(pk=pk)
+
+
+def _finished(pk: int) -> bool:
+    return BatchOperation.objects.finished().filter(pk=pk).exists()
+
+
+@pytest.mark.timeout(90)
+def test_pool_child_killed_operation_recovered_after_lease(
+    private_redis, processes, reliability_report
+):
+    """Scenario 3a: ``kill -9`` of the pool child running a sleeping handler → the master
+    lives on, the lease expires, the poller puts the operation back, it runs again and
+    finishes (attempt 2)."""
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    worker = procs.celery_worker("crash-child", concurrency=2)
+    procs.poller()
+    with celery_on(private_redis.url()):
+        op = enqueue("test-sleep", input_data={"seconds": SLEEP})
+    running = wait_until(lambda: _started(op.pk), timeout=20, what="the handler to start")
+    child = _claimer_pid(running)
+    assert child != worker.pid and _parent_pid(child) == worker.pid, "not our worker's pool child"
+    os.kill(child, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: _finished(op.pk), timeout=30, what="the operation to finish after recovery")
+    seconds = time.monotonic() - killed
+    op.refresh_from_db()
+    reliability_report(
+        "3a", operations=1, runs=_executions(op.pk), duplicates=0,
+        lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL), seconds=seconds,
+        attempts=op.attempts, killed="pool-child",
+    )
+    assert op.result == BatchOperation.RESULT_SUCCESSFUL, op.last_error
+    assert op.attempts == 2
+    assert _executions(op.pk) == 2  # the killed attempt and the one that finished
+    assert Effect.objects.filter(key=f"sleep-{op.pk}-2").exists()
+    assert not Effect.objects.filter(key=f"sleep-{op.pk}-1").exists()
+    assert "worker running this operation was lost" in op.last_error
+    assert worker.alive(), "the Celery master should survive the loss of a pool child"
+    # Not before the lease ran out (2 s after the claim), not much later than lease + poll.
+    assert LEASE - 0.5 <= seconds <= LEASE + POLL + 3 + 5, seconds
+
+
+@pytest.mark.timeout(120)
+def test_whole_worker_killed_operation_recovered_after_lease(
+    private_redis, processes, reliability_report
+):
+    """Scenario 3b: ``kill -9`` of the whole Celery worker (master and pool, one process
+    group) while its handler sleeps → another worker runs it again after the lease."""
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    workers = [procs.celery_worker(f"crash-whole{i}", concurrency=1, ready=False) for i in range(2)]
+    for worker in workers:
+        worker.wait_log(r"\bready\.", timeout=90)
+    procs.poller()
+    with celery_on(private_redis.url()):
+        op = enqueue("test-sleep", input_data={"seconds": SLEEP})
+    running = wait_until(lambda: _started(op.pk), timeout=20, what="the handler to start")
+    child = _claimer_pid(running)
+    victim = next(w for w in workers if _parent_pid(child) == w.pid)
+    survivor = next(w for w in workers if w is not victim)
+    victim.kill_group()
+    killed = time.monotonic()
+    wait_until(lambda: _gone(child), timeout=5, what="the pool child to die with its group")
+    wait_until(lambda: _finished(op.pk), timeout=30, what="the operation to finish after recovery")
+    seconds = time.monotonic() - killed
+    op.refresh_from_db()
+    reliability_report(
+        "3b", operations=1, runs=_executions(op.pk), duplicates=0,
+        lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL), seconds=seconds,
+        attempts=op.attempts, killed="whole-worker",
+    )
+    assert op.result == BatchOperation.RESULT_SUCCESSFUL, op.last_error
+    assert op.attempts == 2
+    assert _executions(op.pk) == 2
+    assert Effect.objects.filter(key=f"sleep-{op.pk}-2").exists()
+    assert not Effect.objects.filter(key=f"sleep-{op.pk}-1").exists()
+    assert _parent_pid(_claimer_pid(op)) == survivor.pid
+    assert seconds >= LEASE - 0.5, seconds
+
+
+@pytest.mark.timeout(90)
+def test_lease_renewed_by_progress_is_never_reclaimed(private_redis, processes, reliability_report):
+    """Scenario 3c: a handler that runs 6 s (three leases) but reports progress every 0.5 s,
+    with the poller recovering expired leases every second → never reclaimed, runs once."""
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    procs.celery_worker("progress", concurrency=2)
+    procs.poller()
+    started = time.monotonic()
+    with celery_on(private_redis.url()):
+        op = enqueue("test-sleep", input_data={"seconds": 6, "progress": True})
+    wait_until(lambda: _finished(op.pk), timeout=40, what="the operation to finish")
+    time.sleep(POLL + 0.5)
+    op.refresh_from_db()
+    reliability_report(
+        "3c", operations=1, runs=_executions(op.pk), duplicates=max(0, _executions(op.pk) - 1),
+        lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL),
+        seconds=time.monotonic() - started, attempts=op.attempts,
+        progress=f"{op.progress_done}/{op.progress_total}",
+    )
+    assert op.result == BatchOperation.RESULT_SUCCESSFUL, op.last_error
+    assert op.attempts == 1
+    assert _executions(op.pk) == 1
+    assert not op.last_error
+    assert (op.progress_done, op.progress_total) == (12, 12)
+
+
+@pytest.mark.timeout(90)
+def test_operations_waiting_in_a_claimed_chunk_are_not_reclaimed(
+    private_redis, processes, reliability_report
+):
+    """Scenario 3d: one chunk message names 6 operations of 0.6 s each (each well within its
+    2 s lease, 3.6 s in all). The worker claims all six at once and runs them one after the
+    other; while it is healthy and working, none may be taken from it (the DB worker renews
+    the leases of the operations waiting their turn; a Celery chunk must too) → each runs
+    once."""
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    procs.celery_worker("chunk", concurrency=2)
+    procs.poller()
+    started = time.monotonic()
+    with celery_on(private_redis.url()):
+        ops = enqueue_many("test-sleep", [{"input_data": {"seconds": 0.6}}] * 6)
+    ids = [op.pk for op in ops]
+    wait_until(lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == len(ids),
+               timeout=40, what="the chunk to finish")
+    time.sleep(POLL + 0.5)
+    runs = {pk: _executions(pk) for pk in ids}
+    operations = BatchOperation.objects.filter(pk__in=ids)
+    reliability_report(
+        "3d", operations=len(ids), runs=sum(runs.values()),
+        duplicates=sum(n - 1 for n in runs.values() if n > 1),
+        lost=len(ids) - operations.successful().count(), seconds=time.monotonic() - started,
+        reclaimed=operations.filter(attempts__gt=1).count(),
+    )
+    assert set(runs.values()) == {1}, f"handler runs per operation: {runs}"
+    assert operations.successful().count() == len(ids)
+    assert not operations.filter(attempts__gt=1).exists()
