@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
@@ -36,7 +37,7 @@ class BatchOperationAdmin(admin.ModelAdmin):
     search_fields = ("=id", "operationtype", "context_object_id", "started_by__username",
                      "last_error")
     list_select_related = ("started_by", "context_content_type")
-    actions = ["cancel_selected"]
+    actions = ["cancel_selected", "delete_finished_selected"]
     readonly_fields = (
         "operationtype", "status", "result", "context_link", "started_by", "created_datetime",
         "run_after", "started_running_datetime", "finished_datetime", "queue", "priority",
@@ -58,6 +59,32 @@ class BatchOperationAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Viewing needs view/change permission; nothing is editable (status is the engine's).
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A running operation is never deleted from under its worker (cancel is refused too).
+        if obj is not None and obj.status == BatchOperation.STATUS_RUNNING:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        # Django's bulk "delete selected" would delete running operations; cancel_selected and
+        # delete_finished_selected replace it.
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def delete_model(self, request: HttpRequest, obj: BatchOperation) -> None:
+        if obj.status == BatchOperation.STATUS_UNPROCESSED:
+            obj.cancel()  # atomic: refuses (and keeps the row) if a worker claimed it meanwhile
+        elif obj.status == BatchOperation.STATUS_FINISHED:
+            super().delete_model(request, obj)
+
+    def response_action(self, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
+        # Malformed ids in a forged action POST are the client's error, not a server error.
+        try:
+            return super().response_action(request, queryset)
+        except (ValueError, ValidationError):
+            return HttpResponseBadRequest("Malformed selection.")
 
     @admin.display(description=_("context object"))
     def context_link(self, obj: BatchOperation) -> str:
@@ -100,3 +127,12 @@ class BatchOperationAdmin(admin.ModelAdmin):
         cancelled = sum(1 for outcome in outcomes if outcome)
         self.message_user(request, _("Cancelled %(n)d operation(s); %(m)d were too late.") % {
             "n": cancelled, "m": len(outcomes) - cancelled}, messages.INFO)
+
+    @admin.action(description=_("Delete selected finished operations"), permissions=["delete"])
+    def delete_finished_selected(
+        self, request: HttpRequest, queryset: QuerySet[BatchOperation]
+    ) -> HttpResponse | None:
+        deleted, _by_model = queryset.filter(status=BatchOperation.STATUS_FINISHED).delete()
+        self.message_user(request, _("Deleted %(n)d finished operation(s).") % {"n": deleted},
+                          messages.INFO)
+        return None

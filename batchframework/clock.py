@@ -2,15 +2,25 @@
 
 Web and worker processes may disagree about the time; the database is the one place they all
 share. Every "is it due?", lease and timestamp written by the engine is judged by
-:class:`DatabaseNow` unless a caller passes an explicit ``now`` (time travel in tests).
+:class:`DatabaseNow` unless a caller passes an explicit ``now`` (time travel in tests). Due times
+computed from a ``delay`` start from :func:`database_now`, this process's clock corrected by
+its measured offset to the database clock, so a web server whose clock is slow can't make an
+operation run early.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import threading
+import time
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
+from django.db import connections, router
 from django.db.models import DateTimeField, Expression, Func, Value
+from django.utils import timezone
+
+from .conf import get_settings
 
 
 class DatabaseNow(Func):
@@ -43,3 +53,70 @@ def now_expression(now: datetime | None = None) -> Expression:
     if now is None:
         return DatabaseNow()
     return Value(now, output_field=DateTimeField())
+
+
+#: How long a measured offset between this process's clock and the database's is trusted.
+OFFSET_TTL_SECONDS = 60.0
+
+#: Part of a negative offset (database clock behind ours) that is not corrected.
+NEGATIVE_MARGIN = timedelta(milliseconds=5)
+
+_offsets: dict[str, tuple[float, timedelta]] = {}
+_offsets_lock = threading.Lock()
+
+
+def _read_database_time(using: str) -> datetime:
+    connection = connections[using]
+    sql = {
+        "postgresql": "SELECT STATEMENT_TIMESTAMP()",
+        "mysql": "SELECT UTC_TIMESTAMP(6)",
+        "sqlite": "SELECT STRFTIME('%Y-%m-%d %H:%M:%f', 'now')",
+    }.get(connection.vendor, "SELECT CURRENT_TIMESTAMP")
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        value = cursor.fetchone()[0]
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if timezone.is_naive(value):
+        value = value.replace(tzinfo=dt_timezone.utc)
+    return value
+
+
+def clock_offset(using: str | None = None) -> timedelta:
+    """How far the database clock is ahead of this process's clock (cached for a minute).
+
+    Measured as database time minus the local time *before* the query, so the estimate errs
+    towards the database being later: due times computed from it are never early, at worst
+    late by one round trip.
+    """
+    if not get_settings().CORRECT_CLOCK_SKEW:
+        return timedelta(0)
+    alias = using or router.db_for_write(_batchoperation_model())
+    cached = _offsets.get(alias)
+    if cached is not None and time.monotonic() - cached[0] < OFFSET_TTL_SECONDS:
+        return cached[1]
+    before = timezone.now()
+    measured = _read_database_time(alias) - before
+    # A database clock behind ours only makes operations late; correct it, but keep a margin
+    # for SQLite's millisecond resolution and jitter, which must never make one early.
+    offset = measured if measured >= timedelta(0) else min(timedelta(0), measured + NEGATIVE_MARGIN)
+    with _offsets_lock:
+        _offsets[alias] = (time.monotonic(), offset)
+    return offset
+
+
+def database_now(using: str | None = None) -> datetime:
+    """The database's current time, estimated from this process's clock and the offset."""
+    return timezone.now() + clock_offset(using)
+
+
+def forget_clock_offsets() -> None:
+    """Drop cached offsets (tests that move the process clock call this)."""
+    with _offsets_lock:
+        _offsets.clear()
+
+
+def _batchoperation_model() -> Any:
+    from .models import BatchOperation
+
+    return BatchOperation

@@ -38,6 +38,10 @@ class BatchframeworkSettings:
     #: the same claim as a worker. For development and tests. Delayed operations still wait
     #: for their due time (see :func:`batchframework.testing.run_due`).
     ALWAYS_SYNCHRONOUS: bool = False
+    #: Compute due times from ``delay`` on the database clock (this process's clock corrected by
+    #: its measured offset, refreshed every minute), so a web server with a slow clock can't
+    #: make operations run early. Turn off in tests that freeze or move the process clock.
+    CORRECT_CLOCK_SKEW: bool = True
     #: Dotted path of the dispatcher class. ``None`` picks one: the immediate dispatcher when
     #: ``ALWAYS_SYNCHRONOUS`` is set, the Celery dispatcher when ``batchframework_celery`` is
     #: installed, else no dispatch (a DB-polling worker runs operations).
@@ -54,6 +58,10 @@ class BatchframeworkSettings:
     POLL_INTERVAL: timedelta = timedelta(seconds=5)
     #: How many operations one claim statement takes.
     BATCH_SIZE: int = 50
+    #: Successful finishes of quick handlers are written together, one UPDATE per window (and
+    #: at the end of each claimed batch). 0 writes each finish at once. A worker that dies
+    #: within the window has those operations retried, as after any crash before a finish.
+    FINISH_WINDOW: timedelta = timedelta(milliseconds=200)
     #: Largest accepted ``input_data``, as bytes of its JSON encoding.
     MAX_INPUT_BYTES: int = 1_000_000
     #: Module name looked up in every installed app to discover handlers.

@@ -19,6 +19,7 @@ from django.db import DatabaseError, close_old_connections, connections
 from django.db.models import Min
 from django.utils import timezone
 
+from .clock import database_now
 from .conf import get_settings
 from .engine import claim_due, recover_expired, release, renew_leases, run_claimed
 from .models import BatchOperation
@@ -93,16 +94,17 @@ class Worker:
         while not self.stopping and not self._reached_max():
             try:
                 ran = self._tick()
+                if ran == 0 and self.once:
+                    break
+                sleep = self._sleep_seconds() if ran == 0 else 0.0
             except DatabaseError as exc:
                 log_event(logging.ERROR, "worker_database_error", error=repr(exc),
                           retry_in=DATABASE_ERROR_BACKOFF)
                 self._reset_connections()
                 self._stop.wait(DATABASE_ERROR_BACKOFF)
                 continue
-            if ran == 0:
-                if self.once:
-                    break
-                self._stop.wait(self._sleep_seconds())
+            if sleep:
+                self._stop.wait(sleep)
         log_event(logging.INFO, "worker_stopped", processed=self.processed)
         self.log(f"batchframework worker stopped after {self.processed} operation(s)")
         return self.processed
@@ -154,7 +156,9 @@ class Worker:
         next_due = upcoming.aggregate(next_due=Min("run_after"))["next_due"]
         if next_due is None:
             return self.poll_interval
-        wait = (next_due - timezone.now()).total_seconds()
+        # On the database's clock, which decides when it is due: a worker whose own clock
+        # runs fast would otherwise spin, polling for operations that are not due yet.
+        wait = (next_due - database_now(self.using)).total_seconds()
         return max(MIN_SLEEP, min(self.poll_interval, wait))
 
     def _reset_connections(self) -> None:

@@ -85,9 +85,9 @@ def postpone(
     """
     from .enqueue import dispatch_on_commit, resolve_run_after
 
-    due = resolve_run_after(delay, run_after)
     pk = _pk(operation)
     alias = _alias(operation, using)
+    due = resolve_run_after(delay, run_after, alias)
     manager = BatchOperation.objects.db_manager(alias)
     with transaction.atomic(using=alias):
         if not manager.filter(pk=pk, status=BatchOperation.STATUS_UNPROCESSED).update(run_after=due):

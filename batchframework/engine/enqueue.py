@@ -16,6 +16,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
+from ..clock import database_now
 from ..conf import get_settings
 from ..exceptions import InvalidOperationError, OperationStateError
 from ..jsondata import encode_json
@@ -29,9 +30,12 @@ _REPLACE_ATTEMPTS = 8
 
 
 def resolve_run_after(
-    delay: timedelta | float | None, run_after: datetime | None
+    delay: timedelta | float | None, run_after: datetime | None, using: str | None = None
 ) -> datetime:
-    """The due time from ``delay`` or ``run_after`` (at most one), validated."""
+    """The due time from ``delay`` or ``run_after`` (at most one), validated.
+
+    A ``delay`` counts from the database's clock (see :func:`batchframework.clock.database_now`).
+    """
     if delay is not None and run_after is not None:
         raise InvalidOperationError("Pass either delay or run_after, not both.")
     if run_after is not None:
@@ -43,9 +47,18 @@ def resolve_run_after(
                 "a naive datetime is ambiguous."
             )
         return run_after
-    now = timezone.now()
+    if delay is not None:
+        delay = _as_delay(delay)
+    now = database_now(using)
     if delay is None:
         return now
+    try:
+        return now + delay
+    except OverflowError as exc:
+        raise InvalidOperationError(f"delay {delay!r} is too large.") from exc
+
+
+def _as_delay(delay: Any) -> timedelta:
     if isinstance(delay, bool) or not isinstance(delay, timedelta | int | float):
         raise InvalidOperationError(
             f"delay must be a timedelta or a number of seconds, not {delay!r}."
@@ -53,13 +66,13 @@ def resolve_run_after(
     if not isinstance(delay, timedelta):
         if delay != delay or delay in (float("inf"), float("-inf")):  # NaN or infinite
             raise InvalidOperationError(f"delay must be a finite number of seconds, not {delay!r}.")
-        delay = timedelta(seconds=delay)
+        try:
+            delay = timedelta(seconds=delay)
+        except OverflowError as exc:
+            raise InvalidOperationError(f"delay {delay!r} seconds is too large.") from exc
     if delay < timedelta(0):
         raise InvalidOperationError(f"delay must not be negative, got {delay!r}.")
-    try:
-        return now + delay
-    except OverflowError as exc:
-        raise InvalidOperationError(f"delay {delay!r} is too large.") from exc
+    return delay
 
 
 @dataclass(frozen=True)
@@ -152,7 +165,7 @@ def enqueue(
     nothing when an argument is invalid.
     """
     alias = write_alias(using)
-    due = resolve_run_after(delay, run_after)
+    due = resolve_run_after(delay, run_after, alias)
     _check_started_by(started_by)
     context = _resolve_context(context_object, alias)
     operation = _build(
@@ -247,6 +260,7 @@ def enqueue_many(
             due = resolve_run_after(
                 item.get("delay") if has_own_time else delay,
                 item.get("run_after") if has_own_time else run_after,
+                alias,
             )
             operations.append(
                 _build(
