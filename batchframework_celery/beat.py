@@ -25,20 +25,26 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
 
         app.conf.beat_schedule = {**app.conf.beat_schedule, **beat_schedule()}
     """
-    seconds = get_settings().POLL_INTERVAL.total_seconds()
+    settings = get_settings()
+    seconds = settings.POLL_INTERVAL.total_seconds()
     return {"batchframework-poll": {"task": POLL_TASK, "schedule": seconds,
-                                    "options": {"expires": seconds * 2}}}
+                                    "options": {"expires": seconds * 2,
+                                                "queue": settings.DEFAULT_QUEUE}}}
 
 
 def register_poller(*, using: str = DEFAULT_DB_ALIAS, queue: str | None = None) -> tuple[Any, bool]:
     """Create or update the poller's ``PeriodicTask``. Returns ``(task, changed)``.
 
     Running it again with the same settings changes nothing; a changed ``POLL_INTERVAL``
-    updates the existing row instead of adding a second one.
+    updates the existing row instead of adding a second one. The poll task goes to ``queue``,
+    by default ``DEFAULT_QUEUE`` (which every deployment's workers consume): Celery's own default
+    queue, ``celery``, is not consumed by workers started with ``-Q default,…``.
     """
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-    seconds = max(1, round(get_settings().POLL_INTERVAL.total_seconds()))
+    settings = get_settings()
+    queue = queue or settings.DEFAULT_QUEUE
+    seconds = max(1, round(settings.POLL_INTERVAL.total_seconds()))
     with transaction.atomic(using=using):
         schedule, _ = IntervalSchedule.objects.using(using).get_or_create(
             every=seconds, period=IntervalSchedule.SECONDS

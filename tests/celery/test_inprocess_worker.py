@@ -1,21 +1,33 @@
+"""The Celery transport with an in-process worker (Celery's testing worker, a thread) on Redis:
+routing, chunk messages, duplicate and early messages, cancel before the ETA, the poller's
+hand-off of far-future operations, and messages an attacker could push onto the queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
 import time
 from datetime import timedelta
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
-from batchframework import BatchOperation, enqueue
+from batchframework import BatchOperation, CancelOutcome, cancel, enqueue, enqueue_many
+from batchframework.testing import run_due
+from batchframework_celery.poller import poll_once
+from batchframework_celery.tasks import DRAIN_TASK, POLL_TASK, RUN_OPERATIONS_TASK, run_operations
+from tests.celery_app import app as celery_app
 
-pytestmark = [pytest.mark.celery, pytest.mark.django_db(transaction=True)]
+from .conftest import CELERY_DISPATCHER, NO_DISPATCH
+from .helpers import all_finished, assert_never_early, assert_ran_once_each, executions, wait_for
+
+pytestmark = [pytest.mark.celery, pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
 
-def wait_for(predicate, timeout=15.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
+def events(caplog, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"event={name} ")]
 
 
 def test_enqueued_operation_runs_on_worker(inprocess_worker):
@@ -31,3 +43,156 @@ def test_delayed_operation_runs_on_time_never_early(inprocess_worker):
     op.refresh_from_db()
     assert op.started_running_datetime >= op.run_after
     assert op.started_running_datetime - op.run_after < timedelta(seconds=1)
+
+
+def test_messages_are_routed_by_operationtype_and_carry_only_ids(
+    celery_dispatch, start_inprocess_worker
+):
+    broker = celery_dispatch
+    routed = {**CELERY_DISPATCHER, "ROUTES": {"test-noop": "other"}}
+    other = enqueue("test-other-queue")  # the handler declares queue="other"
+    with override_settings(BATCHFRAMEWORK=routed):
+        noop = enqueue("test-noop")  # the ROUTES setting sends it to "other"
+    echo = enqueue("test-echo", input_data={"secret": "never in the message"})
+    assert (other.queue, noop.queue, echo.queue) == ("other", "other", "default")
+    assert broker.waiting("other") == 2
+    assert broker.waiting("default") == 1
+
+    raw = json.loads(broker.redis.lindex("default", 0))
+    assert raw["content-type"] == "application/json"
+    assert raw["headers"]["task"] == RUN_OPERATIONS_TASK
+    args, kwargs, _embed = json.loads(base64.b64decode(raw["body"]))
+    assert (args, kwargs) == ([[echo.pk]], {}), "a message carries the operation's id, nothing else"
+
+    start_inprocess_worker()
+    ids = [other.pk, noop.pk, echo.pk]
+    assert wait_for(all_finished(ids))
+    assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 3
+
+
+def test_bulk_enqueue_publishes_chunk_messages(celery_dispatch, start_inprocess_worker):
+    broker = celery_dispatch
+    batch_size = CELERY_DISPATCHER.get("BATCH_SIZE", 50)
+    count = 2 * batch_size + 20
+    ops = enqueue_many("test-effect", [{} for _ in range(count)], run_after=timezone.now())
+    assert broker.waiting("default") == 3, (
+        "one message per chunk of BATCH_SIZE ids, not per operation"
+    )
+    start_inprocess_worker()
+    ids = [op.pk for op in ops]
+    assert wait_for(all_finished(ids), timeout=20)
+    assert_ran_once_each(ids)
+
+
+def test_a_message_delivered_twice_runs_the_operation_once(inprocess_worker, caplog):
+    caplog.set_level(logging.INFO, logger="batchframework")
+    op = enqueue("test-effect")
+    # The same message again, twice (a broker redelivery, a republish after a lost ack).
+    run_operations.apply_async(args=([op.pk],), queue="default")
+    run_operations.apply_async(args=([op.pk],), queue="default")
+    assert wait_for(all_finished([op.pk]))
+    assert wait_for(lambda: len(events(caplog, "message_noop")) == 2, timeout=10)
+    assert_ran_once_each([op.pk])
+
+
+def test_an_early_message_does_not_run_the_operation_early(inprocess_worker, caplog):
+    caplog.set_level(logging.INFO, logger="batchframework")
+    op = enqueue("test-effect", delay=timedelta(seconds=60))  # beyond the horizon: no message
+    run_operations.apply_async(args=([op.pk],), queue="default")  # no ETA: delivered at once
+    assert wait_for(lambda: events(caplog, "message_noop"), timeout=10)
+    op.refresh_from_db()
+    assert (op.status, op.attempts, executions(op.pk)) == (BatchOperation.STATUS_UNPROCESSED, 0, 0)
+
+
+def test_cancel_after_publish_before_the_eta_never_runs(inprocess_worker, purge_broker, caplog):
+    broker = purge_broker
+    caplog.set_level(logging.INFO, logger="batchframework")
+    op = enqueue("test-effect", delay=timedelta(seconds=1.5))
+    keep = enqueue("test-effect", delay=timedelta(seconds=1.5))
+    # The worker has received the ETA message and holds it in memory, unacknowledged.
+    assert wait_for(lambda: broker.unacked() == 2, timeout=5)
+    assert cancel(op) is CancelOutcome.CANCELLED
+    assert wait_for(all_finished([keep.pk]), timeout=10)
+    assert wait_for(lambda: broker.total() == 0, timeout=5), "the ETA message was consumed"
+    assert wait_for(lambda: events(caplog, "message_noop"), timeout=5)
+    assert not BatchOperation.objects.filter(pk=op.pk).exists()
+    assert executions(op.pk) == 0
+    assert_ran_once_each([keep.pk])
+
+
+def test_poller_hands_far_future_operations_to_celery_on_time(inprocess_worker, purge_broker):
+    broker = purge_broker
+    short_horizon = {**CELERY_DISPATCHER, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
+    with override_settings(BATCHFRAMEWORK=short_horizon):
+        ids = [enqueue("test-effect", delay=timedelta(seconds=s)).pk for s in (2.5, 3.5)]
+        assert broker.total() == 0, "beyond the horizon: nothing is published at enqueue"
+        scheduled = 0
+        deadline = time.monotonic() + 10
+        while not all_finished(ids)() and time.monotonic() < deadline:
+            scheduled += poll_once()["scheduled_messages"]  # what beat would do every second
+            time.sleep(1)
+    assert all_finished(ids)()
+    assert scheduled >= 2
+    assert_ran_once_each(ids)
+    assert_never_early(ids, late_by=1.0)
+
+
+def test_hostile_messages_are_rejected_and_run_nothing(inprocess_worker, purge_broker, caplog):
+    broker = purge_broker
+    # (After the worker started: its Django fixup re-applies LOGGING, which resets levels.)
+    caplog.set_level(logging.INFO, logger="batchframework")
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):  # no dispatch: no real message for it
+        target = enqueue("test-effect")
+        sentinel = enqueue("test-effect")
+    pk = target.pk
+    malformed = [
+        (RUN_OPERATIONS_TASK, [f"{pk}"], {}),
+        (RUN_OPERATIONS_TASK, [pk], {}),
+        (RUN_OPERATIONS_TASK, [{"ids": [pk]}], {}),
+        (RUN_OPERATIONS_TASK, [[]], {}),
+        (RUN_OPERATIONS_TASK, [[0]], {}),
+        (RUN_OPERATIONS_TASK, [[-pk]], {}),
+        (RUN_OPERATIONS_TASK, [[True]], {}),
+        (RUN_OPERATIONS_TASK, [[str(pk)]], {}),
+        (RUN_OPERATIONS_TASK, [[float(pk)]], {}),
+        (RUN_OPERATIONS_TASK, [[None]], {}),
+        (RUN_OPERATIONS_TASK, [[pk, [pk]]], {}),
+        (RUN_OPERATIONS_TASK, [list(range(1, 10_002))], {}),
+        (RUN_OPERATIONS_TASK, [[pk]], {"using": "nope"}),
+        (RUN_OPERATIONS_TASK, [[pk]], {"using": ["default"]}),
+        (DRAIN_TASK, [""], {}),
+        (DRAIN_TASK, [7], {}),
+        (DRAIN_TASK, ["x" * 101], {}),
+        (DRAIN_TASK, ["default"], {"using": "nope"}),
+        (POLL_TASK, [], {"using": "nope"}),
+    ]
+    for name, args, kwargs in malformed:
+        celery_app.send_task(name, args=args, kwargs=kwargs, queue="default")
+    # Well-formed but pointless: an id that does not exist.
+    celery_app.send_task(RUN_OPERATIONS_TASK, args=[[2**62]], queue="default")
+    # Not our arguments at all: Celery refuses the call (TypeError), nothing is looked up.
+    celery_app.send_task(
+        RUN_OPERATIONS_TASK, args=[[pk]], kwargs={"handler": "os.system"}, queue="default"
+    )
+    # A pickled message: the worker accepts JSON only.
+    celery_app.send_task(RUN_OPERATIONS_TASK, args=[[pk]], queue="default", serializer="pickle")
+    # An unknown task name: Celery discards it.
+    celery_app.send_task("batchframework.run_anything", args=["os.system", "id"], queue="default")
+    # Last, a good message for another operation: once it ran, the worker read all the above
+    # (one solo worker consumes one queue in order).
+    celery_app.send_task(RUN_OPERATIONS_TASK, args=[[sentinel.pk]], queue="default")
+
+    assert wait_for(all_finished([sentinel.pk]), timeout=15)
+    rejected = events(caplog, "message_rejected")
+    assert len(rejected) == len(malformed), rejected
+    assert any("named=1 claimed=0" in m for m in events(caplog, "message_noop"))
+    target.refresh_from_db()
+    assert (target.status, target.attempts, executions(pk)) == (
+        BatchOperation.STATUS_UNPROCESSED,
+        0,
+        0,
+    )
+    assert wait_for(lambda: broker.total() == 0, timeout=5)
+    # The target was due and runnable all along: only the messages were refused.
+    assert [op.pk for op in run_due()] == [pk]
+    assert_ran_once_each([pk, sentinel.pk])

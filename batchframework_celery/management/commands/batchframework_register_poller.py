@@ -13,7 +13,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--database", default="default")
-        parser.add_argument("--queue", default=None, help="Celery queue for the poll task.")
+        parser.add_argument(
+            "--queue", default=None, help="Celery queue for the poll task (default: DEFAULT_QUEUE)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not apps.is_installed("django_celery_beat"):

@@ -1,0 +1,150 @@
+"""Wiring and configuration of the Celery transport: which dispatcher ``enqueue`` uses, the
+idempotent registration of the poller with django-celery-beat, the system checks, and Celery's
+eager mode and ``ALWAYS_SYNCHRONOUS`` for users' tests."""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.test import override_settings
+from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+from batchframework import BatchOperation, enqueue
+from batchframework.dispatch import ImmediateDispatcher, get_dispatcher
+from batchframework.testing import run_due
+from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
+from batchframework_celery.checks import check_celery
+from batchframework_celery.dispatcher import CeleryDispatcher
+from batchframework_celery.tasks import POLL_TASK
+from tests.celery_app import app as celery_app
+
+from .conftest import CELERY_DISPATCHER, NO_DISPATCH
+from .helpers import assert_ran_once_each, executions
+
+pytestmark = [pytest.mark.celery, pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
+
+
+@pytest.fixture
+def celery_conf():
+    """Change the tests' Celery app configuration for one test."""
+    saved = {}
+
+    def change(**values):
+        for key, value in values.items():
+            saved.setdefault(key, celery_app.conf[key])
+            celery_app.conf[key] = value
+
+    yield change
+    for key, value in saved.items():
+        celery_app.conf[key] = value
+
+
+def test_installing_batchframework_celery_makes_enqueue_dispatch_through_celery():
+    without_dispatcher = {k: v for k, v in NO_DISPATCH.items() if k != "DISPATCHER"}
+    with override_settings(BATCHFRAMEWORK=without_dispatcher):
+        assert isinstance(get_dispatcher(), CeleryDispatcher)
+    with override_settings(BATCHFRAMEWORK={**without_dispatcher, "ALWAYS_SYNCHRONOUS": True}):
+        assert isinstance(get_dispatcher(), ImmediateDispatcher)
+
+
+def test_register_poller_is_idempotent_and_follows_the_poll_interval():
+    PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).delete()  # (migrate/flush registered it)
+    task, changed = register_poller()
+    assert changed
+    again, changed_again = register_poller()
+    assert (again.pk, changed_again) == (task.pk, False)
+    assert PeriodicTask.objects.filter(task=POLL_TASK).count() == 1
+    assert (task.interval.every, task.interval.period) == (1, IntervalSchedule.SECONDS)
+    assert task.queue == "default" and task.enabled and task.expire_seconds == 2
+
+    with override_settings(BATCHFRAMEWORK={**NO_DISPATCH, "POLL_INTERVAL": 3}):
+        updated, changed = register_poller()
+        out = io.StringIO()
+        call_command("batchframework_register_poller", stdout=out)
+    assert changed and updated.pk == task.pk
+    assert "already up to date" in out.getvalue() and "every 3s" in out.getvalue()
+    assert PeriodicTask.objects.filter(task=POLL_TASK).count() == 1
+    assert PeriodicTask.objects.get(task=POLL_TASK).interval.every == 3
+
+    # A disabled or re-queued task is put back as it should be.
+    PeriodicTask.objects.filter(task=POLL_TASK).update(enabled=False)
+    out = io.StringIO()
+    call_command("batchframework_register_poller", "--queue", "ops", stdout=out)
+    assert "registered/updated" in out.getvalue()
+    task = PeriodicTask.objects.get(task=POLL_TASK)
+    assert (task.enabled, task.queue, task.interval.every) == (True, "ops", 1)
+
+
+def test_beat_schedule_is_the_plain_alternative():
+    entry = beat_schedule()["batchframework-poll"]
+    assert entry["task"] == POLL_TASK and entry["schedule"] == 1
+    assert entry["options"] == {"expires": 2, "queue": "default"}
+
+
+def _ids(messages):
+    return {m.id for m in messages}
+
+
+def test_check_warns_when_the_horizon_nears_the_visibility_timeout(celery_conf):
+    assert "batchframework_celery.W001" not in _ids(check_celery())  # 10 s vs 60 s
+    celery_conf(broker_transport_options={"visibility_timeout": 15})
+    assert "batchframework_celery.W001" in _ids(check_celery())
+    celery_conf(broker_transport_options={})  # Celery's default: one hour
+    assert "batchframework_celery.W001" not in _ids(check_celery())
+    with override_settings(BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 3600}):
+        assert "batchframework_celery.W001" in _ids(check_celery())
+    # RabbitMQ has no visibility timeout.
+    celery_conf(
+        broker_url="amqp://guest:guest@127.0.0.1:5672//",
+        broker_transport_options={"visibility_timeout": 15},
+    )
+    assert "batchframework_celery.W001" not in _ids(check_celery())
+
+
+def test_check_warns_when_celery_accepts_pickle(celery_conf):
+    assert "batchframework_celery.W002" not in _ids(check_celery())
+    celery_conf(accept_content=["json", "pickle"])
+    assert "batchframework_celery.W002" in _ids(check_celery())
+    celery_conf(accept_content=["json"], task_serializer="pickle")
+    assert "batchframework_celery.W002" in _ids(check_celery())
+
+
+def test_check_warns_when_the_horizon_is_shorter_than_two_poll_intervals():
+    assert "batchframework_celery.W003" not in _ids(check_celery())
+    with override_settings(
+        BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
+    ):
+        assert "batchframework_celery.W003" in _ids(check_celery())
+
+
+def test_eager_mode_runs_due_operations_at_commit_and_leaves_delayed_ones_to_run_due(
+    celery_conf, caplog
+):
+    # No broker is needed (or touched) in eager mode.
+    celery_conf(task_always_eager=True, broker_url="redis://127.0.0.1:1/15")
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    with override_settings(BATCHFRAMEWORK=CELERY_DISPATCHER):
+        now = enqueue("test-effect")
+        later = enqueue("test-effect", delay=timedelta(seconds=5))
+    assert_ran_once_each([now.pk])
+    later.refresh_from_db()
+    assert (later.status, executions(later.pk)) == (BatchOperation.STATUS_UNPROCESSED, 0)
+    assert not [r for r in caplog.records if "publish_failed" in r.getMessage()]
+    assert run_due() == []  # never early
+    assert [op.pk for op in run_due(now=timezone.now() + timedelta(seconds=6))] == [later.pk]
+    assert_ran_once_each([now.pk, later.pk])
+
+
+def test_always_synchronous_runs_due_operations_at_commit():
+    settings = {k: v for k, v in NO_DISPATCH.items() if k != "DISPATCHER"}
+    with override_settings(BATCHFRAMEWORK={**settings, "ALWAYS_SYNCHRONOUS": True}):
+        now = enqueue("test-effect")
+        later = enqueue("test-effect", delay=timedelta(seconds=5))
+    assert_ran_once_each([now.pk])
+    assert executions(later.pk) == 0
+    assert [op.pk for op in run_due(now=timezone.now() + timedelta(seconds=6))] == [later.pk]
