@@ -19,7 +19,7 @@ from batchframework.conf import get_settings
 from batchframework.dispatch import Dispatcher
 from batchframework.models import BatchOperation
 
-from .publish import Publisher
+from .publish import Publisher, bounded_publishing
 
 #: Operations whose due times lie within this span share one chunk message (ETA = the latest).
 CHUNK_SPREAD = timedelta(milliseconds=5)
@@ -46,7 +46,15 @@ class CeleryDispatcher(Dispatcher):
     """Publishes ``batchframework.run_operations`` messages for operations due soon."""
 
     def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
-        publish_operations(operations, using=using)
+        from .tasks import run_operations
+
+        if run_operations.app.conf.task_always_eager:
+            # Eager mode runs the tasks here, in the caller's thread and transaction context.
+            publish_operations(operations, using=using)
+            return
+        bounded_publishing.run(
+            lambda: publish_operations(operations, using=using), count=len(operations)
+        )
 
 
 def publish_operations(

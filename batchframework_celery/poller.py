@@ -47,9 +47,12 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
     publisher = Publisher()
     kwargs = {} if alias == DEFAULT_DB_ALIAS else {"using": alias}
     drains = 0
+    expires = settings.POLL_INTERVAL.total_seconds() * 2
     for queue, count in due_by_queue.items():
         for _ in range(min(MAX_DRAINS_PER_QUEUE, math.ceil(count / settings.BATCH_SIZE))):
-            if publisher.publish(drain, [queue], queue=queue, kwargs=kwargs):
+            # A drain that waited longer than two ticks is stale (a later tick sent fresh
+            # ones): expiring it keeps a backlog of drains from piling up without workers.
+            if publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires):
                 drains += 1
     # Coming due before the next tick (with slack for a late tick), and either beyond the horizon
     # when enqueued or put back for a retry: nobody has published those yet.

@@ -14,7 +14,12 @@ publish's ``retry`` says. So the connection is established here first, with one 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from typing import Any
 
@@ -38,12 +43,14 @@ class Publisher:
 
     def publish(
         self, task: Task, args: Iterable[Any], *, queue: str, eta: datetime | None = None,
-        kwargs: dict[str, Any] | None = None,
+        kwargs: dict[str, Any] | None = None, expires: float | None = None,
     ) -> bool:
         if self.broker_down:
             self.failed += 1
             return False
         options: dict[str, Any] = {"queue": queue, "eta": eta, "retry": False}
+        if expires is not None:
+            options["expires"] = expires
         try:
             if task.app.conf.task_always_eager:  # runs locally: no broker to connect to
                 task.apply_async(args=tuple(args), kwargs=kwargs or {}, **options)
@@ -69,3 +76,71 @@ def _connect(connection: Any) -> None:
         max_retries=1, interval_start=0, interval_step=0, interval_max=0,
         timeout=get_settings().PUBLISH_TIMEOUT.total_seconds(),
     )
+
+
+class BoundedPublishing:
+    """Runs publish rounds for callers who must not wait on the broker (web requests).
+
+    A round runs on a background thread and the caller waits at most ``PUBLISH_TIMEOUT``. A
+    broker that accepts connections but never answers (frozen, or a black-holed host) then costs
+    the caller that long once: while a round is still stuck, or within ``POLL_INTERVAL`` after
+    a failure, later rounds are skipped at once and left to the poller, which finds every due
+    operation in the database.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._in_flight: Future[Publisher] | None = None
+        self._skip_until = 0.0
+
+    def _get_executor(self) -> ThreadPoolExecutor:
+        # A forked child (prefork worker) does not inherit the parent's thread.
+        if self._executor is None or self._pid != os.getpid():
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchframework-publish")
+            self._pid = os.getpid()
+            self._in_flight = None
+        return self._executor
+
+    def run(self, publish_round: Callable[[], Publisher], *, count: int) -> None:
+        settings = get_settings()
+        with self._lock:
+            executor = self._get_executor()
+            if time.monotonic() < self._skip_until:
+                log_event(logging.WARNING, "publish_skipped", count=count,
+                          reason="broker_recently_down", fallback="poller")
+                return
+            if self._in_flight is not None and not self._in_flight.done():
+                log_event(logging.WARNING, "publish_skipped", count=count,
+                          reason="previous_publish_still_blocked", fallback="poller")
+                return
+            future = executor.submit(publish_round)
+            self._in_flight = future
+        try:
+            publisher = future.result(timeout=settings.PUBLISH_TIMEOUT.total_seconds())
+        except FutureTimeout:
+            log_event(logging.WARNING, "publish_timeout", count=count,
+                      timeout=settings.PUBLISH_TIMEOUT.total_seconds(), fallback="poller")
+            self._back_off(settings.POLL_INTERVAL.total_seconds())
+            return
+        except Exception as exc:  # the round itself never raises broker errors; be safe
+            log_event(logging.WARNING, "publish_failed", count=count, error=repr(exc),
+                      fallback="poller")
+            self._back_off(settings.POLL_INTERVAL.total_seconds())
+            return
+        if publisher.broker_down:
+            self._back_off(settings.POLL_INTERVAL.total_seconds())
+
+    def _back_off(self, seconds: float) -> None:
+        with self._lock:
+            self._skip_until = time.monotonic() + seconds
+
+    def reset(self) -> None:
+        """Forget past failures (tests that bring a broker back call this)."""
+        with self._lock:
+            self._skip_until = 0.0
+
+
+#: The process-wide instance used by the Celery dispatcher.
+bounded_publishing = BoundedPublishing()

@@ -58,9 +58,11 @@ def run_operations(ids: Any, using: Any = None) -> int:
         return 0
     claimed = claim_due(ids=ids, limit=len(ids), using=using)
     if len(claimed) < len(ids):
+        won = {op.pk for op in claimed}
         log_event(logging.INFO, "message_noop", task=RUN_OPERATIONS_TASK,
                   named=len(ids), claimed=len(claimed),
-                  reason="others are gone, cancelled, claimed, finished or not yet due")
+                  ids=",".join(str(i) for i in ids if i not in won)[:500],
+                  reason="gone, cancelled, claimed elsewhere, finished or not yet due")
     return run_claimed_batch(claimed, using)
 
 
@@ -75,7 +77,12 @@ def drain(queue: Any, using: Any = None) -> int:
     except ValueError as exc:
         log_event(logging.ERROR, "message_rejected", task=DRAIN_TASK, reason=str(exc))
         return 0
-    return run_claimed_batch(claim_due(queues=[queue], using=using), using)
+    claimed = claim_due(queues=[queue], using=using)
+    if not claimed:
+        log_event(logging.INFO, "message_noop", task=DRAIN_TASK, queue=queue,
+                  reason="nothing due and unclaimed (others claimed it first)")
+        return 0
+    return run_claimed_batch(claimed, using)
 
 
 @shared_task(name=POLL_TASK, ignore_result=True)

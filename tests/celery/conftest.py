@@ -79,9 +79,13 @@ def broker(request, broker_url):
 
 @pytest.fixture
 def purge_broker(broker):
+    from batchframework_celery.publish import bounded_publishing
+
     broker.purge()
+    bounded_publishing.reset()  # a test that killed the broker must not silence the next one
     yield broker
     broker.purge()
+    bounded_publishing.reset()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from django.db import close_old_connections, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 
+from batchframework_celery.publish import bounded_publishing
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework.engine import claim
 from batchframework_celery.poller import poll_once
@@ -91,9 +92,13 @@ def test_broker_down_at_enqueue_returns_quickly_and_the_poller_runs_it(
     failures = [r for r in caplog.records if "event=publish_failed" in r.getMessage()]
     assert failures and all(r.levelno == logging.WARNING for r in failures)
     assert "fallback=poller" in failures[0].getMessage()
-    # One per dispatch round (the two enqueues, the bulk enqueue), not one per chunk message.
-    assert len(failures) == 3, [r.getMessage() for r in failures]
+    # One connection attempt in all: the first round fails, and the later rounds (the second
+    # enqueue, the bulk enqueue) are skipped at once while the broker is known to be down.
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    skipped = [r for r in caplog.records if "event=publish_skipped" in r.getMessage()]
+    assert len(skipped) == 2 and all("reason=broker_recently_down" in r.getMessage() for r in skipped)
     assert broker.total() == 0
+    bounded_publishing.reset()
 
     # The broker is back (the app's own broker): the poller finds the due operations.
     start_inprocess_worker()
