@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 
 from batchframework.conf import get_settings
 
@@ -22,7 +23,10 @@ def _celery_conf() -> Any:
 def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     messages: list[checks.CheckMessage] = []
     conf = _celery_conf()
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ImproperlyConfigured:
+        return []  # reported as batchframework.E002 by batchframework's own checks
     broker = str(conf.broker_url or "")
     options = conf.broker_transport_options or {}
     if broker.startswith(("redis", "rediss", "sqs", "sentinel")):

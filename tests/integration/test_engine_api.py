@@ -1,0 +1,914 @@
+"""The engine through its public API, against the configured database (SQLite, PostgreSQL or
+MariaDB): registration, enqueue and its validation, transactional dispatch, debounce, postpone,
+cancel, progress, bulk enqueue, signals, logging, running, retries, recovery, fencing, query
+counts and system checks.
+
+Handlers come from ``tests/testapp/batch_handlers.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.db import connection, transaction
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+import batchframework
+from batchframework import BatchOperation, enqueue, enqueue_many, handler
+from batchframework.dispatch import NULL_DISPATCHER
+from batchframework.engine import (
+    CancelOutcome,
+    RunOutcome,
+    claim,
+    claim_due,
+    recover_expired,
+    run,
+    set_progress,
+)
+from batchframework.engine.run import run_claimed
+from batchframework.exceptions import (
+    HandlerRegistrationError,
+    InputDataError,
+    InvalidOperationError,
+    UnknownOperationTypeError,
+)
+from batchframework.registry import registry
+from batchframework.signals import (
+    operation_cancelled,
+    operation_finished,
+    operation_retry_scheduled,
+    operation_started,
+    operations_enqueued,
+)
+from batchframework.testing import run_due
+from tests.testapp.models import Effect, Execution, Post
+
+from .helpers import EXPLODING_DISPATCHER
+
+pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
+
+LOST_WORKER = "batchframework.WorkerLost"
+
+
+def fresh(op: BatchOperation) -> BatchOperation:
+    return BatchOperation.objects.get(pk=op.pk)
+
+
+def row_values(op: BatchOperation) -> dict:
+    return BatchOperation.objects.filter(pk=op.pk).values().get()
+
+
+def assert_close(actual, expected, tolerance=timedelta(seconds=5)):
+    assert actual is not None
+    assert abs(actual - expected) <= tolerance, f"{actual} is not within {tolerance} of {expected}"
+
+
+# --- Public API and registry ----------------------------------------------------------------
+def test_flat_public_api_names():
+    from batchframework import BatchOperation as Model
+    from batchframework import enqueue as enqueue_fn
+    from batchframework import enqueue_many as enqueue_many_fn
+    from batchframework import handler as handler_fn
+
+    assert Model is BatchOperation
+    assert enqueue_fn is batchframework.engine.enqueue
+    assert enqueue_many_fn is batchframework.engine.enqueue_many
+    assert handler_fn is handler
+    assert batchframework.registry is registry
+    with pytest.raises(AttributeError):
+        batchframework.no_such_name  # noqa: B018
+
+
+def test_registering_an_operationtype_twice_names_both_functions():
+    def first_handler(operation):
+        return 1
+
+    def second_handler(operation):
+        return 2
+
+    try:
+        handler("test-api-duplicate")(first_handler)
+        with pytest.raises(HandlerRegistrationError) as excinfo:
+            handler("test-api-duplicate")(second_handler)
+        message = str(excinfo.value)
+        assert "first_handler" in message and "second_handler" in message
+        assert "test-api-duplicate" in message
+        # The first registration stands.
+        assert registry["test-api-duplicate"].function is first_handler
+        # Registering the very same function again (a re-import) is harmless.
+        handler("test-api-duplicate")(first_handler)
+    finally:
+        registry.unregister("test-api-duplicate")
+    assert "test-api-duplicate" not in registry
+
+
+def test_handler_options_are_validated():
+    with pytest.raises(HandlerRegistrationError):
+        handler("has spaces")
+    with pytest.raises(HandlerRegistrationError):
+        handler("test-api-bad", max_attempts=0)
+    with pytest.raises(HandlerRegistrationError):
+        handler("test-api-bad", lease=-1)
+    assert "test-api-bad" not in registry
+
+
+def test_registry_lists_discovered_handlers():
+    expected = {
+        "test-noop", "test-echo", "test-effect", "test-always-fails", "test-fails-once",
+        "test-atomic", "test-sleep", "test-bad-output", "test-other-queue",
+    }
+    assert expected <= set(registry.operationtypes())
+    assert registry.operationtypes() == sorted(registry.operationtypes())
+    listed = {h.operationtype: h for h in registry}
+    assert listed["test-sleep"].resolved_lease() == timedelta(seconds=2)
+    assert listed["test-atomic"].atomic is True
+    assert listed["test-echo"].name == "tests.testapp.batch_handlers.echo"
+    assert registry.operationtypes_for_queues(["other"]) == ["test-other-queue"]
+    assert len(registry) >= len(expected)
+    with pytest.raises(UnknownOperationTypeError) as excinfo:
+        registry["no-such-type"]
+    assert "test-echo" in str(excinfo.value)
+
+
+# --- enqueue ----------------------------------------------------------------------------------
+def test_enqueue_stores_one_unprocessed_row():
+    post = Post.objects.create(title="p")
+    user = get_user_model().objects.create(username="u")
+    before = timezone.now()
+    op = enqueue("test-echo", context_object=post, input_data={"a": [1, "b"]}, started_by=user,
+                 priority=5)
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_UNPROCESSED
+    assert stored.result == BatchOperation.RESULT_NOT_AVAILABLE
+    assert stored.operationtype == "test-echo"
+    assert stored.context_object == post
+    assert stored.input_data == {"a": [1, "b"]}
+    assert stored.started_by == user
+    assert stored.priority == 5
+    assert stored.queue == "default"
+    assert stored.attempts == 0
+    assert before <= stored.run_after <= timezone.now()
+    assert list(BatchOperation.objects.for_context_object(post)) == [stored]
+    assert enqueue("test-other-queue").queue == "other"
+    assert enqueue("test-echo", queue="special").queue == "special"
+
+
+def test_enqueue_with_delay_and_run_after():
+    now = timezone.now()
+    delayed = enqueue("test-noop", delay=timedelta(minutes=15))
+    assert_close(fresh(delayed).run_after, now + timedelta(minutes=15))
+    seconds = enqueue("test-noop", delay=90)
+    assert_close(fresh(seconds).run_after, now + timedelta(seconds=90))
+    at = now + timedelta(hours=2)
+    assert fresh(enqueue("test-noop", run_after=at)).run_after == at
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"input_data": {"when": object()}}, InputDataError, "JSON"),
+        ({"input_data": {"d": Decimal("1.5")}}, InputDataError, "JSON"),
+        ({"input_data": {"x": float("nan")}}, InputDataError, "JSON"),
+        ({"delay": timedelta(minutes=1), "run_after": "now"}, InvalidOperationError, "not both"),
+        ({"delay": timedelta(seconds=-1)}, InvalidOperationError, "negative"),
+        ({"delay": -5}, InvalidOperationError, "negative"),
+        ({"delay": "soon"}, InvalidOperationError, "delay"),
+        ({"run_after": "naive"}, InvalidOperationError, "timezone-aware"),
+        ({"priority": "high"}, InvalidOperationError, "priority"),
+        ({"priority": 1.5}, InvalidOperationError, "priority"),
+        ({"priority": True}, InvalidOperationError, "priority"),
+        ({"priority": 10**6}, InvalidOperationError, "priority"),
+        ({"context_object": "unsaved"}, InvalidOperationError, "saved"),
+        ({"context_object": "not-a-model"}, InvalidOperationError, "context_object"),
+        ({"started_by": "unsaved-user"}, InvalidOperationError, "started_by"),
+        ({"queue": ""}, InvalidOperationError, "queue"),
+    ],
+)
+def test_enqueue_validation_writes_nothing(kwargs, error, needle):
+    kwargs = dict(kwargs)
+    if kwargs.get("run_after") == "now":
+        kwargs["run_after"] = timezone.now()
+    if kwargs.get("run_after") == "naive":
+        kwargs["run_after"] = timezone.now().replace(tzinfo=None)
+    if kwargs.get("context_object") == "unsaved":
+        kwargs["context_object"] = Post(title="never saved")
+    if kwargs.get("context_object") == "not-a-model":
+        kwargs["context_object"] = {"pk": 1}
+    if kwargs.get("started_by") == "unsaved-user":
+        kwargs["started_by"] = get_user_model()(username="ghost")
+    with pytest.raises(error) as excinfo:
+        enqueue("test-echo", **kwargs)
+    assert needle in str(excinfo.value)
+    assert BatchOperation.objects.count() == 0
+
+
+def test_enqueue_unknown_operationtype_lists_registered_ones():
+    with pytest.raises(UnknownOperationTypeError) as excinfo:
+        enqueue("no-such-operation", input_data={"a": 1})
+    message = str(excinfo.value)
+    assert "no-such-operation" in message
+    for known in ("test-echo", "test-noop", "test-effect"):
+        assert known in message
+    assert isinstance(excinfo.value, InvalidOperationError)
+    assert BatchOperation.objects.count() == 0
+
+
+def test_input_data_size_limit():
+    with override_settings(BATCHFRAMEWORK={"MAX_INPUT_BYTES": 20, "DISPATCHER": NULL_DISPATCHER}):
+        with pytest.raises(InputDataError, match="MAX_INPUT_BYTES"):
+            enqueue("test-echo", input_data={"text": "x" * 50})
+        enqueue("test-echo", input_data={"t": "ok"})
+    assert BatchOperation.objects.count() == 1
+
+
+# --- Transactional enqueue (invariant 5) ----------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_rolled_back_leaves_no_row_and_dispatches_nothing(recording_dispatcher):
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), transaction.atomic():
+        op = enqueue("test-echo", input_data={"a": 1})
+        assert BatchOperation.objects.filter(pk=op.pk).exists()
+        raise Boom
+    assert BatchOperation.objects.count() == 0
+    assert recording_dispatcher == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_committed_dispatches_once_after_commit(recording_dispatcher):
+    with transaction.atomic():
+        op = enqueue("test-echo", input_data={"a": 1})
+        assert recording_dispatcher == []  # not before the commit
+    assert recording_dispatcher == [("default", [op.pk])]
+    # Outside a transaction (autocommit) the dispatch happens at once.
+    second = enqueue("test-noop")
+    assert recording_dispatcher == [("default", [op.pk]), ("default", [second.pk])]
+    # A bulk enqueue is one dispatch of all its operations.
+    many = enqueue_many("test-noop", [{}, {}, {}])
+    assert recording_dispatcher[-1] == ("default", [o.pk for o in many])
+    assert len(recording_dispatcher) == 3
+
+
+def test_enqueue_in_test_transaction_dispatches_on_commit_callbacks(
+    recording_dispatcher, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        op = enqueue("test-echo")
+        assert recording_dispatcher == []
+    assert len(callbacks) == 1
+    assert recording_dispatcher == [("default", [op.pk])]
+
+
+def test_failing_dispatcher_never_fails_enqueue(django_capture_on_commit_callbacks, caplog):
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    with (
+        override_settings(BATCHFRAMEWORK={"DISPATCHER": EXPLODING_DISPATCHER}),
+        django_capture_on_commit_callbacks(execute=True) as callbacks,
+    ):
+        op = enqueue("test-echo")
+    assert len(callbacks) == 1
+    assert fresh(op).status == BatchOperation.STATUS_UNPROCESSED  # left for the poller
+    assert "event=dispatch_failed" in caplog.text and "broker down" in caplog.text
+
+
+# --- Debounce, postpone, cancel -------------------------------------------------------------
+def test_replace_true_updates_the_pending_operation():
+    post = Post.objects.create(title="p")
+    other = Post.objects.create(title="q")
+    now = timezone.now()
+    first = enqueue("test-echo", context_object=post, input_data={"v": 1},
+                    delay=timedelta(minutes=10), replace=True)
+    second = enqueue("test-echo", context_object=post, input_data={"v": 2},
+                     delay=timedelta(minutes=20), replace=True)
+    assert second.pk == first.pk
+    pending = BatchOperation.objects.for_context_object(post).unprocessed()
+    assert pending.count() == 1
+    stored = pending.get()
+    assert stored.input_data == {"v": 2}
+    assert_close(stored.run_after, now + timedelta(minutes=20))
+    # Another context object or operationtype is another operation.
+    assert enqueue("test-echo", context_object=other, replace=True).pk != first.pk
+    assert enqueue("test-noop", context_object=post, replace=True).pk != first.pk
+    # Once the pending one has been claimed, replace=True creates a new pending one.
+    assert run_due(now=now + timedelta(minutes=30), operationtype="test-echo")
+    assert fresh(first).status == BatchOperation.STATUS_FINISHED
+    third = enqueue("test-echo", context_object=post, input_data={"v": 3}, replace=True)
+    assert third.pk != first.pk
+    assert fresh(first).input_data == {"v": 2}
+    echoes = BatchOperation.objects.for_context_object(post).filter(operationtype="test-echo")
+    assert echoes.count() == 2
+
+
+def test_postpone_moves_a_pending_operation():
+    now = timezone.now()
+    op = enqueue("test-echo", delay=timedelta(minutes=1))
+    assert op.postpone(timedelta(hours=1)) is True
+    assert_close(fresh(op).run_after, now + timedelta(hours=1))
+    assert run_due(now=now + timedelta(minutes=2)) == []
+    assert batchframework.postpone(op.pk, run_after=now + timedelta(minutes=5)) is True
+    assert fresh(op).run_after == now + timedelta(minutes=5)
+    with pytest.raises(InvalidOperationError):
+        op.postpone(timedelta(seconds=-1))
+    assert [o.pk for o in run_due(now=now + timedelta(minutes=6))] == [op.pk]
+    assert op.postpone(timedelta(hours=1)) is False  # finished: nothing changes
+    assert fresh(op).status == BatchOperation.STATUS_FINISHED
+
+
+def test_cancel_outcomes():
+    pending = enqueue("test-effect", delay=timedelta(minutes=5))
+    outcome = pending.cancel()
+    assert outcome is CancelOutcome.CANCELLED and bool(outcome) is True
+    assert not BatchOperation.objects.filter(pk=pending.pk).exists()
+    assert run_due(now=timezone.now() + timedelta(hours=1)) == []
+    assert Execution.objects.count() == 0
+    assert batchframework.cancel(pending.pk) is CancelOutcome.NOT_FOUND
+
+    running = enqueue("test-echo")
+    claimed = claim(running.pk)
+    assert claimed is not None
+    before = row_values(running)
+    outcome = running.cancel()
+    assert outcome is CancelOutcome.TOO_LATE_RUNNING and bool(outcome) is False
+    assert row_values(running) == before
+
+    assert run_claimed(claimed) is RunOutcome.SUCCEEDED
+    before = row_values(running)
+    assert batchframework.cancel(running) is CancelOutcome.TOO_LATE_FINISHED
+    assert row_values(running) == before
+
+
+def test_deleting_a_pending_operation_is_as_safe_as_cancel():
+    op = enqueue("test-effect")
+    BatchOperation.objects.filter(pk=op.pk).delete()
+    assert run(op.pk) is RunOutcome.NOT_CLAIMED
+    assert run_due() == []
+    assert Execution.objects.count() == 0
+
+
+# --- Progress --------------------------------------------------------------------------------
+def test_set_progress_is_durable_and_renews_the_lease():
+    now = timezone.now()
+    op = enqueue("test-sleep", run_after=now - timedelta(hours=1))
+    # Claimed "30 minutes ago" with a 2 s lease: the lease has long expired.
+    claimed = claim(op.pk, now=now - timedelta(minutes=30))
+    assert claimed is not None
+    assert fresh(op).lease_expires_at < now
+    assert set_progress(claimed, 3, 10, "three of ten") is True
+    stored = fresh(op)
+    assert stored.progress_done == 3 and stored.progress_total == 10
+    assert stored.progress_message == "three of ten"
+    assert stored.progress == pytest.approx(0.3)
+    assert stored.lease_expires_at > timezone.now() - timedelta(seconds=1)
+    assert_close(stored.lease_expires_at, timezone.now() + timedelta(seconds=2))
+    # The renewed lease is not recovered.
+    assert recover_expired() == 0
+    assert fresh(op).status == BatchOperation.STATUS_RUNNING
+    # The model method does the same.
+    claimed.set_progress(4)
+    assert fresh(op).progress_done == 4 and fresh(op).progress_total == 10
+    with pytest.raises(ValueError):
+        set_progress(claimed, -1)
+
+
+def test_set_progress_refused_after_the_claim_was_lost():
+    now = timezone.now()
+    op = enqueue("test-sleep")
+    stale = claim(op.pk)
+    assert stale is not None
+    assert recover_expired(now=now + timedelta(minutes=1)) == 1
+    assert set_progress(stale, 1, 2) is False
+    assert fresh(op).progress_done is None
+
+
+# --- enqueue_many ----------------------------------------------------------------------------
+def test_enqueue_many_stores_all_items():
+    post = Post.objects.create(title="p")
+    now = timezone.now()
+    created = enqueue_many(
+        "test-echo",
+        [
+            {"input_data": {"i": 0}},
+            {"input_data": {"i": 1}, "context_object": post, "priority": 3},
+            {"input_data": {"i": 2}, "delay": timedelta(minutes=5)},
+        ],
+        delay=timedelta(minutes=1),
+    )
+    assert len(created) == 3 and all(op.pk for op in created)
+    stored = {op.input_data["i"]: op for op in BatchOperation.objects.all()}
+    assert stored[1].context_object == post and stored[1].priority == 3
+    assert_close(stored[0].run_after, now + timedelta(minutes=1))
+    assert_close(stored[2].run_after, now + timedelta(minutes=5))
+    assert all(op.status == BatchOperation.STATUS_UNPROCESSED for op in stored.values())
+    assert enqueue_many("test-echo", []) == []
+
+
+def _expected_insert_statements(items: int, batch_size: int) -> int:
+    fields = [f for f in BatchOperation._meta.concrete_fields if not f.primary_key]
+    objs = [BatchOperation() for _ in range(items)]
+    per_statement = min(batch_size, connection.ops.bulk_batch_size(fields, objs) or batch_size)
+    return math.ceil(items / per_statement)
+
+
+def test_enqueue_many_is_one_insert_per_chunk(django_assert_num_queries):
+    items = [{"input_data": {"i": i}} for i in range(1000)]
+    inserts = _expected_insert_statements(1000, 1000)
+    if connection.vendor != "sqlite":
+        assert inserts == 1
+    # SAVEPOINT + INSERT(s) + RELEASE SAVEPOINT
+    with django_assert_num_queries(inserts + 2) as captured:
+        created = enqueue_many("test-noop", items, batch_size=1000)
+    assert sum("INSERT" in q["sql"].upper() for q in captured.captured_queries) == inserts
+    assert len(created) == 1000 and len({op.pk for op in created}) == 1000
+    assert BatchOperation.objects.count() == 1000
+    # Smaller chunks: one INSERT per chunk (3 chunks of at most 100, unless SQLite's variable
+    # limit makes the chunks smaller still).
+    with CaptureQueriesContext(connection) as captured:
+        enqueue_many("test-noop", items[:250], batch_size=100)
+    chunks = _expected_insert_statements(250, 100)
+    assert chunks == 3 or connection.vendor == "sqlite"
+    assert sum("INSERT" in q["sql"].upper() for q in captured.captured_queries) == chunks
+
+
+@pytest.mark.parametrize(
+    "bad_item",
+    [
+        {"input_data": {"x": object()}},
+        {"delay": timedelta(seconds=-1)},
+        {"priority": "high"},
+        {"unknown_key": 1},
+        {"context_object": Post(title="unsaved")},
+    ],
+)
+def test_enqueue_many_validates_every_item_before_inserting(bad_item):
+    items = [{"input_data": {"i": i}} for i in range(600)]
+    items.insert(500, bad_item)
+    with pytest.raises(InvalidOperationError) as excinfo:
+        enqueue_many("test-echo", items, batch_size=100)
+    assert "item 500" in str(excinfo.value)
+    assert BatchOperation.objects.count() == 0
+
+
+def test_enqueue_many_unknown_operationtype_writes_nothing():
+    with pytest.raises(UnknownOperationTypeError):
+        enqueue_many("no-such-type", [{}, {}])
+    assert BatchOperation.objects.count() == 0
+
+
+# --- Signals and logging ---------------------------------------------------------------------
+@pytest.fixture
+def received() -> Iterator[dict[str, list[dict]]]:
+    events: dict[str, list[dict]] = {}
+    receivers = {}
+    for name, signal in {
+        "enqueued": operations_enqueued,
+        "started": operation_started,
+        "finished": operation_finished,
+        "retry": operation_retry_scheduled,
+        "cancelled": operation_cancelled,
+    }.items():
+        def receiver(sender, _name=name, **kwargs):
+            kwargs.pop("signal", None)
+            events.setdefault(_name, []).append({"sender": sender, **kwargs})
+        receivers[name] = (signal, receiver)
+        signal.connect(receiver, weak=False)
+    try:
+        yield events
+    finally:
+        for signal, receiver in receivers.values():
+            signal.disconnect(receiver)
+
+
+def test_signals_are_sent(received):
+    op = enqueue("test-echo", input_data={"x": 1})
+    assert [e["operations"] for e in received["enqueued"]] == [[op]]
+    assert received["enqueued"][0]["sender"] is BatchOperation
+    many = enqueue_many("test-noop", [{}, {}])
+    assert received["enqueued"][1]["operations"] == many
+
+    run_due(operationtype="test-echo")
+    assert [e["operation"].pk for e in received["started"]] == [op.pk]
+    assert [(e["operation"].pk, e["succeeded"], e["error"]) for e in received["finished"]] == [
+        (op.pk, True, None)
+    ]
+
+    failing = enqueue("test-always-fails")
+    run_due(now=timezone.now() + timedelta(minutes=1), operationtype="test-always-fails")
+    assert [e["attempt"] for e in received["retry"]] == [1, 2]
+    assert all(e["operation"].pk == failing.pk for e in received["retry"])
+    assert received["retry"][0]["error"]["type"] == "builtins.ValueError"
+    last = received["finished"][-1]
+    assert last["operation"].pk == failing.pk and last["succeeded"] is False
+    assert last["error"]["message"] == f"boom {failing.pk}"
+
+    pending = enqueue("test-noop", delay=60)
+    pending.cancel()
+    assert [e["operation_id"] for e in received["cancelled"]] == [pending.pk]
+
+
+def test_logging_in_key_value_form(caplog):
+    caplog.set_level(logging.DEBUG, logger="batchframework")
+    op = enqueue("test-echo")
+    assert f"event=enqueued id={op.pk} operationtype=test-echo queue=default" in caplog.text
+    run_due(operationtype="test-echo")
+    assert f"event=started id={op.pk} operationtype=test-echo attempt=1" in caplog.text
+    assert f"event=finished id={op.pk} operationtype=test-echo result=successful" in caplog.text
+
+    caplog.clear()
+    failing = enqueue("test-always-fails")
+    run_due(now=timezone.now() + timedelta(minutes=1), operationtype="test-always-fails")
+    retries = [r for r in caplog.records if "event=retry_scheduled" in r.getMessage()]
+    assert len(retries) == 2 and retries[0].levelno == logging.WARNING
+    assert f"id={failing.pk}" in retries[0].getMessage()
+    assert "error_type=builtins.ValueError" in retries[0].getMessage()
+    assert "Traceback (most recent call last)" in retries[0].getMessage()
+    failures = [r for r in caplog.records if "result=failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].levelno == logging.ERROR
+    message = failures[0].getMessage()
+    assert f"event=finished id={failing.pk} operationtype=test-always-fails result=failed" in (
+        message
+    )
+    assert "Traceback (most recent call last)" in message
+    assert f"ValueError: boom {failing.pk}" in message
+
+    caplog.clear()
+    claim(failing.pk)
+    assert f"event=claim_skipped id={failing.pk} reason=already_finished" in caplog.text
+
+
+# --- Running ---------------------------------------------------------------------------------
+def test_handler_return_value_becomes_output_data():
+    op = enqueue("test-echo", input_data={"nested": {"list": [1, 2.5, None, "x"]}})
+    assert run(op.pk) is RunOutcome.SUCCEEDED
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_FINISHED
+    assert stored.result == BatchOperation.RESULT_SUCCESSFUL
+    assert stored.output_data == {"echo": {"nested": {"list": [1, 2.5, None, "x"]}}}
+    assert stored.attempts == 1
+    assert stored.finished_datetime is not None and stored.started_running_datetime is not None
+    assert stored.lease_expires_at is None
+    assert stored.error is None
+    assert run(op.pk) is RunOutcome.NOT_CLAIMED  # finished: never again
+
+
+def test_exception_is_recorded_with_type_message_and_traceback():
+    op = enqueue("test-always-fails")
+    ran = run_due(now=timezone.now() + timedelta(minutes=1))
+    assert [o.pk for o in ran] == [op.pk] * 3
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_FINISHED
+    assert stored.result == BatchOperation.RESULT_FAILED
+    assert stored.attempts == 3
+    error = stored.output_data["error"]
+    assert error["type"] == "builtins.ValueError"
+    assert error["message"] == f"boom {op.pk}"
+    assert "Traceback (most recent call last)" in error["traceback"]
+    assert "always_fails" in error["traceback"]
+    assert stored.error == error
+    assert "Traceback" in stored.last_error and f"ValueError: boom {op.pk}" in stored.last_error
+    assert Execution.objects.filter(key=str(op.pk)).count() == 3
+
+
+def test_non_json_handler_output_fails_the_attempt():
+    op = enqueue("test-bad-output")
+    assert run(op.pk) is RunOutcome.FAILED
+    stored = fresh(op)
+    assert stored.result == BatchOperation.RESULT_FAILED
+    assert stored.output_data["error"]["type"] == "batchframework.exceptions.HandlerOutputError"
+    assert "JSON" in stored.output_data["error"]["message"]
+
+
+def test_retry_with_backoff():
+    op = enqueue("test-fails-once")
+    start = timezone.now()
+    assert [o.pk for o in run_due()] == [op.pk]
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_UNPROCESSED
+    assert stored.attempts == 1
+    assert_close(stored.run_after, start + timedelta(seconds=60))
+    assert stored.run_after > timezone.now() + timedelta(seconds=50)
+    assert "first attempt fails" in stored.last_error
+    assert run_due() == []  # never early
+    assert run_due(now=timezone.now() + timedelta(seconds=30)) == []
+    ran = run_due(now=timezone.now() + timedelta(seconds=61))
+    assert [o.pk for o in ran] == [op.pk]
+    stored = fresh(op)
+    assert stored.result == BatchOperation.RESULT_SUCCESSFUL
+    assert stored.attempts == 2
+    assert stored.output_data == {"attempt": 2}
+    assert Execution.objects.filter(key=str(op.pk)).count() == 2
+
+
+def test_unregistered_operationtype_is_never_claimed_and_manual_flow_works():
+    op = BatchOperation.objects.create_asynchronous(
+        operationtype="manual-only", input_data={"a": 1}
+    )
+    now = timezone.now() + timedelta(days=1)
+    assert claim(op.pk) is None
+    assert run(op.pk) is RunOutcome.NOT_CLAIMED
+    assert claim_due(now=now) == []
+    assert run_due(now=now) == []
+    assert fresh(op).status == BatchOperation.STATUS_UNPROCESSED and fresh(op).attempts == 0
+    op.mark_as_running()
+    assert recover_expired(now=now) == 0
+    assert fresh(op).status == BatchOperation.STATUS_RUNNING
+    op.finish(output_data={"done": True})
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_FINISHED
+    assert stored.result == BatchOperation.RESULT_SUCCESSFUL
+    assert stored.output_data == {"done": True}
+
+
+def test_always_synchronous_runs_due_operations_at_commit(django_capture_on_commit_callbacks):
+    with override_settings(BATCHFRAMEWORK={"ALWAYS_SYNCHRONOUS": True}):
+        with django_capture_on_commit_callbacks(execute=True):
+            due = enqueue("test-echo", input_data={"x": 1})
+            delayed = enqueue("test-effect", delay=timedelta(minutes=15))
+            assert fresh(due).status == BatchOperation.STATUS_UNPROCESSED  # not before commit
+        stored = fresh(due)
+        assert stored.status == BatchOperation.STATUS_FINISHED
+        assert stored.output_data == {"echo": {"x": 1}}
+        assert stored.attempts == 1
+        assert fresh(delayed).status == BatchOperation.STATUS_UNPROCESSED  # never early
+        assert Effect.objects.count() == 0
+        ran = run_due(now=timezone.now() + timedelta(minutes=16))
+        assert [o.pk for o in ran] == [delayed.pk]
+    assert Effect.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_always_synchronous_rollback_runs_nothing():
+    with override_settings(BATCHFRAMEWORK={"ALWAYS_SYNCHRONOUS": True}):
+        with pytest.raises(RuntimeError), transaction.atomic():
+            enqueue("test-effect")
+            raise RuntimeError("roll back")
+        assert Execution.objects.count() == 0
+        assert BatchOperation.objects.count() == 0
+        with transaction.atomic():
+            op = enqueue("test-effect")
+            assert Execution.objects.count() == 0
+        assert Execution.objects.count() == 1
+        assert fresh(op).result == BatchOperation.RESULT_SUCCESSFUL
+
+
+def test_run_due_time_travel():
+    op = enqueue("test-echo", input_data={"n": 1}, delay=timedelta(minutes=15))
+    assert run_due() == []
+    assert run_due(now=timezone.now() + timedelta(minutes=14)) == []
+    assert fresh(op).status == BatchOperation.STATUS_UNPROCESSED
+    ran = run_due(now=timezone.now() + timedelta(minutes=16))
+    assert [o.pk for o in ran] == [op.pk]
+    assert ran[0].status == BatchOperation.STATUS_FINISHED
+    assert fresh(op).output_data == {"echo": {"n": 1}}
+    with pytest.raises(ValueError):
+        run_due(now=timezone.now().replace(tzinfo=None))
+
+
+def test_run_due_filters_by_operationtype_and_orders_by_priority():
+    low = enqueue("test-noop", priority=-1)
+    high = enqueue("test-noop", priority=10)
+    echo = enqueue("test-echo")
+    ran = run_due(operationtype="test-noop")
+    assert [o.pk for o in ran] == [high.pk, low.pk]
+    assert fresh(echo).status == BatchOperation.STATUS_UNPROCESSED
+    assert [o.pk for o in run_due(operationtype=["test-echo"])] == [echo.pk]
+
+
+def test_atomic_handler_rolls_back_its_writes_on_failure():
+    op = enqueue("test-atomic", input_data={"crash_on_attempt": 1})
+    assert run(op.pk) is RunOutcome.RETRY_SCHEDULED
+    assert Effect.objects.count() == 0  # the failed attempt's write was rolled back
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_UNPROCESSED and stored.attempts == 1
+    assert "simulated crash" in stored.last_error
+    ran = run_due(now=timezone.now() + timedelta(seconds=1))
+    assert [o.pk for o in ran] == [op.pk]
+    assert list(Effect.objects.values_list("key", flat=True)) == [f"atomic-{op.pk}"]
+    stored = fresh(op)
+    assert stored.result == BatchOperation.RESULT_SUCCESSFUL
+    assert stored.output_data == {"attempt": 2}
+
+
+# --- Query counts (invariant 9) --------------------------------------------------------------
+def test_enqueue_is_one_insert(django_assert_num_queries):
+    post = Post.objects.create(title="p")
+    # Warm the per-process caches (ContentType, and any clock reading used for delays).
+    enqueue("test-echo", context_object=post, delay=timedelta(seconds=1))
+    with django_assert_num_queries(1) as captured:
+        enqueue("test-echo", input_data={"a": 1})
+    assert captured.captured_queries[0]["sql"].upper().startswith("INSERT")
+    with django_assert_num_queries(1):
+        enqueue("test-echo", context_object=post, delay=timedelta(minutes=1), priority=2)
+
+
+def test_claim_and_finish_are_constant(django_assert_num_queries):
+    op = enqueue("test-noop")
+    with django_assert_num_queries(2):  # read, compare-and-set UPDATE
+        claimed = claim(op.pk)
+    assert claimed is not None
+    with django_assert_num_queries(1):  # the fenced UPDATE
+        assert run_claimed(claimed) is RunOutcome.SUCCEEDED
+    with django_assert_num_queries(1):  # a claim that finds nothing to do stops after the read
+        assert claim(op.pk) is None
+
+    failing = enqueue("test-always-fails")
+    claimed = claim(failing.pk)
+    with django_assert_num_queries(2):  # the handler's INSERT + the fenced retry UPDATE
+        assert run_claimed(claimed) is RunOutcome.RETRY_SCHEDULED
+
+
+@pytest.mark.parametrize("size", [10, 100])
+def test_claim_due_is_constant_per_batch(size, django_assert_num_queries):
+    enqueue_many("test-noop", [{} for _ in range(size)])
+    # SAVEPOINT, SELECT (… FOR UPDATE SKIP LOCKED where supported), UPDATE, RELEASE SAVEPOINT
+    with django_assert_num_queries(4):
+        claimed = claim_due(limit=size)
+    assert len(claimed) == size
+    assert all(op.status == BatchOperation.STATUS_RUNNING for op in claimed)
+    assert BatchOperation.objects.running().count() == size
+    assert len({op.claimed_by for op in claimed}) == 1
+    with django_assert_num_queries(4):  # recovering the whole batch is constant too
+        assert recover_expired(now=timezone.now() + timedelta(minutes=10)) == size
+
+
+def test_claim_due_takes_only_what_is_due_in_priority_order():
+    now = timezone.now()
+    later = enqueue("test-noop", delay=timedelta(minutes=5))
+    first = enqueue("test-noop", priority=1)
+    second = enqueue("test-noop")
+    other = enqueue("test-other-queue")
+    claimed = claim_due(queues=["default"])
+    assert [o.pk for o in claimed] == [first.pk, second.pk]
+    assert claim_due(queues=["default"]) == []
+    assert [o.pk for o in claim_due(queues=["other"])] == [other.pk]
+    assert [o.pk for o in claim_due(now=now + timedelta(minutes=6))] == [later.pk]
+
+
+# --- Lease recovery and fencing (invariants 2 and 7) -----------------------------------------
+def test_recover_expired_retries_when_attempts_are_left():
+    op = enqueue("test-always-fails")  # max_attempts=3, default 5-minute lease
+    assert claim(op.pk) is not None
+    assert recover_expired(now=timezone.now() + timedelta(minutes=1)) == 0  # lease still valid
+    assert fresh(op).status == BatchOperation.STATUS_RUNNING
+    future = timezone.now() + timedelta(minutes=10)
+    assert recover_expired(now=future) == 1
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_UNPROCESSED
+    assert stored.attempts == 1
+    assert stored.claimed_by == "" and stored.lease_expires_at is None
+    assert "worker running this operation was lost" in stored.last_error
+    assert recover_expired(now=future) == 0
+
+
+def test_recover_expired_fails_when_attempts_are_spent():
+    op = enqueue("test-echo")  # max_attempts=1
+    assert claim(op.pk) is not None
+    assert recover_expired(now=timezone.now() + timedelta(minutes=10)) == 1
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_FINISHED
+    assert stored.result == BatchOperation.RESULT_FAILED
+    assert stored.output_data["error"]["type"] == LOST_WORKER
+    assert "lost" in stored.output_data["error"]["message"]
+    assert "attempts spent" in stored.last_error
+
+
+def test_valid_lease_is_never_robbed():
+    op = enqueue("test-sleep")  # 2-second lease
+    claimed = claim(op.pk)
+    assert claimed is not None
+    assert recover_expired() == 0
+    assert recover_expired(now=timezone.now() + timedelta(seconds=1)) == 0
+    assert run_due() == []
+    assert claim(op.pk) is None
+    stored = fresh(op)
+    assert stored.status == BatchOperation.STATUS_RUNNING
+    assert stored.claimed_by == claimed.claimed_by
+
+
+def test_fenced_finish_after_recovery_changes_nothing():
+    op = enqueue("test-echo", input_data={"v": 1})
+    stale = claim(op.pk)
+    assert stale is not None
+    future = timezone.now() + timedelta(minutes=10)
+    # A retry needs attempts left: give this row a second attempt through recovery's own rule.
+    two_attempts = {"DEFAULT_MAX_ATTEMPTS": 2, "DISPATCHER": NULL_DISPATCHER}
+    with override_settings(BATCHFRAMEWORK=two_attempts):
+        assert recover_expired(now=future) == 1
+        current = claim(op.pk, now=future)
+        assert current is not None and current.claimed_by != stale.claimed_by
+        before = row_values(op)
+        assert before["status"] == BatchOperation.STATUS_RUNNING and before["attempts"] == 2
+        assert run_claimed(stale) is RunOutcome.LOST_CLAIM
+        assert row_values(op) == before
+        assert run_claimed(current) is RunOutcome.SUCCEEDED
+    stored = fresh(op)
+    assert stored.result == BatchOperation.RESULT_SUCCESSFUL and stored.attempts == 2
+    finished = row_values(op)
+    assert run_claimed(stale) is RunOutcome.LOST_CLAIM
+    assert row_values(op) == finished
+
+
+def test_fenced_failure_after_recovery_changes_nothing():
+    op = enqueue("test-fails-once")  # attempt 1 raises, attempt 2 succeeds; max_attempts=2
+    stale = claim(op.pk)
+    future = timezone.now() + timedelta(minutes=10)
+    assert recover_expired(now=future) == 1
+    current = claim(op.pk, now=future)
+    assert current is not None and current.attempts == 2
+    before = row_values(op)
+    assert run_claimed(stale) is RunOutcome.LOST_CLAIM  # its retry UPDATE matched nothing
+    assert row_values(op) == before
+    assert run_claimed(current) is RunOutcome.SUCCEEDED
+    assert fresh(op).output_data == {"attempt": 2}
+
+
+def test_fenced_failure_of_a_stale_atomic_claim_writes_nothing():
+    op = enqueue("test-atomic")
+    stale = claim(op.pk)
+    future = timezone.now() + timedelta(minutes=10)
+    assert recover_expired(now=future) == 1
+    current = claim(op.pk, now=future)
+    assert current is not None
+    assert run_claimed(stale) is RunOutcome.LOST_CLAIM
+    assert Effect.objects.count() == 0  # the stale atomic handler did not even run
+    assert run_claimed(current) is RunOutcome.SUCCEEDED
+    assert Effect.objects.count() == 1
+
+
+# --- System checks ---------------------------------------------------------------------------
+def _batchframework_messages(**setting):
+    with override_settings(**setting):
+        return [m for m in checks.run_checks() if m.id and m.id.startswith("batchframework.")]
+
+
+def test_default_settings_pass_the_checks():
+    assert _batchframework_messages() == []
+    call_command("check")
+
+
+@pytest.mark.parametrize(
+    ("setting", "check_id", "needle"),
+    [
+        ({"BATCH_SIZE": 0}, "batchframework.E003", "BATCH_SIZE"),
+        ({"DEFAULT_MAX_ATTEMPTS": -1}, "batchframework.E003", "DEFAULT_MAX_ATTEMPTS"),
+        ({"DEFAULT_LEASE": -5}, "batchframework.E004", "DEFAULT_LEASE"),
+        ({"POLL_INTERVAL": 0}, "batchframework.E004", "POLL_INTERVAL"),
+        ({"DEFAULT_RETRY_BACKOFF": -1}, "batchframework.E004", "DEFAULT_RETRY_BACKOFF"),
+        ({"DISPATCHER": "no.such.Dispatcher"}, "batchframework.E005", "no.such.Dispatcher"),
+        ({"POLL_INTERVAL": 600}, "batchframework.W001", "POLL_INTERVAL"),
+        ({"ROUTES": {"no-such-type": "q"}}, "batchframework.W002", "no-such-type"),
+    ],
+)
+def test_checks_report_bad_settings_with_hints(settings, setting, check_id, needle):
+    bad = {**settings.BATCHFRAMEWORK, **setting}
+    messages = _batchframework_messages(BATCHFRAMEWORK=bad)
+    matching = [m for m in messages if m.id == check_id]
+    assert matching, f"expected {check_id}, got {messages}"
+    assert needle in matching[0].msg
+    assert matching[0].hint
+    if check_id.startswith("batchframework.E"):
+        assert matching[0].level == checks.ERROR
+        with override_settings(BATCHFRAMEWORK=bad), pytest.raises(SystemCheckError) as excinfo:
+            call_command("check")
+        assert check_id in str(excinfo.value) and "HINT" in str(excinfo.value)
+    else:
+        assert matching[0].level == checks.WARNING
+
+
+def test_check_requires_use_tz():
+    messages = _batchframework_messages(USE_TZ=False)
+    assert [m.id for m in messages] == ["batchframework.E001"]
+    assert "USE_TZ" in messages[0].msg and "USE_TZ = True" in messages[0].hint
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [({"NO_SUCH_KEY": 1}, "NO_SUCH_KEY"), ({"DEFAULT_LEASE": "long"}, "DEFAULT_LEASE")],
+)
+def test_unreadable_settings_are_reported_as_e002(bad, needle):
+    from batchframework.checks import check_settings
+
+    with override_settings(BATCHFRAMEWORK=bad):
+        messages = check_settings()
+    assert [m.id for m in messages] == ["batchframework.E002"]
+    assert needle in messages[0].msg and messages[0].hint
+
+
+@pytest.mark.parametrize("bad", [{"NO_SUCH_KEY": 1}, {"DEFAULT_LEASE": "long"}])
+def test_manage_py_check_reports_unreadable_settings(bad):
+    # Every registered check must survive unreadable settings so that E002 is what the user sees.
+    with override_settings(BATCHFRAMEWORK=bad), pytest.raises(SystemCheckError) as excinfo:
+        call_command("check")
+    assert "batchframework.E002" in str(excinfo.value) and "HINT" in str(excinfo.value)

@@ -1,0 +1,325 @@
+"""Races and crashes with real separate processes (and threads, each with its own connection)
+on the configured database: one claim per attempt, cancel is final, debounce keeps one pending
+row, dead workers are recovered, live ones are never robbed, and workers stop gracefully.
+
+Subprocesses use ``tests.settings`` with a DATABASE_URL that points at the *test* database
+(see :func:`tests.integration.helpers.test_database_url`). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection, connections
+from django.utils import timezone
+
+from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework.engine import CancelOutcome, RunOutcome, cancel, recover_expired, run
+from batchframework.testing import run_due
+from tests.testapp.models import Effect, Execution, Post
+
+from .helpers import run_python, wait_exit, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
+
+
+
+def fresh(op: BatchOperation) -> BatchOperation:
+    return BatchOperation.objects.get(pk=op.pk)
+
+
+def executions(op: BatchOperation) -> int:
+    return Execution.objects.filter(key=str(op.pk)).count()
+
+
+def wait_started(op: BatchOperation, *, timeout: float = 30) -> None:
+    """Until the handler of ``op`` has begun (it writes an Execution row first)."""
+    wait_for(lambda: Execution.objects.filter(key=str(op.pk)).exists(), timeout=timeout,
+             what=f"the handler of operation {op.pk} to start")
+
+
+def wait_worker_ready(log_path, *, timeout: float = 30) -> None:
+    wait_for(lambda: "worker started" in log_path.read_text(errors="replace"), timeout=timeout,
+             what=f"the worker logging to {log_path.name} to start")
+
+
+class Threads:
+    """Run functions in threads that each use (and finally close) their own DB connection;
+    re-raise the first exception a thread raised."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+
+    def start(self, target, *args) -> None:
+        def body():
+            try:
+                target(*args)
+            except BaseException as exc:
+                self.errors.append(exc)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=body, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t for t in self.threads if t.is_alive()]
+        assert not alive, f"{len(alive)} thread(s) still running after {timeout}s"
+        if self.errors:
+            raise self.errors[0]
+
+
+# --- One claim per attempt (invariant 1) -----------------------------------------------------
+CLAIMER = """
+import json, os, time
+from batchframework.engine import run, RunOutcome
+pks = json.loads(__PKS__); go = __GO__
+open(__READY__, "w").close()
+deadline = time.monotonic() + 30
+while not os.path.exists(go):
+    assert time.monotonic() < deadline, "no go signal"
+    time.sleep(0.005)
+won = [pk for pk in pks if run(pk) is RunOutcome.SUCCEEDED]
+print("WON " + json.dumps(won))
+"""
+
+
+def test_two_claimer_processes_one_wins_each_operation(reaper, tmp_path):
+    operations = enqueue_many("test-effect", [{} for _ in range(150)])
+    pks = [op.pk for op in operations]
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [
+        reaper.python(CLAIMER.replace("__PKS__", repr(json.dumps(pks)))
+                      .replace("__GO__", repr(str(go)))
+                      .replace("__READY__", repr(str(ready[i]))), label=f"claimer{i}")
+        for i in range(2)
+    ]
+    # Both interpreters have imported Django and wait for the go signal: start them together.
+    wait_for(lambda: all(path.exists() for path in ready), timeout=30, what="both claimers")
+    go.touch()
+    won = []
+    for process, log in procs:
+        assert wait_exit(process, timeout=60, log_path=log) == 0, log.read_text()
+        line = [ln for ln in log.read_text().splitlines() if ln.startswith("WON ")]
+        won.append(set(json.loads(line[-1][4:])))
+    assert won[0].isdisjoint(won[1])
+    assert won[0] | won[1] == set(pks)
+    assert Effect.objects.count() == len(pks)
+    assert Execution.objects.count() == len(pks)  # every handler ran exactly once
+    assert set(BatchOperation.objects.values_list("attempts", flat=True)) == {1}
+    assert BatchOperation.objects.successful().count() == len(pks)
+
+
+@pytest.mark.timeout(150)
+def test_four_workers_run_every_operation_exactly_once(reaper):
+    # SQLite serializes every write on one file lock: 500 keeps it well under a minute.
+    total = 500 if connection.vendor == "sqlite" else 2000
+    workers = [
+        reaper.worker("--batch-size", "25", "--poll-interval", "0.1", "--name", f"w{i}",
+                      label=f"w{i}")
+        for i in range(4)
+    ]
+    for _, log in workers:
+        wait_worker_ready(log)
+    enqueue_many("test-effect", [{} for _ in range(total)])
+    wait_for(lambda: BatchOperation.objects.finished().count() == total, timeout=100,
+             interval=0.2, what=f"{total} operations to finish")
+    for process, _ in workers:
+        process.send_signal(signal.SIGTERM)
+    for process, log in workers:
+        assert wait_exit(process, timeout=15, log_path=log) == 0, log.read_text()
+    assert Effect.objects.count() == total
+    assert Execution.objects.count() == total
+    assert BatchOperation.objects.successful().count() == total
+    assert not BatchOperation.objects.exclude(status=BatchOperation.STATUS_FINISHED).exists()
+    assert set(BatchOperation.objects.values_list("attempts", flat=True)) == {1}
+    names = {c.split(":")[0] for c in BatchOperation.objects.values_list("claimed_by", flat=True)}
+    assert names <= {"w0", "w1", "w2", "w3"} and len(names) >= 2, names
+
+
+# --- Cancel is final (invariant 3) -----------------------------------------------------------
+def test_cancel_racing_a_claim_either_runs_once_or_never():
+    iterations = 150
+    pks = [op.pk for op in enqueue_many("test-effect", [{} for _ in range(iterations)])]
+    barrier = threading.Barrier(2, timeout=20)
+    cancelled: dict[int, CancelOutcome] = {}
+    ran: dict[int, RunOutcome] = {}
+
+    def canceller():
+        for pk in pks:
+            barrier.wait()
+            cancelled[pk] = cancel(pk)
+
+    def runner():
+        for pk in pks:
+            barrier.wait()
+            ran[pk] = run(pk)
+
+    threads = Threads()
+    threads.start(canceller)
+    threads.start(runner)
+    threads.join(timeout=75)
+
+    for pk in pks:
+        outcome, result = cancelled[pk], ran[pk]
+        count = Execution.objects.filter(key=str(pk)).count()
+        if outcome is CancelOutcome.CANCELLED:
+            assert result is RunOutcome.NOT_CLAIMED, (pk, outcome, result)
+            assert count == 0
+            assert not BatchOperation.objects.filter(pk=pk).exists()
+        else:
+            assert outcome in (CancelOutcome.TOO_LATE_RUNNING, CancelOutcome.TOO_LATE_FINISHED), (
+                pk, outcome, result)
+            assert result is RunOutcome.SUCCEEDED, (pk, outcome, result)
+            assert count == 1
+            assert BatchOperation.objects.get(pk=pk).result == BatchOperation.RESULT_SUCCESSFUL
+    assert Effect.objects.count() == sum(r is RunOutcome.SUCCEEDED for r in ran.values())
+
+
+# --- Debounce is race-free -------------------------------------------------------------------
+def test_concurrent_replace_leaves_exactly_one_pending_row():
+    rounds, parallel = 8, 6
+    for round_number in range(rounds):
+        post = Post.objects.create(title=f"round {round_number}")
+        barrier = threading.Barrier(parallel, timeout=20)
+        returned: list[int] = []
+
+        def enqueue_replacing(index, post=post, barrier=barrier, returned=returned):
+            barrier.wait()
+            op = enqueue("test-echo", context_object=post, input_data={"i": index},
+                         delay=timedelta(minutes=5), replace=True)
+            returned.append(op.pk)
+
+        threads = Threads()
+        for index in range(parallel):
+            threads.start(enqueue_replacing, index)
+        threads.join(timeout=40)
+
+        pending = BatchOperation.objects.for_context_object(post).unprocessed()
+        assert pending.count() == 1
+        only = pending.get()
+        assert set(returned) == {only.pk}
+        assert only.input_data["i"] in range(parallel)
+    assert BatchOperation.objects.count() == rounds
+
+
+# --- Crash recovery and leases (invariant 7) -------------------------------------------------
+def test_killed_worker_is_recovered_after_its_lease_expires(reaper):
+    op = enqueue("test-sleep", input_data={"seconds": 4})  # lease 2 s, max_attempts 3
+    first, _ = reaper.worker("--once", "--name", "doomed", label="doomed")
+    wait_started(op)
+    first.send_signal(signal.SIGKILL)
+    assert wait_exit(first, timeout=10) == -signal.SIGKILL
+    lost = fresh(op)
+    assert lost.status == BatchOperation.STATUS_RUNNING and lost.attempts == 1
+    assert lost.claimed_by.startswith("doomed:")
+    # A second worker, started at once, waits for the lease to expire, then recovers it.
+    second, second_log = reaper.worker("--max-operations", "1", "--poll-interval", "0.2",
+                                       "--name", "rescuer", label="rescuer")
+    assert wait_exit(second, timeout=45, log_path=second_log) == 0, second_log.read_text()
+    done = fresh(op)
+    assert done.status == BatchOperation.STATUS_FINISHED
+    assert done.result == BatchOperation.RESULT_SUCCESSFUL
+    assert done.attempts == 2
+    assert done.claimed_by.startswith("rescuer:")
+    assert done.started_running_datetime >= lost.lease_expires_at  # not robbed early
+    assert "was lost" in done.last_error
+    assert list(Effect.objects.values_list("key", flat=True)) == [f"sleep-{op.pk}-2"]
+    assert executions(op) == 2
+
+
+def test_live_worker_renewing_its_lease_is_never_robbed(reaper):
+    op = enqueue("test-sleep", input_data={"seconds": 6, "progress": True})  # lease 2 s
+    worker, log = reaper.worker("--once", label="live")
+    wait_started(op)
+    recovered = []
+    deadline = time.monotonic() + 40
+    while worker.poll() is None:
+        assert time.monotonic() < deadline, "worker did not finish in time"
+        recovered.append(recover_expired())
+        time.sleep(0.05)
+    assert worker.returncode == 0, log.read_text()
+    assert len(recovered) > 30  # the loop really ran while the handler did
+    assert sum(recovered) == 0
+    done = fresh(op)
+    assert done.result == BatchOperation.RESULT_SUCCESSFUL
+    assert done.attempts == 1
+    assert (done.progress_done, done.progress_total) == (12, 12)
+    assert executions(op) == 1
+    assert list(Effect.objects.values_list("key", flat=True)) == [f"sleep-{op.pk}-1"]
+
+
+# --- Graceful shutdown -----------------------------------------------------------------------
+def test_sigterm_finishes_the_operation_in_hand_and_releases_the_rest(reaper):
+    operations = enqueue_many("test-sleep", [{"input_data": {"seconds": 2}} for _ in range(3)])
+    worker, log = reaper.worker("--batch-size", "10", "--poll-interval", "0.2", label="graceful")
+    wait_for(lambda: Execution.objects.exists(), timeout=30, what="the first handler to start")
+    worker.send_signal(signal.SIGTERM)
+    assert wait_exit(worker, timeout=20, log_path=log) == 0, log.read_text()
+    started = Execution.objects.get().key
+    by_pk = {str(op.pk): fresh(op) for op in operations}
+    finished = by_pk.pop(started)
+    assert finished.result == BatchOperation.RESULT_SUCCESSFUL and finished.attempts == 1
+    assert Effect.objects.filter(key=f"sleep-{started}-1").exists()
+    for rest in by_pk.values():
+        assert rest.status == BatchOperation.STATUS_UNPROCESSED
+        assert rest.attempts == 0 and rest.claimed_by == "" and rest.lease_expires_at is None
+    assert "stopped after 1 operation" in log.read_text()
+
+
+def test_second_sigterm_exits_at_once(reaper):
+    op = enqueue("test-sleep", input_data={"seconds": 30})
+    worker, log = reaper.worker("--once", label="impatient")
+    wait_started(op)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert worker.poll() is None  # the first signal waits for the operation in hand
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code = wait_exit(worker, timeout=10, log_path=log)
+    assert time.monotonic() - started < 10
+    assert code == 128 + signal.SIGTERM, log.read_text()
+    # Nothing was recorded: the operation waits for lease recovery like any lost worker's.
+    stopped = fresh(op)
+    assert stopped.status == BatchOperation.STATUS_RUNNING and stopped.attempts == 1
+    assert not Effect.objects.exists()
+
+
+# --- atomic=True: exactly once across a hard crash --------------------------------------------
+def test_atomic_handler_effect_happens_exactly_once_across_a_hard_crash(reaper):
+    op = enqueue("test-atomic", input_data={"crash_on_attempt": 1, "hard": True})
+    worker, log = reaper.worker("--once", label="crashing")
+    assert wait_exit(worker, timeout=30, log_path=log) == 17, log.read_text()
+    crashed = fresh(op)
+    assert crashed.status == BatchOperation.STATUS_RUNNING and crashed.attempts == 1
+    assert Effect.objects.count() == 0  # the write died with the transaction
+    assert recover_expired() == 0  # the default 5-minute lease is still valid
+    later = timezone.now() + timedelta(minutes=10)
+    assert recover_expired(now=later) == 1
+    ran = run_due(now=later)
+    assert [o.pk for o in ran] == [op.pk]
+    done = fresh(op)
+    assert done.result == BatchOperation.RESULT_SUCCESSFUL
+    assert done.attempts == 2
+    assert done.output_data == {"attempt": 2}
+    assert list(Effect.objects.values_list("key", flat=True)) == [f"atomic-{op.pk}"]
+
+
+def test_subprocesses_use_the_test_database():
+    op = enqueue("test-noop")
+    result = run_python(f"""
+        from batchframework import BatchOperation
+        print("FOUND", BatchOperation.objects.filter(pk={op.pk}).exists())
+    """)
+    assert "FOUND True" in result.stdout
