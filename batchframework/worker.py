@@ -17,11 +17,10 @@ from typing import Any
 
 from django.db import DatabaseError, close_old_connections, connections
 from django.db.models import Min
-from django.utils import timezone
 
 from .clock import database_now
 from .conf import get_settings
-from .engine import claim_due, recover_expired, release, renew_leases, run_claimed
+from .engine import BatchRunner, claim_due, recover_expired
 from .models import BatchOperation
 from .registry import registry
 from .signals import log_event
@@ -121,29 +120,10 @@ class Worker:
         return self._run_batch(claimed)
 
     def _run_batch(self, claimed: list[BatchOperation]) -> int:
-        ran = 0
-        pending = list(claimed)
-        while pending:
-            if self.stopping:
-                release(pending, using=self.using)
-                break
-            pending = self._keep_leases(pending)
-            if not pending:
-                break
-            operation = pending.pop(0)
-            run_claimed(operation, using=self.using)
-            ran += 1
-            self.processed += 1
+        with BatchRunner(using=self.using) as runner:
+            ran = runner.run_batch(claimed, stop=lambda: self.stopping)
+        self.processed += ran
         return ran
-
-    def _keep_leases(self, pending: list[BatchOperation]) -> list[BatchOperation]:
-        """Renew the batch's leases once half of the first one has gone by."""
-        first = pending[0]
-        lease = registry[first.operationtype].resolved_lease()
-        assert first.lease_expires_at is not None
-        if first.lease_expires_at - timezone.now() < lease / 2:
-            return renew_leases(pending, using=self.using)
-        return pending
 
     def _sleep_seconds(self) -> float:
         """Until the next operation is due, at most the poll interval."""

@@ -14,7 +14,7 @@ from typing import Any
 from celery import shared_task
 from django.conf import settings as django_settings
 
-from batchframework.engine import claim_due, run_claimed
+from batchframework.engine import BatchRunner, claim_due
 from batchframework.signals import log_event
 
 RUN_OPERATIONS_TASK = "batchframework.run_operations"
@@ -42,9 +42,8 @@ def _valid_ids(ids: Any) -> list[int]:
 
 
 def run_claimed_batch(operations: list[Any], using: str | None) -> int:
-    for operation in operations:
-        run_claimed(operation, using=using)
-    return len(operations)
+    with BatchRunner(using=using) as runner:
+        return runner.run_batch(operations)
 
 
 @shared_task(name=RUN_OPERATIONS_TASK, ignore_result=True)

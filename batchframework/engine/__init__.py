@@ -6,10 +6,12 @@ DB-polling worker, ``batchframework_celery``) only decide *when and where* to ca
 - :mod:`.enqueue`  store operations and dispatch them after commit
 - :mod:`.claim`    the atomic compare-and-set from unprocessed to running
 - :mod:`.run`      run a claimed operation's handler and finish it, fenced by the claim
+- :mod:`.batch`    run a claimed batch: keep its leases, finish quick successes together
 - :mod:`.recover`  put back (or fail) operations whose worker's lease expired
 - :mod:`.control`  cancel, postpone and report progress
 """
 
+from .batch import BatchRunner
 from .claim import claim, claim_due, release, renew_leases
 from .control import CancelOutcome, cancel, postpone, set_progress
 from .enqueue import enqueue, enqueue_many
@@ -17,6 +19,7 @@ from .recover import recover_expired
 from .run import RunOutcome, run, run_claimed
 
 __all__ = [
+    "BatchRunner",
     "CancelOutcome",
     "RunOutcome",
     "cancel",

@@ -27,29 +27,50 @@ from ..registry import registry
 from ..signals import log_event
 from ._common import new_claim_token, supports_skip_locked, time_after, write_alias
 
+#: Instance attribute: ``True`` once the attempt of a claimed operation has been counted.
+_STARTED = "_batchframework_attempt_started"
 
-def _claim_update(lease: timedelta, token: str, now: datetime | None) -> dict[str, Any]:
-    return {
+
+def attempt_started(operation: BatchOperation) -> bool:
+    """Whether this claimed operation's attempt has been counted (see :func:`claim_due`)."""
+    return bool(getattr(operation, _STARTED, False))
+
+
+def mark_attempt_started(operation: BatchOperation) -> None:
+    setattr(operation, _STARTED, True)
+
+
+def _claim_update(
+    lease: timedelta, token: str, now: datetime | None, *, count_attempt: bool
+) -> dict[str, Any]:
+    changes: dict[str, Any] = {
         "status": BatchOperation.STATUS_RUNNING,
         "result": BatchOperation.RESULT_NOT_AVAILABLE,
-        "attempts": F("attempts") + 1,
         "claimed_by": token,
         "started_running_datetime": now_expression(now),
         "lease_expires_at": time_after(lease, now),
         "debounce_key": None,
     }
+    if count_attempt:
+        changes["attempts"] = F("attempts") + 1
+    return changes
 
 
-def _mark_claimed(operation: BatchOperation, token: str, lease: timedelta, now: datetime | None) -> None:
+def _mark_claimed(
+    operation: BatchOperation, token: str, lease: timedelta, now: datetime | None,
+    *, count_attempt: bool,
+) -> None:
     """Mirror the claim's UPDATE on the in-memory instance (times approximated locally)."""
     started = now or timezone.now()
     operation.status = BatchOperation.STATUS_RUNNING
     operation.result = BatchOperation.RESULT_NOT_AVAILABLE
-    operation.attempts += 1
     operation.claimed_by = token
     operation.started_running_datetime = started
     operation.lease_expires_at = started + lease
     operation.debounce_key = None
+    if count_attempt:
+        operation.attempts += 1
+        mark_attempt_started(operation)
 
 
 def claim(
@@ -87,12 +108,12 @@ def claim(
             status=BatchOperation.STATUS_UNPROCESSED,
             attempts=operation.attempts,
             run_after__lte=now_expression(now),
-        ).update(**_claim_update(lease, token, now))
+        ).update(**_claim_update(lease, token, now, count_attempt=True))
     )
     if not won:
         log_event(logging.INFO, "claim_skipped", id=operation_id, reason="lost_race_or_not_due")
         return None
-    _mark_claimed(operation, token, lease, now)
+    _mark_claimed(operation, token, lease, now, count_attempt=True)
     return operation
 
 
@@ -114,6 +135,11 @@ def claim_due(
     Rows are locked with ``SELECT … FOR UPDATE SKIP LOCKED`` where the database supports it, so
     concurrent claimers take disjoint batches; elsewhere (SQLite) the conditional UPDATE still
     guarantees one winner per row. A constant number of statements per batch.
+
+    The batch is reserved, not yet attempted: each operation's attempt is counted when its turn
+    comes (:func:`batchframework.engine.run.run_claimed` does it, in one fenced statement that
+    also renews its lease). So when a handler kills its worker, the operations that were
+    waiting behind it in the batch are retried without losing an attempt.
     """
     alias = write_alias(using)
     limit = limit or get_settings().BATCH_SIZE
@@ -144,9 +170,9 @@ def claim_due(
         for lease, group in by_lease.items():
             claimed_count += manager.filter(
                 pk__in=[op.pk for op in group], status=BatchOperation.STATUS_UNPROCESSED
-            ).update(**_claim_update(lease, token, now))
+            ).update(**_claim_update(lease, token, now, count_attempt=False))
             for operation in group:
-                _mark_claimed(operation, token, lease, now)
+                _mark_claimed(operation, token, lease, now, count_attempt=False)
         if claimed_count != len(operations):
             # Without row locks a concurrent claimer may have won some rows: keep only ours.
             ours = set(manager.filter(pk__in=[op.pk for op in operations], claimed_by=token)
@@ -156,9 +182,10 @@ def claim_due(
 
 
 def release(operations: Sequence[BatchOperation], *, using: str | None = None) -> int:
-    """Give back claimed operations that were not started (e.g. on worker shutdown).
+    """Give back claimed operations whose turn has not come (e.g. on worker shutdown).
 
-    Fenced by each operation's claim; the attempt is not counted. Returns how many went back.
+    Fenced by each operation's claim; no attempt was counted for them. Returns how many went
+    back.
     """
     if not operations:
         return 0
@@ -172,7 +199,6 @@ def release(operations: Sequence[BatchOperation], *, using: str | None = None) -
             pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token
         ).update(
             status=BatchOperation.STATUS_UNPROCESSED,
-            attempts=F("attempts") - 1,
             claimed_by="",
             lease_expires_at=None,
         )

@@ -5,7 +5,6 @@ are spent (invariant 7). Pollers and workers call this on every tick; no user-wr
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from datetime import datetime
 from typing import Any
 

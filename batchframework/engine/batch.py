@@ -1,0 +1,161 @@
+"""Running a claimed batch: one operation after another, keeping the batch's leases, and
+recording the successes of quick handlers together.
+
+Used by the DB-polling worker and by the Celery tasks, so both get the same guarantees:
+
+- each operation's attempt is counted, fenced, when its turn comes (see :func:`.run_claimed`);
+- the operations still waiting have their leases renewed once half a lease has gone by, so a
+  healthy worker is not robbed while it works through a long batch;
+- a stop request gives the waiting operations back (:func:`.release`);
+- successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, at most
+  ``FINISH_WINDOW`` after the handler returned, instead of one UPDATE each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.db.models import Case, JSONField, Value, When
+from django.utils import timezone
+
+from ..clock import now_expression
+from ..conf import get_settings
+from ..errors import describe_exception
+from ..models import BatchOperation
+from ..registry import registry
+from ..signals import operation_finished, operation_started
+from ._common import write_alias
+from .claim import release, renew_leases
+from .run import RunOutcome, _call, _finish_failure, _lost, _start_attempt, run_claimed
+
+
+class BatchRunner:
+    """Runs claimed operations; a context manager, so that pending successes are flushed."""
+
+    def __init__(self, *, using: str | None = None, window: float | None = None) -> None:
+        self.using = using
+        self.window = get_settings().FINISH_WINDOW.total_seconds() if window is None else window
+        self.outcomes: list[RunOutcome] = []
+        self._successes: list[tuple[BatchOperation, Any]] = []
+        self._last_flush = time.monotonic()
+
+    def __enter__(self) -> BatchRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
+
+    def run_batch(
+        self, operations: Sequence[BatchOperation], *, stop: Callable[[], bool] | None = None
+    ) -> int:
+        """Run ``operations`` in order; returns how many were run here.
+
+        When ``stop()`` becomes true, the operations not yet started are released.
+        """
+        pending = list(operations)
+        ran = 0
+        while pending:
+            if stop is not None and stop():
+                release(pending, using=self.using)
+                break
+            pending = self._keep_leases(pending)
+            if not pending:
+                break
+            self.run(pending.pop(0))
+            ran += 1
+        self.flush()
+        return ran
+
+    def _keep_leases(self, pending: list[BatchOperation]) -> list[BatchOperation]:
+        first = pending[0]
+        lease = registry[first.operationtype].resolved_lease()
+        if first.lease_expires_at is None or first.lease_expires_at - timezone.now() < lease / 2:
+            return renew_leases(pending, using=self.using)
+        return pending
+
+    def run(self, operation: BatchOperation) -> None:
+        """Run one claimed operation; its success may be recorded at the next flush."""
+        registered = registry[operation.operationtype]
+        if registered.atomic or self.window <= 0:
+            self.outcomes.append(run_claimed(operation, using=self.using))
+            return
+        alias = self._alias(operation)
+        if not _start_attempt(operation, registered, alias):
+            self.outcomes.append(_lost(operation))
+            return
+        operation_started.send(sender=BatchOperation, operation=operation)
+        try:
+            output = _call(registered, operation)
+        except Exception as exc:
+            self.outcomes.append(
+                _finish_failure(operation, registered, describe_exception(exc), alias)
+            )
+        else:
+            self._successes.append((operation, output))
+        if self._successes and time.monotonic() - self._last_flush >= self.window:
+            self.flush()
+
+    def flush(self) -> None:
+        """Record every pending success now."""
+        self._last_flush = time.monotonic()
+        if not self._successes:
+            return
+        successes, self._successes = self._successes, []
+        groups: dict[tuple[str, str], list[tuple[BatchOperation, Any]]] = {}
+        for operation, output in successes:
+            key = (self._alias(operation), operation.claimed_by)
+            groups.setdefault(key, []).append((operation, output))
+        for (alias, token), group in groups.items():
+            self.outcomes.extend(_finish_successes(group, alias, token))
+
+    def _alias(self, operation: BatchOperation) -> str:
+        return self.using or operation._state.db or write_alias()
+
+
+def _finish_successes(
+    group: list[tuple[BatchOperation, Any]], alias: str, token: str
+) -> list[RunOutcome]:
+    """Finish successful operations of one claim in one UPDATE, fenced by the claim."""
+    outputs = [output for _, output in group]
+    output_value: Any = outputs[0]
+    if any(output != outputs[0] for output in outputs):
+        output_value = Case(
+            *[When(pk=op.pk, then=Value(out, output_field=JSONField())) for op, out in group],
+            output_field=JSONField(),
+        )
+    pks = [op.pk for op, _ in group]
+    manager = BatchOperation.objects.db_manager(alias)
+    updated = manager.filter(
+        pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token
+    ).update(
+        status=BatchOperation.STATUS_FINISHED,
+        result=BatchOperation.RESULT_SUCCESSFUL,
+        finished_datetime=now_expression(),
+        output_data=output_value,
+        lease_expires_at=None,
+    )
+    finished = set(pks)
+    if updated != len(group):
+        # Some claims were lost meanwhile (lease expired and recovered): find out which.
+        finished = set(
+            manager.filter(
+                pk__in=pks,
+                status=BatchOperation.STATUS_FINISHED,
+                result=BatchOperation.RESULT_SUCCESSFUL,
+                claimed_by=token,
+            ).values_list("pk", flat=True)
+        )
+    outcomes = []
+    for operation, output in group:
+        if operation.pk not in finished:
+            outcomes.append(_lost(operation))
+            continue
+        operation.status = BatchOperation.STATUS_FINISHED
+        operation.result = BatchOperation.RESULT_SUCCESSFUL
+        operation.output_data = output
+        operation.lease_expires_at = None
+        operation_finished.send(sender=BatchOperation, operation=operation, succeeded=True, error=None)
+        outcomes.append(RunOutcome.SUCCEEDED)
+    return outcomes
