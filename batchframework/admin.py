@@ -25,31 +25,85 @@ def _pretty_json(value: Any) -> str:
 @admin.register(BatchOperation)
 class BatchOperationAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "operationtype", "status", "result", "context_link", "started_by",
-        "created_datetime", "run_after", "started_running_datetime", "finished_datetime",
-        "attempts", "queue",
+        "id",
+        "operationtype",
+        "status",
+        "result",
+        "context_link",
+        "started_by",
+        "created_datetime",
+        "run_after",
+        "started_running_datetime",
+        "finished_datetime",
+        "attempts",
+        "queue",
     )
     # A date filter rather than ``date_hierarchy``: the hierarchy converts time zones in SQL,
     # which MySQL/MariaDB can do only with their time zone tables loaded (often they aren't,
     # and the changelist then fails); this filter computes its bounds in Python.
-    list_filter = ("status", "result", "operationtype", "queue", "context_content_type",
-                   "created_datetime")
-    search_fields = ("=id", "operationtype", "context_object_id", "started_by__username",
-                     "last_error")
+    list_filter = (
+        "status",
+        "result",
+        "operationtype",
+        "queue",
+        "context_content_type",
+        "created_datetime",
+    )
+    search_fields = (
+        "=id",
+        "operationtype",
+        "context_object_id",
+        "started_by__username",
+        "last_error",
+    )
     list_select_related = ("started_by", "context_content_type")
     actions = ["cancel_selected", "delete_finished_selected"]
     readonly_fields = (
-        "operationtype", "status", "result", "context_link", "started_by", "created_datetime",
-        "run_after", "started_running_datetime", "finished_datetime", "queue", "priority",
-        "attempts", "claimed_by", "lease_expires_at", "progress_display",
-        "input_data_pretty", "output_data_pretty", "last_error_pretty",
+        "operationtype",
+        "status",
+        "result",
+        "context_link",
+        "started_by",
+        "created_datetime",
+        "run_after",
+        "started_running_datetime",
+        "finished_datetime",
+        "queue",
+        "priority",
+        "attempts",
+        "claimed_by",
+        "lease_expires_at",
+        "progress_display",
+        "input_data_pretty",
+        "output_data_pretty",
+        "last_error_pretty",
     )
     fieldsets = (
         (None, {"fields": ("operationtype", "status", "result", "context_link", "started_by")}),
-        (_("Times"), {"fields": ("created_datetime", "run_after", "started_running_datetime",
-                                 "finished_datetime")}),
-        (_("Execution"), {"fields": ("queue", "priority", "attempts", "claimed_by",
-                                     "lease_expires_at", "progress_display")}),
+        (
+            _("Times"),
+            {
+                "fields": (
+                    "created_datetime",
+                    "run_after",
+                    "started_running_datetime",
+                    "finished_datetime",
+                )
+            },
+        ),
+        (
+            _("Execution"),
+            {
+                "fields": (
+                    "queue",
+                    "priority",
+                    "attempts",
+                    "claimed_by",
+                    "lease_expires_at",
+                    "progress_display",
+                )
+            },
+        ),
         (_("Data"), {"fields": ("input_data_pretty", "output_data_pretty", "last_error_pretty")}),
     )
 
@@ -79,10 +133,10 @@ class BatchOperationAdmin(admin.ModelAdmin):
         elif obj.status == BatchOperation.STATUS_FINISHED:
             super().delete_model(request, obj)
 
-    def response_action(self, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
+    def response_action(self, request: HttpRequest, queryset: QuerySet[Any], *args: Any) -> Any:
         # Malformed ids in a forged action POST are the client's error, not a server error.
         try:
-            return super().response_action(request, queryset)
+            return super().response_action(request, queryset, *args)
         except (ValueError, ValidationError):
             return HttpResponseBadRequest("Malformed selection.")
 
@@ -125,14 +179,19 @@ class BatchOperationAdmin(admin.ModelAdmin):
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[BatchOperation]) -> None:
         outcomes = [operation.cancel() for operation in queryset]
         cancelled = sum(1 for outcome in outcomes if outcome)
-        self.message_user(request, _("Cancelled %(n)d operation(s); %(m)d were too late.") % {
-            "n": cancelled, "m": len(outcomes) - cancelled}, messages.INFO)
+        self.message_user(
+            request,
+            _("Cancelled %(n)d operation(s); %(m)d were too late.")
+            % {"n": cancelled, "m": len(outcomes) - cancelled},
+            messages.INFO,
+        )
 
     @admin.action(description=_("Delete selected finished operations"), permissions=["delete"])
     def delete_finished_selected(
         self, request: HttpRequest, queryset: QuerySet[BatchOperation]
     ) -> HttpResponse | None:
         deleted, _by_model = queryset.filter(status=BatchOperation.STATUS_FINISHED).delete()
-        self.message_user(request, _("Deleted %(n)d finished operation(s).") % {"n": deleted},
-                          messages.INFO)
+        self.message_user(
+            request, _("Deleted %(n)d finished operation(s).") % {"n": deleted}, messages.INFO
+        )
         return None

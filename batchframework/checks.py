@@ -21,19 +21,24 @@ def _hint_settings() -> str:
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     messages: list[checks.CheckMessage] = []
     if not settings.USE_TZ:
-        messages.append(checks.Error(
-            "batchframework needs USE_TZ = True.",
-            hint="Due times are compared on the database clock in UTC; naive datetimes are "
-            "ambiguous. Set USE_TZ = True (Django's default).",
-            id="batchframework.E001",
-        ))
+        messages.append(
+            checks.Error(
+                "batchframework needs USE_TZ = True.",
+                hint="Due times are compared on the database clock in UTC; naive datetimes are "
+                "ambiguous. Set USE_TZ = True (Django's default).",
+                id="batchframework.E001",
+            )
+        )
     try:
         conf: BatchframeworkSettings = get_settings()
     except (ImproperlyConfigured, TypeError) as exc:
-        messages.append(checks.Error(
-            f"Invalid BATCHFRAMEWORK setting: {exc}", hint=_hint_settings(),
-            id="batchframework.E002",
-        ))
+        messages.append(
+            checks.Error(
+                f"Invalid BATCHFRAMEWORK setting: {exc}",
+                hint=_hint_settings(),
+                id="batchframework.E002",
+            )
+        )
         return messages
     positive = {
         "BATCH_SIZE": conf.BATCH_SIZE,
@@ -42,10 +47,13 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     }
     for name, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            messages.append(checks.Error(
-                f"BATCHFRAMEWORK[{name!r}] must be a positive integer, not {value!r}.",
-                hint=_hint_settings(), id="batchframework.E003",
-            ))
+            messages.append(
+                checks.Error(
+                    f"BATCHFRAMEWORK[{name!r}] must be a positive integer, not {value!r}.",
+                    hint=_hint_settings(),
+                    id="batchframework.E003",
+                )
+            )
     durations = {
         "DEFAULT_LEASE": conf.DEFAULT_LEASE,
         "POLL_INTERVAL": conf.POLL_INTERVAL,
@@ -54,32 +62,42 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     }
     for name, duration in durations.items():
         if duration <= timedelta(0):
-            messages.append(checks.Error(
-                f"BATCHFRAMEWORK[{name!r}] must be positive, not {duration!r}.",
-                hint=_hint_settings(), id="batchframework.E004",
-            ))
-    if conf.DEFAULT_RETRY_BACKOFF < timedelta(0):
-        messages.append(checks.Error(
-            "BATCHFRAMEWORK['DEFAULT_RETRY_BACKOFF'] must not be negative.",
-            hint=_hint_settings(), id="batchframework.E004",
-        ))
+            messages.append(
+                checks.Error(
+                    f"BATCHFRAMEWORK[{name!r}] must be positive, not {duration!r}.",
+                    hint=_hint_settings(),
+                    id="batchframework.E004",
+                )
+            )
+    if timedelta(0) > conf.DEFAULT_RETRY_BACKOFF:
+        messages.append(
+            checks.Error(
+                "BATCHFRAMEWORK['DEFAULT_RETRY_BACKOFF'] must not be negative.",
+                hint=_hint_settings(),
+                id="batchframework.E004",
+            )
+        )
     if conf.DISPATCHER:
         try:
             import_string(conf.DISPATCHER)
         except ImportError as exc:
-            messages.append(checks.Error(
-                f"BATCHFRAMEWORK['DISPATCHER'] = {conf.DISPATCHER!r} cannot be imported: {exc}",
-                hint="Use a dotted path to a batchframework.dispatch.Dispatcher subclass, or "
-                "leave it unset to pick one automatically.",
-                id="batchframework.E005",
-            ))
+            messages.append(
+                checks.Error(
+                    f"BATCHFRAMEWORK['DISPATCHER'] = {conf.DISPATCHER!r} cannot be imported: {exc}",
+                    hint="Use a dotted path to a batchframework.dispatch.Dispatcher subclass, or "
+                    "leave it unset to pick one automatically.",
+                    id="batchframework.E005",
+                )
+            )
     if conf.POLL_INTERVAL > conf.DEFAULT_LEASE:
-        messages.append(checks.Warning(
-            "BATCHFRAMEWORK['POLL_INTERVAL'] is longer than DEFAULT_LEASE.",
-            hint="Lost workers are only noticed on a poll; keep the poll interval shorter "
-            "than the lease.",
-            id="batchframework.W001",
-        ))
+        messages.append(
+            checks.Warning(
+                "BATCHFRAMEWORK['POLL_INTERVAL'] is longer than DEFAULT_LEASE.",
+                hint="Lost workers are only noticed on a poll; keep the poll interval shorter "
+                "than the lease.",
+                id="batchframework.W001",
+            )
+        )
     return messages
 
 

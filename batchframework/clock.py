@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import connections, router
@@ -78,7 +77,7 @@ def _read_database_time(using: str) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if timezone.is_naive(value):
-        value = value.replace(tzinfo=dt_timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return value
 
 

@@ -48,8 +48,11 @@ class Dispatcher(abc.ABC):
             self.dispatch(operations, using=using)
         except Exception as exc:
             log_event(
-                logging.WARNING, "dispatch_failed", count=len(operations),
-                first_id=operations[0].pk if operations else "", error=repr(exc),
+                logging.WARNING,
+                "dispatch_failed",
+                count=len(operations),
+                first_id=operations[0].pk if operations else "",
+                error=repr(exc),
                 fallback="poller",
             )
 
@@ -78,8 +81,13 @@ class ImmediateDispatcher(Dispatcher):
             if operation.run_after <= now:
                 run(operation.pk, using=using, now=now)
             else:
-                log_event(logging.DEBUG, "dispatch_deferred", id=operation.pk,
-                          reason="not_due", run_after=operation.run_after.isoformat())
+                log_event(
+                    logging.DEBUG,
+                    "dispatch_deferred",
+                    id=operation.pk,
+                    reason="not_due",
+                    run_after=operation.run_after.isoformat(),
+                )
 
 
 def dispatcher_path() -> str:

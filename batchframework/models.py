@@ -184,8 +184,9 @@ class BatchOperation(models.Model):
         related_name="+",
         verbose_name=_("context object type"),
     )
-    #: Text, so objects with integer, UUID and string primary keys all fit.
-    context_object_id = models.CharField(
+    #: Text, so objects with integer, UUID and string primary keys all fit. NULL (not "") when
+    #: there is no context object, as the generic foreign key expects.
+    context_object_id = models.CharField(  # noqa: DJ001
         _("context object id"), max_length=255, null=True, blank=True
     )
     #: The object this operation concerns (a generic foreign key).
@@ -285,6 +286,33 @@ class BatchOperation(models.Model):
             text += f", {self.result}"
         return text + ")"
 
+    # --- Validation. --------------------------------------------------------------------------
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        check_context_arguments({"context_object_id": self.context_object_id})
+        if self.status != self.STATUS_UNPROCESSED and self.started_running_datetime is None:
+            # The original's manual flow (``status = STATUS_RUNNING; save()``, as in the seed's
+            # example) never set the start time; record it so the row satisfies the
+            # ``batchop_started_has_datetime`` constraint instead of failing with an
+            # IntegrityError.
+            self.started_running_datetime = timezone.now()
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "started_running_datetime"}
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        """The original's two rules: a finished operation has a result; a running or finished
+        operation has ``started_running_datetime``."""
+        check_context_arguments({"context_object_id": self.context_object_id})
+        errors: dict[str, str] = {}
+        if self.status == self.STATUS_FINISHED and self.result == self.RESULT_NOT_AVAILABLE:
+            errors["result"] = "Must be specified when status is finished."
+        if self.status != self.STATUS_UNPROCESSED and not self.started_running_datetime:
+            errors["started_running_datetime"] = (
+                "Can not be None when status is running or finished."
+            )
+        if errors:
+            raise ValidationError(errors)
+
     # --- JSON text compatibility with the original's *_json fields. -------------------------
     @property
     def input_data_json(self) -> str:
@@ -303,33 +331,6 @@ class BatchOperation(models.Model):
     @output_data_json.setter
     def output_data_json(self, value: str) -> None:
         self.output_data = json.loads(value) if value else None
-
-    # --- Validation. --------------------------------------------------------------------------
-    def clean(self) -> None:
-        """The original's two rules: a finished operation has a result; a running or finished
-        operation has ``started_running_datetime``."""
-        check_context_arguments({"context_object_id": self.context_object_id})
-        errors: dict[str, str] = {}
-        if self.status == self.STATUS_FINISHED and self.result == self.RESULT_NOT_AVAILABLE:
-            errors["result"] = "Must be specified when status is finished."
-        if self.status != self.STATUS_UNPROCESSED and not self.started_running_datetime:
-            errors["started_running_datetime"] = (
-                "Can not be None when status is running or finished."
-            )
-        if errors:
-            raise ValidationError(errors)
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        check_context_arguments({"context_object_id": self.context_object_id})
-        if self.status != self.STATUS_UNPROCESSED and self.started_running_datetime is None:
-            # The original's manual flow (``status = STATUS_RUNNING; save()``, as in the seed's
-            # example) never set the start time; record it so the row satisfies the
-            # ``batchop_started_has_datetime`` constraint instead of failing with an
-            # IntegrityError.
-            self.started_running_datetime = timezone.now()
-            if kwargs.get("update_fields") is not None:
-                kwargs["update_fields"] = {*kwargs["update_fields"], "started_running_datetime"}
-        super().save(*args, **kwargs)
 
     # --- The original's manual flow. ----------------------------------------------------------
     def mark_as_running(self) -> None:
@@ -368,7 +369,9 @@ class BatchOperation(models.Model):
 
         return cancel(self)
 
-    def postpone(self, delay: timedelta | None = None, *, run_after: datetime | None = None) -> bool:
+    def postpone(
+        self, delay: timedelta | None = None, *, run_after: datetime | None = None
+    ) -> bool:
         """Move a pending operation's due time; see :func:`batchframework.engine.postpone`."""
         from .engine import postpone
 
@@ -386,7 +389,7 @@ class BatchOperation(models.Model):
 
     @property
     def progress(self) -> float | None:
-        """Fraction done (0.0–1.0) when both progress figures are known."""
+        """Fraction done (0.0 to 1.0) when both progress figures are known."""
         if self.progress_done is None or not self.progress_total:
             return None
         return min(1.0, self.progress_done / self.progress_total)

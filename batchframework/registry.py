@@ -81,12 +81,16 @@ class HandlerRegistry:
     def register(self, registered: Handler) -> Handler:
         with self._lock:
             existing = self._handlers.get(registered.operationtype)
-            if existing is not None and existing.function is not registered.function:
-                if existing.name != registered.name:
-                    raise HandlerRegistrationError(
-                        f"Operationtype {registered.operationtype!r} is already handled by "
-                        f"{existing.name}; cannot register {registered.name} for it too."
-                    )
+            # The same function again (a module imported twice) is fine; another one is not.
+            if (
+                existing is not None
+                and existing.function is not registered.function
+                and existing.name != registered.name
+            ):
+                raise HandlerRegistrationError(
+                    f"Operationtype {registered.operationtype!r} is already handled by "
+                    f"{existing.name}; cannot register {registered.name} for it too."
+                )
             self._handlers[registered.operationtype] = registered
         return registered
 
@@ -151,7 +155,9 @@ def handler(
             f"Invalid operationtype {operationtype!r}: use 1-255 letters, digits and . _ : -"
         )
     if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
-        raise HandlerRegistrationError(f"max_attempts must be a positive integer, not {max_attempts!r}")
+        raise HandlerRegistrationError(
+            f"max_attempts must be a positive integer, not {max_attempts!r}"
+        )
     if lease is not None and not isinstance(lease, timedelta):
         lease = timedelta(seconds=lease)
     if lease is not None and lease <= timedelta(0):

@@ -48,8 +48,12 @@ def _log_enqueued(operations: list[Any], **kwargs: Any) -> None:
     if len(operations) == 1:
         op = operations[0]
         log_event(
-            logging.INFO, "enqueued", id=op.pk, operationtype=op.operationtype,
-            queue=op.queue, run_after=op.run_after.isoformat(),
+            logging.INFO,
+            "enqueued",
+            id=op.pk,
+            operationtype=op.operationtype,
+            queue=op.queue,
+            run_after=op.run_after.isoformat(),
         )
     else:
         log_event(logging.INFO, "enqueued_many", count=len(operations))
@@ -57,20 +61,34 @@ def _log_enqueued(operations: list[Any], **kwargs: Any) -> None:
 
 def _log_started(operation: Any, **kwargs: Any) -> None:
     log_event(
-        logging.DEBUG, "started", id=operation.pk, operationtype=operation.operationtype,
-        attempt=operation.attempts, claimed_by=operation.claimed_by,
+        logging.DEBUG,
+        "started",
+        id=operation.pk,
+        operationtype=operation.operationtype,
+        attempt=operation.attempts,
+        claimed_by=operation.claimed_by,
     )
 
 
 def _log_finished(operation: Any, succeeded: bool, error: Any = None, **kwargs: Any) -> None:
     if succeeded:
-        log_event(logging.INFO, "finished", id=operation.pk,
-                  operationtype=operation.operationtype, result="successful")
+        log_event(
+            logging.INFO,
+            "finished",
+            id=operation.pk,
+            operationtype=operation.operationtype,
+            result="successful",
+        )
     else:
         logger.error(
             "%s\n%s",
-            kv(event="finished", id=operation.pk, operationtype=operation.operationtype,
-               result="failed", error_type=(error or {}).get("type", "")),
+            kv(
+                event="finished",
+                id=operation.pk,
+                operationtype=operation.operationtype,
+                result="failed",
+                error_type=(error or {}).get("type", ""),
+            ),
             (error or {}).get("traceback", ""),
         )
 
@@ -78,8 +96,13 @@ def _log_finished(operation: Any, succeeded: bool, error: Any = None, **kwargs: 
 def _log_retry(operation: Any, error: Any, attempt: int, **kwargs: Any) -> None:
     logger.warning(
         "%s\n%s",
-        kv(event="retry_scheduled", id=operation.pk, operationtype=operation.operationtype,
-           attempt=attempt, error_type=error.get("type", "")),
+        kv(
+            event="retry_scheduled",
+            id=operation.pk,
+            operationtype=operation.operationtype,
+            attempt=attempt,
+            error_type=error.get("type", ""),
+        ),
         error.get("traceback", ""),
     )
 

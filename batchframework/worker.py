@@ -7,6 +7,7 @@ operation in hand, gives back the rest of its batch, and exits; a second signal 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -69,8 +70,9 @@ class Worker:
         if self._signals_received > 1:
             log_event(logging.WARNING, "worker_exit_now", signal=signum)
             raise SystemExit(128 + signum)
-        log_event(logging.INFO, "worker_stopping", signal=signum,
-                  reason="finishing the operation in hand")
+        log_event(
+            logging.INFO, "worker_stopping", signal=signum, reason="finishing the operation in hand"
+        )
         self._stop.set()
 
     def stop(self) -> None:
@@ -87,8 +89,13 @@ class Worker:
 
         Returns how many operations this worker ran.
         """
-        log_event(logging.INFO, "worker_started", queues=",".join(self.queues or ["*"]),
-                  batch_size=self.batch_size, handlers=len(registry))
+        log_event(
+            logging.INFO,
+            "worker_started",
+            queues=",".join(self.queues or ["*"]),
+            batch_size=self.batch_size,
+            handlers=len(registry),
+        )
         self.log(f"batchframework worker started (queues: {', '.join(self.queues or ['all'])})")
         while not self.stopping and not self._reached_max():
             try:
@@ -97,8 +104,12 @@ class Worker:
                     break
                 sleep = self._sleep_seconds() if ran == 0 else 0.0
             except DatabaseError as exc:
-                log_event(logging.ERROR, "worker_database_error", error=repr(exc),
-                          retry_in=DATABASE_ERROR_BACKOFF)
+                log_event(
+                    logging.ERROR,
+                    "worker_database_error",
+                    error=repr(exc),
+                    retry_in=DATABASE_ERROR_BACKOFF,
+                )
                 self._reset_connections()
                 self._stop.wait(DATABASE_ERROR_BACKOFF)
                 continue
@@ -128,8 +139,10 @@ class Worker:
     def _sleep_seconds(self) -> float:
         """Until the next operation is due, at most the poll interval."""
         types = registry.operationtypes()
-        upcoming = BatchOperation.objects.db_manager(self.using).unprocessed().filter(
-            operationtype__in=types
+        upcoming = (
+            BatchOperation.objects.db_manager(self.using)
+            .unprocessed()
+            .filter(operationtype__in=types)
         )
         if self.queues is not None:
             upcoming = upcoming.filter(queue__in=self.queues)
@@ -143,9 +156,6 @@ class Worker:
 
     def _reset_connections(self) -> None:
         for connection in connections.all(initialized_only=True):
-            try:
+            with contextlib.suppress(DatabaseError):
                 connection.close()
-            except DatabaseError:
-                pass
         close_old_connections()
-

@@ -17,4 +17,6 @@ class BatchframeworkCeleryConfig(AppConfig):
         from . import checks, tasks  # noqa: F401  (register checks and shared tasks)
         from .beat import register_poller_after_migrate
 
-        post_migrate.connect(register_poller_after_migrate, dispatch_uid="batchframework_celery.beat")
+        post_migrate.connect(
+            register_poller_after_migrate, dispatch_uid="batchframework_celery.beat"
+        )

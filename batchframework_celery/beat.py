@@ -23,13 +23,17 @@ PERIODIC_TASK_NAME = "batchframework: poll for due operations"
 def beat_schedule() -> dict[str, dict[str, Any]]:
     """A ``beat_schedule`` entry for projects that don't use the database scheduler::
 
-        app.conf.beat_schedule = {**app.conf.beat_schedule, **beat_schedule()}
+    app.conf.beat_schedule = {**app.conf.beat_schedule, **beat_schedule()}
     """
     settings = get_settings()
     seconds = settings.POLL_INTERVAL.total_seconds()
-    return {"batchframework-poll": {"task": POLL_TASK, "schedule": seconds,
-                                    "options": {"expires": seconds * 2,
-                                                "queue": settings.DEFAULT_QUEUE}}}
+    return {
+        "batchframework-poll": {
+            "task": POLL_TASK,
+            "schedule": seconds,
+            "options": {"expires": seconds * 2, "queue": settings.DEFAULT_QUEUE},
+        }
+    }
 
 
 def register_poller(*, using: str = DEFAULT_DB_ALIAS, queue: str | None = None) -> tuple[Any, bool]:
@@ -57,7 +61,12 @@ def register_poller(*, using: str = DEFAULT_DB_ALIAS, queue: str | None = None) 
             # A tick that waited longer than two intervals is stale: the next one will do.
             "expire_seconds": seconds * 2,
         }
-        task = PeriodicTask.objects.using(using).select_for_update().filter(name=PERIODIC_TASK_NAME).first()
+        task = (
+            PeriodicTask.objects.using(using)
+            .select_for_update()
+            .filter(name=PERIODIC_TASK_NAME)
+            .first()
+        )
         if task is None:
             task = PeriodicTask.objects.using(using).create(name=PERIODIC_TASK_NAME, **wanted)
             return task, True
@@ -69,7 +78,9 @@ def register_poller(*, using: str = DEFAULT_DB_ALIAS, queue: str | None = None) 
         return task, bool(changed)
 
 
-def register_poller_after_migrate(sender: Any, using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
+def register_poller_after_migrate(
+    sender: Any, using: str = DEFAULT_DB_ALIAS, **kwargs: Any
+) -> None:
     """``post_migrate`` receiver: register the poller once django-celery-beat's tables exist."""
     if not apps.is_installed("django_celery_beat"):
         return

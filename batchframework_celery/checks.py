@@ -33,30 +33,36 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
         visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
         horizon = settings.DISPATCH_HORIZON.total_seconds()
         if horizon > visibility / 2:
-            messages.append(checks.Warning(
-                f"BATCHFRAMEWORK['DISPATCH_HORIZON'] ({horizon:g}s) is more than half the "
-                f"broker's visibility timeout ({visibility:g}s).",
-                hint="Messages with an ETA beyond the visibility timeout are delivered again, "
-                "and wait in worker memory. Lower DISPATCH_HORIZON (the poller publishes "
-                "operations due later as they come due) or raise visibility_timeout.",
-                id="batchframework_celery.W001",
-            ))
+            messages.append(
+                checks.Warning(
+                    f"BATCHFRAMEWORK['DISPATCH_HORIZON'] ({horizon:g}s) is more than half the "
+                    f"broker's visibility timeout ({visibility:g}s).",
+                    hint="Messages with an ETA beyond the visibility timeout are delivered again, "
+                    "and wait in worker memory. Lower DISPATCH_HORIZON (the poller publishes "
+                    "operations due later as they come due) or raise visibility_timeout.",
+                    id="batchframework_celery.W001",
+                )
+            )
     unsafe = {"pickle", "application/x-python-serialize", "yaml", "application/x-yaml"}
     accepted = set(conf.accept_content or [])
     if accepted & unsafe or conf.task_serializer in unsafe:
-        messages.append(checks.Warning(
-            "Celery accepts or produces pickle/yaml messages.",
-            hint="batchframework messages carry only ids and need nothing but JSON. Set "
-            "CELERY_ACCEPT_CONTENT = ['json'] and CELERY_TASK_SERIALIZER = 'json' so a message "
-            "pushed onto the queue can't execute code in the worker.",
-            id="batchframework_celery.W002",
-        ))
+        messages.append(
+            checks.Warning(
+                "Celery accepts or produces pickle/yaml messages.",
+                hint="batchframework messages carry only ids and need nothing but JSON. Set "
+                "CELERY_ACCEPT_CONTENT = ['json'] and CELERY_TASK_SERIALIZER = 'json' so a message "
+                "pushed onto the queue can't execute code in the worker.",
+                id="batchframework_celery.W002",
+            )
+        )
     poll = settings.POLL_INTERVAL.total_seconds()
     if settings.DISPATCH_HORIZON.total_seconds() < poll * 2:
-        messages.append(checks.Warning(
-            "BATCHFRAMEWORK['DISPATCH_HORIZON'] is shorter than two poll intervals.",
-            hint="The poller publishes operations due before its next tick; a horizon shorter "
-            "than that leaves gaps in which operations are late by up to a poll interval.",
-            id="batchframework_celery.W003",
-        ))
+        messages.append(
+            checks.Warning(
+                "BATCHFRAMEWORK['DISPATCH_HORIZON'] is shorter than two poll intervals.",
+                hint="The poller publishes operations due before its next tick; a horizon shorter "
+                "than that leaves gaps in which operations are late by up to a poll interval.",
+                id="batchframework_celery.W003",
+            )
+        )
     return messages

@@ -34,7 +34,12 @@ def chunk_by_due_time(
     first_due: datetime | None = None
     for operation in sorted(operations, key=lambda op: op.run_after):
         due = operation.run_after
-        if chunks and first_due is not None and len(chunks[-1][1]) < size and due - first_due <= CHUNK_SPREAD:
+        if (
+            chunks
+            and first_due is not None
+            and len(chunks[-1][1]) < size
+            and due - first_due <= CHUNK_SPREAD
+        ):
             chunks[-1] = (due, [*chunks[-1][1], operation.pk])
         else:
             chunks.append((due, [operation.pk]))
@@ -58,7 +63,9 @@ class CeleryDispatcher(Dispatcher):
 
 
 def publish_operations(
-    operations: Sequence[BatchOperation], *, using: str = DEFAULT_DB_ALIAS,
+    operations: Sequence[BatchOperation],
+    *,
+    using: str = DEFAULT_DB_ALIAS,
     horizon: timedelta | None = None,
 ) -> Publisher:
     """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``)."""

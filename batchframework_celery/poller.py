@@ -41,8 +41,11 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
     manager = BatchOperation.objects.db_manager(alias)
     types = registry.operationtypes()
     due_by_queue = dict(
-        manager.due().filter(operationtype__in=types)
-        .values_list("queue").annotate(n=Count("pk")).values_list("queue", "n")
+        manager.due()
+        .filter(operationtype__in=types)
+        .values_list("queue")
+        .annotate(n=Count("pk"))
+        .values_list("queue", "n")
     )
     publisher = Publisher()
     kwargs = {} if alias == DEFAULT_DB_ALIAS else {"using": alias}
@@ -62,8 +65,7 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
         manager.unprocessed()
         .filter(operationtype__in=types, run_after__gt=now, run_after__lte=now + window)
         .filter(
-            Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON)
-            | Q(attempts__gt=0)
+            Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON) | Q(attempts__gt=0)
         )
         .only("pk", "run_after", "queue")
     )
@@ -75,5 +77,3 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
         "scheduled_messages": scheduled,
         "publish_failures": publisher.failed,
     }
-
-

@@ -30,7 +30,12 @@ from batchframework.conf import get_settings
 from batchframework.signals import log_event
 
 # Errors that mean "the broker can't be reached now": stop publishing this round.
-BROKER_DOWN_ERRORS: tuple[type[BaseException], ...] = (OperationalError, KombuError, OSError, TimeoutError)
+BROKER_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    KombuError,
+    OSError,
+    TimeoutError,
+)
 
 
 class Publisher:
@@ -42,8 +47,14 @@ class Publisher:
         self.broker_down = False
 
     def publish(
-        self, task: Task, args: Iterable[Any], *, queue: str, eta: datetime | None = None,
-        kwargs: dict[str, Any] | None = None, expires: float | None = None,
+        self,
+        task: Task,
+        args: Iterable[Any],
+        *,
+        queue: str,
+        eta: datetime | None = None,
+        kwargs: dict[str, Any] | None = None,
+        expires: float | None = None,
     ) -> bool:
         if self.broker_down:
             self.failed += 1
@@ -62,8 +73,14 @@ class Publisher:
         except BROKER_DOWN_ERRORS as exc:
             self.broker_down = True
             self.failed += 1
-            log_event(logging.WARNING, "publish_failed", task=task.name, queue=queue,
-                      error=repr(exc), fallback="poller")
+            log_event(
+                logging.WARNING,
+                "publish_failed",
+                task=task.name,
+                queue=queue,
+                error=repr(exc),
+                fallback="poller",
+            )
             return False
         self.published += 1
         return True
@@ -73,7 +90,10 @@ def _connect(connection: Any) -> None:
     """Make sure ``connection`` is up: one attempt and one immediate retry, within
     ``PUBLISH_TIMEOUT``, instead of kombu's default retry loop with sleeps."""
     connection.ensure_connection(
-        max_retries=1, interval_start=0, interval_step=0, interval_max=0,
+        max_retries=1,
+        interval_start=0,
+        interval_step=0,
+        interval_max=0,
         timeout=get_settings().PUBLISH_TIMEOUT.total_seconds(),
     )
 
@@ -98,7 +118,9 @@ class BoundedPublishing:
     def _get_executor(self) -> ThreadPoolExecutor:
         # A forked child (prefork worker) does not inherit the parent's thread.
         if self._executor is None or self._pid != os.getpid():
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchframework-publish")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="batchframework-publish"
+            )
             self._pid = os.getpid()
             self._in_flight = None
         return self._executor
@@ -108,25 +130,41 @@ class BoundedPublishing:
         with self._lock:
             executor = self._get_executor()
             if time.monotonic() < self._skip_until:
-                log_event(logging.WARNING, "publish_skipped", count=count,
-                          reason="broker_recently_down", fallback="poller")
+                log_event(
+                    logging.WARNING,
+                    "publish_skipped",
+                    count=count,
+                    reason="broker_recently_down",
+                    fallback="poller",
+                )
                 return
             if self._in_flight is not None and not self._in_flight.done():
-                log_event(logging.WARNING, "publish_skipped", count=count,
-                          reason="previous_publish_still_blocked", fallback="poller")
+                log_event(
+                    logging.WARNING,
+                    "publish_skipped",
+                    count=count,
+                    reason="previous_publish_still_blocked",
+                    fallback="poller",
+                )
                 return
             future = executor.submit(publish_round)
             self._in_flight = future
         try:
             publisher = future.result(timeout=settings.PUBLISH_TIMEOUT.total_seconds())
         except FutureTimeout:
-            log_event(logging.WARNING, "publish_timeout", count=count,
-                      timeout=settings.PUBLISH_TIMEOUT.total_seconds(), fallback="poller")
+            log_event(
+                logging.WARNING,
+                "publish_timeout",
+                count=count,
+                timeout=settings.PUBLISH_TIMEOUT.total_seconds(),
+                fallback="poller",
+            )
             self._back_off(settings.POLL_INTERVAL.total_seconds())
             return
         except Exception as exc:  # the round itself never raises broker errors; be safe
-            log_event(logging.WARNING, "publish_failed", count=count, error=repr(exc),
-                      fallback="poller")
+            log_event(
+                logging.WARNING, "publish_failed", count=count, error=repr(exc), fallback="poller"
+            )
             self._back_off(settings.POLL_INTERVAL.total_seconds())
             return
         if publisher.broker_down:

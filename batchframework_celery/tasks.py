@@ -58,10 +58,15 @@ def run_operations(ids: Any, using: Any = None) -> int:
     claimed = claim_due(ids=ids, limit=len(ids), using=using)
     if len(claimed) < len(ids):
         won = {op.pk for op in claimed}
-        log_event(logging.INFO, "message_noop", task=RUN_OPERATIONS_TASK,
-                  named=len(ids), claimed=len(claimed),
-                  ids=",".join(str(i) for i in ids if i not in won)[:500],
-                  reason="gone, cancelled, claimed elsewhere, finished or not yet due")
+        log_event(
+            logging.INFO,
+            "message_noop",
+            task=RUN_OPERATIONS_TASK,
+            named=len(ids),
+            claimed=len(claimed),
+            ids=",".join(str(i) for i in ids if i not in won)[:500],
+            reason="gone, cancelled, claimed elsewhere, finished or not yet due",
+        )
     return run_claimed_batch(claimed, using)
 
 
@@ -78,8 +83,13 @@ def drain(queue: Any, using: Any = None) -> int:
         return 0
     claimed = claim_due(queues=[queue], using=using)
     if not claimed:
-        log_event(logging.INFO, "message_noop", task=DRAIN_TASK, queue=queue,
-                  reason="nothing due and unclaimed (others claimed it first)")
+        log_event(
+            logging.INFO,
+            "message_noop",
+            task=DRAIN_TASK,
+            queue=queue,
+            reason="nothing due and unclaimed (others claimed it first)",
+        )
         return 0
     return run_claimed_batch(claimed, using)
 

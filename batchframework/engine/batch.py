@@ -156,6 +156,8 @@ def _finish_successes(
         operation.result = BatchOperation.RESULT_SUCCESSFUL
         operation.output_data = output
         operation.lease_expires_at = None
-        operation_finished.send(sender=BatchOperation, operation=operation, succeeded=True, error=None)
+        operation_finished.send(
+            sender=BatchOperation, operation=operation, succeeded=True, error=None
+        )
         outcomes.append(RunOutcome.SUCCEEDED)
     return outcomes

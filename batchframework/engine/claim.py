@@ -57,8 +57,12 @@ def _claim_update(
 
 
 def _mark_claimed(
-    operation: BatchOperation, token: str, lease: timedelta, now: datetime | None,
-    *, count_attempt: bool,
+    operation: BatchOperation,
+    token: str,
+    lease: timedelta,
+    now: datetime | None,
+    *,
+    count_attempt: bool,
 ) -> None:
     """Mirror the claim's UPDATE on the in-memory instance (times approximated locally)."""
     started = now or timezone.now()
@@ -94,22 +98,27 @@ def claim(
         return None
     registered = registry.get(operation.operationtype)
     if registered is None:
-        log_event(logging.WARNING, "claim_skipped", id=operation_id, reason="no_handler",
-                  operationtype=operation.operationtype)
+        log_event(
+            logging.WARNING,
+            "claim_skipped",
+            id=operation_id,
+            reason="no_handler",
+            operationtype=operation.operationtype,
+        )
         return None
     if operation.status != BatchOperation.STATUS_UNPROCESSED:
-        log_event(logging.INFO, "claim_skipped", id=operation_id, reason=f"already_{operation.status}")
+        log_event(
+            logging.INFO, "claim_skipped", id=operation_id, reason=f"already_{operation.status}"
+        )
         return None
     token = new_claim_token(worker)
     lease = registered.resolved_lease()
-    won = (
-        manager.filter(
-            pk=operation.pk,
-            status=BatchOperation.STATUS_UNPROCESSED,
-            attempts=operation.attempts,
-            run_after__lte=now_expression(now),
-        ).update(**_claim_update(lease, token, now, count_attempt=True))
-    )
+    won = manager.filter(
+        pk=operation.pk,
+        status=BatchOperation.STATUS_UNPROCESSED,
+        attempts=operation.attempts,
+        run_after__lte=now_expression(now),
+    ).update(**_claim_update(lease, token, now, count_attempt=True))
     if not won:
         log_event(logging.INFO, "claim_skipped", id=operation_id, reason="lost_race_or_not_due")
         return None
@@ -175,8 +184,11 @@ def claim_due(
                 _mark_claimed(operation, token, lease, now, count_attempt=False)
         if claimed_count != len(operations):
             # Without row locks a concurrent claimer may have won some rows: keep only ours.
-            ours = set(manager.filter(pk__in=[op.pk for op in operations], claimed_by=token)
-                       .values_list("pk", flat=True))
+            ours = set(
+                manager.filter(pk__in=[op.pk for op in operations], claimed_by=token).values_list(
+                    "pk", flat=True
+                )
+            )
             operations = [op for op in operations if op.pk in ours]
     return operations
 
@@ -195,12 +207,14 @@ def release(operations: Sequence[BatchOperation], *, using: str | None = None) -
     for operation in operations:
         by_token[operation.claimed_by].append(operation.pk)
     for token, pks in by_token.items():
-        released += BatchOperation.objects.db_manager(alias).filter(
-            pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token
-        ).update(
-            status=BatchOperation.STATUS_UNPROCESSED,
-            claimed_by="",
-            lease_expires_at=None,
+        released += (
+            BatchOperation.objects.db_manager(alias)
+            .filter(pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token)
+            .update(
+                status=BatchOperation.STATUS_UNPROCESSED,
+                claimed_by="",
+                lease_expires_at=None,
+            )
         )
     log_event(logging.INFO, "released", count=released)
     return released

@@ -90,7 +90,9 @@ def postpone(
     due = resolve_run_after(delay, run_after, alias)
     manager = BatchOperation.objects.db_manager(alias)
     with transaction.atomic(using=alias):
-        if not manager.filter(pk=pk, status=BatchOperation.STATUS_UNPROCESSED).update(run_after=due):
+        if not manager.filter(pk=pk, status=BatchOperation.STATUS_UNPROCESSED).update(
+            run_after=due
+        ):
             log_event(logging.INFO, "postpone_refused", id=pk, reason="not_pending")
             return False
         if isinstance(operation, BatchOperation):
@@ -117,7 +119,9 @@ def set_progress(
     lost): a long handler may take that as a signal to stop.
     """
     for name, value in (("done", done), ("total", total)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
             raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
     alias = _alias(operation, using)
     changes: dict[str, Any] = {"progress_done": done}
@@ -141,5 +145,7 @@ def set_progress(
         if message is not None:
             operation.progress_message = changes["progress_message"]
     else:
-        log_event(logging.WARNING, "progress_refused", id=operation.pk, reason="not_running_under_claim")
+        log_event(
+            logging.WARNING, "progress_refused", id=operation.pk, reason="not_running_under_claim"
+        )
     return updated

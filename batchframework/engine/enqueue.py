@@ -105,13 +105,20 @@ def _check_started_by(started_by: Any) -> None:
 
 
 def _check_priority(priority: Any) -> int:
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -32768 <= priority <= 32767:
-        raise InvalidOperationError(f"priority must be an integer from -32768 to 32767, not {priority!r}.")
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not -32768 <= priority <= 32767
+    ):
+        raise InvalidOperationError(
+            f"priority must be an integer from -32768 to 32767, not {priority!r}."
+        )
     return priority
 
 
 def _debounce_key(operationtype: str, context: _Context) -> str:
-    raw = f"{operationtype}\x00{context.content_type.pk if context.content_type else ''}\x00{context.object_id or ''}"
+    content_type_id = context.content_type.pk if context.content_type else ""
+    raw = f"{operationtype}\x00{content_type_id}\x00{context.object_id or ''}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -129,7 +136,9 @@ def _build(
     if input_data is not None:
         encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
     if queue is not None and (not isinstance(queue, str) or not queue or len(queue) > 100):
-        raise InvalidOperationError(f"queue must be a non-empty string of at most 100 characters, not {queue!r}.")
+        raise InvalidOperationError(
+            f"queue must be a non-empty string of at most 100 characters, not {queue!r}."
+        )
     return BatchOperation(
         operationtype=operationtype,
         context_content_type=context.content_type,

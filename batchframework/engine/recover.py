@@ -53,7 +53,8 @@ def recover_expired(
         for pk, operationtype, attempts in rows:
             registered = registry.get(operationtype)
             max_attempts = (
-                registered.resolved_max_attempts() if registered
+                registered.resolved_max_attempts()
+                if registered
                 else get_settings().DEFAULT_MAX_ATTEMPTS
             )
             (retry if attempts < max_attempts else spent).append(pk)
@@ -89,6 +90,11 @@ def recover_expired(
                 lease_expires_at=None,
             )
     if recovered:
-        log_event(logging.WARNING, "leases_recovered", count=recovered,
-                  retried=len(retry), failed=len(spent))
+        log_event(
+            logging.WARNING,
+            "leases_recovered",
+            count=recovered,
+            retried=len(retry),
+            failed=len(spent),
+        )
     return recovered

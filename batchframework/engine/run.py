@@ -97,14 +97,20 @@ def _finish_failure(
     operation.result = BatchOperation.RESULT_FAILED
     operation.output_data = output
     operation.last_error = last_error
-    operation_finished.send(sender=BatchOperation, operation=operation, succeeded=False, error=error)
+    operation_finished.send(
+        sender=BatchOperation, operation=operation, succeeded=False, error=error
+    )
     return RunOutcome.FAILED
 
 
 def _lost(operation: BatchOperation) -> RunOutcome:
     log_event(
-        logging.WARNING, "finish_fenced", id=operation.pk, operationtype=operation.operationtype,
-        claimed_by=operation.claimed_by, reason="claim_lost_lease_expired",
+        logging.WARNING,
+        "finish_fenced",
+        id=operation.pk,
+        operationtype=operation.operationtype,
+        claimed_by=operation.claimed_by,
+        reason="claim_lost_lease_expired",
     )
     return RunOutcome.LOST_CLAIM
 

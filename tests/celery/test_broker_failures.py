@@ -14,10 +14,10 @@ from django.db import close_old_connections, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from batchframework_celery.publish import bounded_publishing
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework.engine import claim
 from batchframework_celery.poller import poll_once
+from batchframework_celery.publish import bounded_publishing
 from batchframework_celery.tasks import drain, run_operations
 from tests.celery_app import app as celery_app
 
@@ -96,7 +96,9 @@ def test_broker_down_at_enqueue_returns_quickly_and_the_poller_runs_it(
     # enqueue, the bulk enqueue) are skipped at once while the broker is known to be down.
     assert len(failures) == 1, [r.getMessage() for r in failures]
     skipped = [r for r in caplog.records if "event=publish_skipped" in r.getMessage()]
-    assert len(skipped) == 2 and all("reason=broker_recently_down" in r.getMessage() for r in skipped)
+    assert len(skipped) == 2 and all(
+        "reason=broker_recently_down" in r.getMessage() for r in skipped
+    )
     assert broker.total() == 0
     bounded_publishing.reset()
 

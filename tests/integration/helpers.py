@@ -73,7 +73,11 @@ def run_python(code: str, *, timeout: float = 30) -> subprocess.CompletedProcess
     """Run ``code`` (after ``django.setup()``) in a fresh interpreter; fail on a non-zero exit."""
     result = subprocess.run(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
@@ -84,7 +88,10 @@ def start_python(code: str, log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")  # noqa: SIM115 (closed with the process by the caller's fixture)
     return subprocess.Popen(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
-        cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -93,12 +100,16 @@ def start_worker(*args: str, log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "django", "batchframework_worker", *args],
-        cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy, at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -48,7 +48,9 @@ def operations(superuser):
         input_data={"recipients": ["a@example.com"], "subject": "Hello"},
     )
     running = BatchOperation.objects.create_synchronous(
-        operationtype="deal-cards", context_object=superuser, started_by=superuser,
+        operationtype="deal-cards",
+        context_object=superuser,
+        started_by=superuser,
     )
     successful = BatchOperation.objects.create_synchronous(operationtype="deal-cards")
     successful.finish(output_data={"dealt": 52, "players": ["ann", "bob"]})
@@ -66,8 +68,15 @@ def test_changelist_lists_every_operation_with_its_columns(admin_client, operati
     assert listed_pks(response) == {op.pk for op in operations.values()}
     html = response.content.decode()
     for column in (
-        "operationtype", "status", "result", "context_link", "started_by",
-        "created_datetime", "run_after", "started_running_datetime", "finished_datetime",
+        "operationtype",
+        "status",
+        "result",
+        "context_link",
+        "started_by",
+        "created_datetime",
+        "run_after",
+        "started_running_datetime",
+        "finished_datetime",
     ):
         assert f"column-{column}" in html, column
     assert "new-blogpost-email" in html and "import-users" in html
@@ -156,16 +165,16 @@ def test_change_view_shows_json_pretty_printed(admin_client, operations):
     html = response.content.decode()
     assert (
         "<pre>{\n"
-        '  &quot;recipients&quot;: [\n'
-        '    &quot;a@example.com&quot;\n'
+        "  &quot;recipients&quot;: [\n"
+        "    &quot;a@example.com&quot;\n"
         "  ],\n"
-        '  &quot;subject&quot;: &quot;Hello&quot;\n'
+        "  &quot;subject&quot;: &quot;Hello&quot;\n"
         "}</pre>"
     ) in html
 
     response = admin_client.get(change_url(operations["successful"]))
     html = response.content.decode()
-    assert '<pre>{\n  &quot;dealt&quot;: 52,\n  &quot;players&quot;: [\n' in html
+    assert "<pre>{\n  &quot;dealt&quot;: 52,\n  &quot;players&quot;: [\n" in html
 
 
 def test_change_view_escapes_json_content(admin_client):
@@ -223,7 +232,10 @@ def test_staff_user_with_view_permission_sees_but_cannot_cancel(
 def test_cancel_selected_cancels_pending_and_reports_too_late(admin_client, operations):
     second_pending = BatchOperation.objects.create_asynchronous(operationtype="later")
     selected = [
-        operations["pending"], second_pending, operations["running"], operations["successful"],
+        operations["pending"],
+        second_pending,
+        operations["running"],
+        operations["successful"],
     ]
     response = admin_client.post(
         reverse(CHANGELIST),

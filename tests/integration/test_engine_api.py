@@ -17,7 +17,6 @@ from decimal import Decimal
 import pytest
 from django.contrib.auth import get_user_model
 from django.core import checks
-from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import connection, transaction
@@ -126,8 +125,15 @@ def test_handler_options_are_validated():
 
 def test_registry_lists_discovered_handlers():
     expected = {
-        "test-noop", "test-echo", "test-effect", "test-always-fails", "test-fails-once",
-        "test-atomic", "test-sleep", "test-bad-output", "test-other-queue",
+        "test-noop",
+        "test-echo",
+        "test-effect",
+        "test-always-fails",
+        "test-fails-once",
+        "test-atomic",
+        "test-sleep",
+        "test-bad-output",
+        "test-other-queue",
     }
     assert expected <= set(registry.operationtypes())
     assert registry.operationtypes() == sorted(registry.operationtypes())
@@ -147,8 +153,9 @@ def test_enqueue_stores_one_unprocessed_row():
     post = Post.objects.create(title="p")
     user = get_user_model().objects.create(username="u")
     before = timezone.now()
-    op = enqueue("test-echo", context_object=post, input_data={"a": [1, "b"]}, started_by=user,
-                 priority=5)
+    op = enqueue(
+        "test-echo", context_object=post, input_data={"a": [1, "b"]}, started_by=user, priority=5
+    )
     stored = fresh(op)
     assert stored.status == BatchOperation.STATUS_UNPROCESSED
     assert stored.result == BatchOperation.RESULT_NOT_AVAILABLE
@@ -289,10 +296,20 @@ def test_replace_true_updates_the_pending_operation():
     post = Post.objects.create(title="p")
     other = Post.objects.create(title="q")
     now = timezone.now()
-    first = enqueue("test-echo", context_object=post, input_data={"v": 1},
-                    delay=timedelta(minutes=10), replace=True)
-    second = enqueue("test-echo", context_object=post, input_data={"v": 2},
-                     delay=timedelta(minutes=20), replace=True)
+    first = enqueue(
+        "test-echo",
+        context_object=post,
+        input_data={"v": 1},
+        delay=timedelta(minutes=10),
+        replace=True,
+    )
+    second = enqueue(
+        "test-echo",
+        context_object=post,
+        input_data={"v": 2},
+        delay=timedelta(minutes=20),
+        replace=True,
+    )
     assert second.pk == first.pk
     pending = BatchOperation.objects.for_context_object(post).unprocessed()
     assert pending.count() == 1
@@ -479,9 +496,11 @@ def received() -> Iterator[dict[str, list[dict]]]:
         "retry": operation_retry_scheduled,
         "cancelled": operation_cancelled,
     }.items():
+
         def receiver(sender, _name=name, **kwargs):
             kwargs.pop("signal", None)
             events.setdefault(_name, []).append({"sender": sender, **kwargs})
+
         receivers[name] = (signal, receiver)
         signal.connect(receiver, weak=False)
     try:

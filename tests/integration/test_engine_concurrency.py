@@ -28,7 +28,6 @@ from .helpers import run_python, wait_exit, wait_for
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 
 
-
 def fresh(op: BatchOperation) -> BatchOperation:
     return BatchOperation.objects.get(pk=op.pk)
 
@@ -39,13 +38,19 @@ def executions(op: BatchOperation) -> int:
 
 def wait_started(op: BatchOperation, *, timeout: float = 30) -> None:
     """Until the handler of ``op`` has begun (it writes an Execution row first)."""
-    wait_for(lambda: Execution.objects.filter(key=str(op.pk)).exists(), timeout=timeout,
-             what=f"the handler of operation {op.pk} to start")
+    wait_for(
+        lambda: Execution.objects.filter(key=str(op.pk)).exists(),
+        timeout=timeout,
+        what=f"the handler of operation {op.pk} to start",
+    )
 
 
 def wait_worker_ready(log_path, *, timeout: float = 30) -> None:
-    wait_for(lambda: "worker started" in log_path.read_text(errors="replace"), timeout=timeout,
-             what=f"the worker logging to {log_path.name} to start")
+    wait_for(
+        lambda: "worker started" in log_path.read_text(errors="replace"),
+        timeout=timeout,
+        what=f"the worker logging to {log_path.name} to start",
+    )
 
 
 class Threads:
@@ -100,9 +105,12 @@ def test_two_claimer_processes_one_wins_each_operation(reaper, tmp_path):
     go = tmp_path / "go"
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     procs = [
-        reaper.python(CLAIMER.replace("__PKS__", repr(json.dumps(pks)))
-                      .replace("__GO__", repr(str(go)))
-                      .replace("__READY__", repr(str(ready[i]))), label=f"claimer{i}")
+        reaper.python(
+            CLAIMER.replace("__PKS__", repr(json.dumps(pks)))
+            .replace("__GO__", repr(str(go)))
+            .replace("__READY__", repr(str(ready[i]))),
+            label=f"claimer{i}",
+        )
         for i in range(2)
     ]
     # Both interpreters have imported Django and wait for the go signal: start them together.
@@ -126,15 +134,20 @@ def test_four_workers_run_every_operation_exactly_once(reaper):
     # SQLite serializes every write on one file lock: 500 keeps it well under a minute.
     total = 500 if connection.vendor == "sqlite" else 2000
     workers = [
-        reaper.worker("--batch-size", "25", "--poll-interval", "0.1", "--name", f"w{i}",
-                      label=f"w{i}")
+        reaper.worker(
+            "--batch-size", "25", "--poll-interval", "0.1", "--name", f"w{i}", label=f"w{i}"
+        )
         for i in range(4)
     ]
     for _, log in workers:
         wait_worker_ready(log)
     enqueue_many("test-effect", [{} for _ in range(total)])
-    wait_for(lambda: BatchOperation.objects.finished().count() == total, timeout=100,
-             interval=0.2, what=f"{total} operations to finish")
+    wait_for(
+        lambda: BatchOperation.objects.finished().count() == total,
+        timeout=100,
+        interval=0.2,
+        what=f"{total} operations to finish",
+    )
     for process, _ in workers:
         process.send_signal(signal.SIGTERM)
     for process, log in workers:
@@ -180,7 +193,10 @@ def test_cancel_racing_a_claim_either_runs_once_or_never():
             assert not BatchOperation.objects.filter(pk=pk).exists()
         else:
             assert outcome in (CancelOutcome.TOO_LATE_RUNNING, CancelOutcome.TOO_LATE_FINISHED), (
-                pk, outcome, result)
+                pk,
+                outcome,
+                result,
+            )
             assert result is RunOutcome.SUCCEEDED, (pk, outcome, result)
             assert count == 1
             assert BatchOperation.objects.get(pk=pk).result == BatchOperation.RESULT_SUCCESSFUL
@@ -197,8 +213,13 @@ def test_concurrent_replace_leaves_exactly_one_pending_row():
 
         def enqueue_replacing(index, post=post, barrier=barrier, returned=returned):
             barrier.wait()
-            op = enqueue("test-echo", context_object=post, input_data={"i": index},
-                         delay=timedelta(minutes=5), replace=True)
+            op = enqueue(
+                "test-echo",
+                context_object=post,
+                input_data={"i": index},
+                delay=timedelta(minutes=5),
+                replace=True,
+            )
             returned.append(op.pk)
 
         threads = Threads()
@@ -225,8 +246,9 @@ def test_killed_worker_is_recovered_after_its_lease_expires(reaper):
     assert lost.status == BatchOperation.STATUS_RUNNING and lost.attempts == 1
     assert lost.claimed_by.startswith("doomed:")
     # A second worker, started at once, waits for the lease to expire, then recovers it.
-    second, second_log = reaper.worker("--max-operations", "1", "--poll-interval", "0.2",
-                                       "--name", "rescuer", label="rescuer")
+    second, second_log = reaper.worker(
+        "--max-operations", "1", "--poll-interval", "0.2", "--name", "rescuer", label="rescuer"
+    )
     assert wait_exit(second, timeout=45, log_path=second_log) == 0, second_log.read_text()
     done = fresh(op)
     assert done.status == BatchOperation.STATUS_FINISHED

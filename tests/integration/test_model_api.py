@@ -83,10 +83,14 @@ def test_status_and_result_constants_and_choices():
     assert BatchOperation.RESULT_SUCCESSFUL == "successful"
     assert BatchOperation.RESULT_FAILED == "failed"
     assert [key for key, _label in BatchOperation.STATUS_CHOICES] == [
-        "unprocessed", "running", "finished",
+        "unprocessed",
+        "running",
+        "finished",
     ]
     assert [key for key, _label in BatchOperation.RESULT_CHOICES] == [
-        "not-available", "successful", "failed",
+        "not-available",
+        "successful",
+        "failed",
     ]
     status_field = BatchOperation._meta.get_field("status")
     result_field = BatchOperation._meta.get_field("result")
@@ -127,9 +131,7 @@ def test_the_installed_app_uses_batch_operation_app_config():
     assert config.name == "batchframework"
 
 
-@pytest.mark.parametrize(
-    "entry", ["batchframework", "batchframework.apps.BatchOperationAppConfig"]
-)
+@pytest.mark.parametrize("entry", ["batchframework", "batchframework.apps.BatchOperationAppConfig"])
 def test_both_installed_apps_spellings_resolve_to_the_same_config(entry):
     # AppConfig.create is how Django turns an INSTALLED_APPS entry into a config.
     config = AppConfig.create(entry)
@@ -149,13 +151,9 @@ def test_batch_operation_app_config_is_the_default_config():
     ]
 
 
-@pytest.mark.parametrize(
-    "entry", ["batchframework", "batchframework.apps.BatchOperationAppConfig"]
-)
+@pytest.mark.parametrize("entry", ["batchframework", "batchframework.apps.BatchOperationAppConfig"])
 def test_installed_apps_accepts_both_spellings(settings, entry):
-    installed = [
-        entry if app == "batchframework" else app for app in settings.INSTALLED_APPS
-    ]
+    installed = [entry if app == "batchframework" else app for app in settings.INSTALLED_APPS]
     with override_settings(INSTALLED_APPS=installed):
         config = apps.get_app_config("batchframework")
         assert type(config) is batchframework.apps.BatchOperationAppConfig
@@ -192,9 +190,7 @@ def test_for_context_object_finds_only_that_objects_operations(context_object):
     other = Post.objects.create(title="other")
     BatchOperation.objects.create_asynchronous(context_object=other)
     BatchOperation.objects.create_asynchronous()
-    assert pks(BatchOperation.objects.for_context_object(context_object)) == {
-        op.pk for op in mine
-    }
+    assert pks(BatchOperation.objects.for_context_object(context_object)) == {op.pk for op in mine}
 
 
 def test_for_context_object_tells_apart_objects_of_other_types_with_the_same_id():
@@ -302,7 +298,9 @@ def test_create_asynchronous_and_its_seed_spelling(method, django_user_model):
     post = Post.objects.create(title="p")
     create = getattr(BatchOperation.objects, method)
     operation = create(
-        context_object=post, operationtype="new-blogpost-email", started_by=user,
+        context_object=post,
+        operationtype="new-blogpost-email",
+        started_by=user,
         input_data={"to": ["a@example.com"]},
     )
     loaded = BatchOperation.objects.get(pk=operation.pk)
@@ -457,7 +455,8 @@ def test_create_runs_clean_before_writing():
 
 CONSTRAINT_VIOLATIONS = [
     pytest.param(
-        {"status": "bogus", "started_running_datetime": "now"}, "batchop_status_valid",
+        {"status": "bogus", "started_running_datetime": "now"},
+        "batchop_status_valid",
         id="status-valid",
     ),
     pytest.param({"result": "bogus"}, "batchop_result_valid", id="result-valid"),
@@ -480,9 +479,7 @@ CONSTRAINT_VIOLATIONS = [
 
 
 def _resolve(values: dict) -> dict:
-    return {
-        key: timezone.now() if value == "now" else value for key, value in values.items()
-    }
+    return {key: timezone.now() if value == "now" else value for key, value in values.items()}
 
 
 @pytest.mark.parametrize(("values", "constraint"), CONSTRAINT_VIOLATIONS)
@@ -548,7 +545,8 @@ def test_input_data_json_can_be_set_as_json_text():
     assert operation.input_data == {"emails": ["a@example.com"], "n": 2}
     operation.save()
     assert BatchOperation.objects.get(pk=operation.pk).input_data == {
-        "emails": ["a@example.com"], "n": 2,
+        "emails": ["a@example.com"],
+        "n": 2,
     }
     operation.input_data_json = ""
     operation.save()

@@ -51,8 +51,8 @@ def my_batching_service(batchoperation_id):
 def test_asynchronous_example():
     myblogpost = Post.objects.create(title="My blog post")
     BatchOperation.objects.create_asyncronous(
-        context_object=myblogpost,
-        operationtype="new-blogpost-email")
+        context_object=myblogpost, operationtype="new-blogpost-email"
+    )
 
     # Not yet 15 minutes old: the polling service does not see it.
     assert not due_blogpost_emails().exists()
@@ -85,16 +85,16 @@ def test_the_seeds_context_object_id_mistake_is_refused():
     myblogpost = Post.objects.create(title="My blog post")
     with pytest.raises(InvalidOperationError, match="context_object="):
         BatchOperation.objects.create_asyncronous(
-            context_object_id=myblogpost,
-            operationtype='new-blogpost-email')
+            context_object_id=myblogpost, operationtype="new-blogpost-email"
+        )
     assert BatchOperation.objects.count() == 0
 
 
 def test_deleting_a_pending_operation_cancels_it():
     myblogpost = Post.objects.create(title="My blog post")
     batchoperation = BatchOperation.objects.create_asyncronous(
-        context_object=myblogpost,
-        operationtype="new-blogpost-email")
+        context_object=myblogpost, operationtype="new-blogpost-email"
+    )
     # The user edited the blog post within 15 minutes.
     batchoperation.delete()
     assert not due_blogpost_emails(now=timezone.now() + timedelta(minutes=16)).exists()
@@ -104,10 +104,11 @@ def test_deleting_a_pending_operation_cancels_it():
 def test_cancel_of_a_pending_operation():
     myblogpost = Post.objects.create(title="My blog post")
     batchoperation = BatchOperation.objects.create_asyncronous(
-        context_object=myblogpost,
-        operationtype="new-blogpost-email")
+        context_object=myblogpost, operationtype="new-blogpost-email"
+    )
     kept = BatchOperation.objects.create_asyncronous(
-        context_object=myblogpost, operationtype="other")
+        context_object=myblogpost, operationtype="other"
+    )
 
     assert batchoperation.cancel() is CancelOutcome.CANCELLED
     assert not BatchOperation.objects.filter(pk=batchoperation.pk).exists()
@@ -121,8 +122,8 @@ def test_cancel_of_a_pending_operation():
 def test_cancel_of_a_running_operation_is_too_late_and_changes_nothing():
     myblogpost = Post.objects.create(title="My blog post")
     batchoperation = BatchOperation.objects.create_asyncronous(
-        context_object=myblogpost,
-        operationtype="new-blogpost-email")
+        context_object=myblogpost, operationtype="new-blogpost-email"
+    )
     batchoperation.mark_as_running()
     before = BatchOperation.objects.filter(pk=batchoperation.pk).values().get()
 
@@ -162,25 +163,22 @@ def test_synchronous_example(n_players):
 
     with CaptureQueriesContext(connection) as queries:
         # game = Game.objects.get(...)  (created above)
-        batchoperation = BatchOperation.objects.create_syncronous(
-            context_object=game)
+        batchoperation = BatchOperation.objects.create_syncronous(context_object=game)
 
         players = []
         for index in range(n_players):
             player = Player(
                 game=game,
-                name='player{}'.format(index),  # noqa: UP032 (the seed's text)
-                batchoperation=batchoperation)
+                name="player{}".format(index),  # noqa: UP032 (the seed's text)
+                batchoperation=batchoperation,
+            )
             players.append(player)
         Player.objects.bulk_create(players)
         created_players = Player.objects.filter(batchoperation=batchoperation)
 
         cards = []
         for player in created_players:
-            card = Card(
-                player=player,
-                cardid=random.choice(available_cards)
-            )
+            card = Card(player=player, cardid=random.choice(available_cards))
             cards.append(card)
         Card.objects.bulk_create(cards)
         batchoperation.finish()
@@ -204,9 +202,9 @@ def test_synchronous_example(n_players):
     assert game_players.filter(batchoperation=batchoperation).count() == n_players
     assert game_players.annotate(n_cards=Count("card")).filter(n_cards=1).count() == n_players
     assert Card.objects.filter(player__game=game).count() == n_players
-    assert set(
-        Card.objects.filter(player__game=game).values_list("cardid", flat=True)
-    ) <= set(available_cards)
+    assert set(Card.objects.filter(player__game=game).values_list("cardid", flat=True)) <= set(
+        available_cards
+    )
     assert set(game_players.values_list("name", flat=True)) == {
         f"player{index}" for index in range(n_players)
     }

@@ -98,8 +98,9 @@ def reset_producer_pool(app: Any) -> None:
 
 
 @contextlib.contextmanager
-def celery_on(broker_url: str, *, transport_options: dict[str, Any] | None = None,
-              **batchframework: Any) -> Iterator[Any]:
+def celery_on(
+    broker_url: str, *, transport_options: dict[str, Any] | None = None, **batchframework: Any
+) -> Iterator[Any]:
     """Publish to ``broker_url`` with the Celery dispatcher (and ``BATCHFRAMEWORK`` overrides)."""
     conf = celery_app.conf
     old = conf.broker_url, conf.broker_transport_options

@@ -34,11 +34,21 @@ PYTHON = sys.executable
 
 
 # --- The summary line --------------------------------------------------------------------
-def report(scenario: Any, *, operations: int, runs: int, duplicates: int, lost: int,
-           seconds: float, **extra: Any) -> str:
+def report(
+    scenario: Any,
+    *,
+    operations: int,
+    runs: int,
+    duplicates: int,
+    lost: int,
+    seconds: float,
+    **extra: Any,
+) -> str:
     """Print (and return) the scenario's one summary line."""
-    line = (f"RELIABILITY scenario={scenario} operations={operations} runs={runs} "
-            f"duplicates={duplicates} lost={lost} seconds={seconds:.1f}")
+    line = (
+        f"RELIABILITY scenario={scenario} operations={operations} runs={runs} "
+        f"duplicates={duplicates} lost={lost} seconds={seconds:.1f}"
+    )
     if extra:
         line += " " + " ".join(f"{key}={value}" for key, value in extra.items())
     print(line, flush=True)
@@ -52,8 +62,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -74,12 +85,14 @@ def test_database_url() -> str:
 
 def subprocess_env(database_url: str | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "DJANGO_SETTINGS_MODULE": SETTINGS,
-        "DATABASE_URL": database_url or test_database_url(),
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": SETTINGS,
+            "DATABASE_URL": database_url or test_database_url(),
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.pop("BF_CLOCK_SKEW_SECONDS", None)
     env.update(extra)
     return env
@@ -94,54 +107,106 @@ class Processes:
         self.env = env
         self.started: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
-    def start(self, label: str, args: list[str], *, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, label: str, args: list[str], *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         path = self.directory / f"{len(self.started):02d}-{label}.log"
         log = open(path, "wb")  # noqa: SIM115 (the child owns it; closed below)
         try:
-            process = subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env=env or self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self.started.append((label, process, path))
         return process
 
-    def django(self, label: str, *command: str, env: dict[str, str] | None = None
-               ) -> subprocess.Popen[bytes]:
+    def django(
+        self, label: str, *command: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return self.start(label, [PYTHON, "-m", "django", *command], env=env)
 
-    def worker(self, label: str = "dbworker", *args: str, env: dict[str, str] | None = None
-               ) -> subprocess.Popen[bytes]:
+    def worker(
+        self, label: str = "dbworker", *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return self.django(label, "batchframework_worker", "--poll-interval", "0.2", *args, env=env)
 
-    def celery_worker(self, label: str = "celery-worker", *, env: dict[str, str] | None = None
-                      ) -> subprocess.Popen[bytes]:
-        return self.start(label, [PYTHON, "-m", "celery", "-A", "tests.celery_app", "worker",
-                                  "-P", "prefork", "-c", "2", "-Q", "default,other", "-l", "info",
-                                  "--without-gossip", "--without-mingle", "--without-heartbeat",
-                                  "-n", f"{label}-{os.getpid()}@%h"], env=env)
+    def celery_worker(
+        self, label: str = "celery-worker", *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self.start(
+            label,
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "tests.celery_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "2",
+                "-Q",
+                "default,other",
+                "-l",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"{label}-{os.getpid()}@%h",
+            ],
+            env=env,
+        )
 
-    def celery_beat(self, label: str = "beat", *, env: dict[str, str] | None = None
-                    ) -> subprocess.Popen[bytes]:
+    def celery_beat(
+        self, label: str = "beat", *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         schedule = self.directory / f"{label}-schedule"
-        return self.start(label, [PYTHON, "-m", "celery", "-A", "tests.celery_app", "beat",
-                                  "-S", "django_celery_beat.schedulers:DatabaseScheduler",
-                                  "-l", "info", "-s", str(schedule),
-                                  "--pidfile", str(self.directory / f"{label}.pid")], env=env)
+        return self.start(
+            label,
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "tests.celery_app",
+                "beat",
+                "-S",
+                "django_celery_beat.schedulers:DatabaseScheduler",
+                "-l",
+                "info",
+                "-s",
+                str(schedule),
+                "--pidfile",
+                str(self.directory / f"{label}.pid"),
+            ],
+            env=env,
+        )
 
-    def python(self, label: str, code: str, *, env: dict[str, str] | None = None
-               ) -> subprocess.Popen[bytes]:
+    def python(
+        self, label: str, code: str, *, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         prelude = "import django\ndjango.setup()\n"
         return self.start(label, [PYTHON, "-c", prelude + textwrap.dedent(code)], env=env)
 
-    def run_python(self, label: str, code: str, *, timeout: float = 60,
-                   env: dict[str, str] | None = None) -> str:
+    def run_python(
+        self, label: str, code: str, *, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> str:
         process = self.python(label, code, env=env)
         try:
             code_ = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill(process)
-            raise AssertionError(f"{label} did not finish in {timeout}s\n{self.log_of(process)}") from None
+            raise AssertionError(
+                f"{label} did not finish in {timeout}s\n{self.log_of(process)}"
+            ) from None
         output = self.log_of(process)
         assert code_ == 0, f"{label} exited {code_}\n{output}"
         return output
@@ -153,8 +218,11 @@ class Processes:
         return ""
 
     def logs(self, label_prefix: str = "") -> str:
-        return "\n".join(f"--- {label} (pid {p.pid}, rc {p.poll()})\n" + path.read_text(errors="replace")
-                         for label, p, path in self.started if label.startswith(label_prefix))
+        return "\n".join(
+            f"--- {label} (pid {p.pid}, rc {p.poll()})\n" + path.read_text(errors="replace")
+            for label, p, path in self.started
+            if label.startswith(label_prefix)
+        )
 
     @staticmethod
     def kill(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -170,10 +238,8 @@ class Processes:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill(process)
 
     def cleanup(self) -> None:
@@ -196,9 +262,22 @@ class PrivateRedis:
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         import redis
 
@@ -208,7 +287,7 @@ class PrivateRedis:
     def _answers(self) -> bool:
         try:
             return bool(self.client.ping())
-        except Exception:  # noqa: BLE001 (not up yet)
+        except Exception:
             return False
 
     def stop(self) -> None:
@@ -248,20 +327,36 @@ class PrivatePostgres:
         self.data = self.base / "data"
         self.logfile = self.base / "server.log"
         shutil.chown(self.base, user="postgres", group="postgres")
-        self._as_postgres([str(bindir / "initdb"), "-D", str(self.data), "-A", "trust",
-                           "-U", "postgres", "--no-sync", "-E", "UTF8"], timeout=60)
+        self._as_postgres(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            timeout=60,
+        )
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgres://postgres@127.0.0.1:{self.port}/{dbname}"
 
-    def _as_postgres(self, args: list[str], *, timeout: float,
-                     check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _as_postgres(
+        self, args: list[str], *, timeout: float, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         command = ["runuser", "-u", "postgres", "--", *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                cwd=self.base)
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=self.base
+        )
         if check and result.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed: {result.stdout}\n{result.stderr}\n"
-                               f"{self.server_log()}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed: {result.stdout}\n{result.stderr}\n{self.server_log()}"
+            )
         return result
 
     def server_log(self) -> str:
@@ -271,14 +366,43 @@ class PrivatePostgres:
             return ""
 
     def start(self) -> None:
-        options = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
-        self._as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
-                           str(self.logfile), "-o", options, "-w", "-t", "30", "start"], timeout=40)
+        options = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50"
+        )
+        self._as_postgres(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.logfile),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+            timeout=40,
+        )
 
     def stop(self, mode: str = "fast") -> None:
-        self._as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode,
-                           "-w", "-t", "30", "stop"], timeout=40, check=False)
+        self._as_postgres(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "30",
+                "stop",
+            ],
+            timeout=40,
+            check=False,
+        )
 
     def connect(self, dbname: str) -> Any:
         import psycopg
@@ -310,8 +434,9 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 def register_poller(processes: Processes, *, env: dict[str, str] | None = None) -> str:
     """``manage.py batchframework_register_poller --queue default`` (the worker consumes
     ``default``), in a subprocess; returns its output."""
-    process = processes.django("register-poller", "batchframework_register_poller",
-                               "--queue", "default", env=env)
+    process = processes.django(
+        "register-poller", "batchframework_register_poller", "--queue", "default", env=env
+    )
     try:
         rc = process.wait(timeout=60)
     except subprocess.TimeoutExpired:

@@ -79,10 +79,12 @@ class Proc:
         while not re.search(pattern, self.log()):
             if not self.alive():
                 raise AssertionError(
-                    f"{self.label} exited ({self.popen.returncode}):\n{self.log()[-3000:]}")
+                    f"{self.label} exited ({self.popen.returncode}):\n{self.log()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{self.label}: no {pattern!r} within {timeout}s:\n{self.log()[-3000:]}")
+                    f"{self.label}: no {pattern!r} within {timeout}s:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.05)
 
     def kill_group(self) -> None:
@@ -113,18 +115,43 @@ class Processes:
     def start(self, label: str, argv: list[str]) -> Proc:
         path = self.directory / f"{len(self.started) + 1:02d}-{label}.log"
         with open(path, "wb") as log:
-            popen = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = Proc(label, popen, path)
         self.started.append(proc)
         return proc
 
     def celery_worker(self, name: str, *, concurrency: int = 2, ready: bool = True) -> Proc:
-        proc = self.start(f"celery-{name}", [
-            sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
-            "-P", "prefork", "-c", str(concurrency), "-Q", "default,other", "-l", "info",
-            "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ])
+        proc = self.start(
+            f"celery-{name}",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.celery_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                str(concurrency),
+                "-Q",
+                "default,other",
+                "-l",
+                "info",
+                "-n",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+        )
         if ready:
             proc.wait_log(r"\bready\.", timeout=60)
         return proc
@@ -136,9 +163,18 @@ class Processes:
         return proc
 
     def db_worker(self, name: str, *args: str) -> Proc:
-        return self.start(f"dbworker-{name}", [
-            sys.executable, "-m", "django", "batchframework_worker", "--name", name, *args,
-        ])
+        return self.start(
+            f"dbworker-{name}",
+            [
+                sys.executable,
+                "-m",
+                "django",
+                "batchframework_worker",
+                "--name",
+                name,
+                *args,
+            ],
+        )
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.label}\n{p.log()}" for p in self.started)
@@ -148,8 +184,9 @@ class Processes:
             proc.kill_group()
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until truthy; raise ``AssertionError`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

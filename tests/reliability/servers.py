@@ -44,10 +44,23 @@ class PrivateRedis:
         self._starts += 1
         log = open(self.directory / f"redis-{self.port}-{self._starts}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--daemonize", "no",
-             "--dir", str(self.directory)],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                self.executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -33,8 +33,9 @@ def _postgresql_only():
 
 def _staff(username: str, *perms: str) -> Client:
     user = User.objects.create_user(username, password="pw", is_staff=True)
-    user.user_permissions.add(*Permission.objects.filter(
-        content_type__app_label="batchframework", codename__in=perms))
+    user.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="batchframework", codename__in=perms)
+    )
     client = Client()
     client.force_login(user)
     return client
@@ -52,12 +53,16 @@ def ops() -> dict[str, BatchOperation]:
 
 
 def _snapshot() -> list[tuple]:
-    return list(BatchOperation.objects.order_by("pk").values_list("pk", "status", "result", "attempts"))
+    return list(
+        BatchOperation.objects.order_by("pk").values_list("pk", "status", "result", "attempts")
+    )
 
 
 def _action(client: Client, action: str, ids: list, **extra) -> object:
-    return client.post(CHANGELIST, {"action": action, "_selected_action": [str(i) for i in ids],
-                                    "index": "0", **extra})
+    return client.post(
+        CHANGELIST,
+        {"action": action, "_selected_action": [str(i) for i in ids], "index": "0", **extra},
+    )
 
 
 def test_staff_without_view_permission_gets_403(ops):
@@ -106,9 +111,16 @@ def test_hostile_and_malformed_ids_change_nothing(ops, reliability_report):
         response = _action(client, "cancel_selected", ids)
         assert response.status_code in (200, 302, 404), (ids, response.status_code)
     assert _snapshot() == before
-    reliability_report(12, operations=len(before), runs=0, duplicates=0,
-                       lost=len(before) - len(_snapshot()), seconds=time.monotonic() - started,
-                       case="admin-hostile-ids", requests=len(statuses) * 2 + 4)
+    reliability_report(
+        12,
+        operations=len(before),
+        runs=0,
+        duplicates=0,
+        lost=len(before) - len(_snapshot()),
+        seconds=time.monotonic() - started,
+        case="admin-hostile-ids",
+        requests=len(statuses) * 2 + 4,
+    )
 
 
 def test_action_with_malformed_selected_ids_is_a_client_error_not_a_500(ops):
@@ -118,8 +130,10 @@ def test_action_with_malformed_selected_ids_is_a_client_error_not_a_500(ops):
     client = Client(raise_request_exception=False)
     client.force_login(admin)
     before = _snapshot()
-    codes = {ids[0]: _action(client, "cancel_selected", ids).status_code
-             for ids in (["abc"], ["1 OR 1=1"], ["1.5"])}
+    codes = {
+        ids[0]: _action(client, "cancel_selected", ids).status_code
+        for ids in (["abc"], ["1 OR 1=1"], ["1.5"])
+    }
     assert _snapshot() == before
     assert 500 not in codes.values(), f"server errors for malformed ids: {codes}"
 

@@ -40,8 +40,10 @@ def _runs(ids: list[int]) -> dict[int, int]:
 
 
 def _lateness(ids: list[int]) -> list[float]:
-    return [(op.started_running_datetime - op.run_after).total_seconds()
-            for op in BatchOperation.objects.filter(pk__in=ids)]
+    return [
+        (op.started_running_datetime - op.run_after).total_seconds()
+        for op in BatchOperation.objects.filter(pk__in=ids)
+    ]
 
 
 def create_post_view(request, *, delay: float) -> HttpResponse:
@@ -55,8 +57,11 @@ def _warm_up(private_redis) -> None:
     """Publish once and see it run, so this process holds a pooled broker connection, as a
     web process that has served requests does."""
     op = enqueue("test-effect")
-    wait_until(lambda: BatchOperation.objects.finished().filter(pk=op.pk).exists(), timeout=20,
-               what="the warm-up operation")
+    wait_until(
+        lambda: BatchOperation.objects.finished().filter(pk=op.pk).exists(),
+        timeout=20,
+        what="the warm-up operation",
+    )
 
 
 @pytest.mark.timeout(90)
@@ -89,15 +94,22 @@ def test_broker_down_at_commit(fault, private_redis, processes, reliability_repo
     pk = int(response.content)
     assert response.status_code == 201
     assert BatchOperation.objects.filter(pk=pk).exists(), "the operation was not committed"
-    wait_until(lambda: BatchOperation.objects.finished().filter(pk=pk).exists(),
-               timeout=delay + 20, what="the operation to run once the broker is back")
+    wait_until(
+        lambda: BatchOperation.objects.finished().filter(pk=pk).exists(),
+        timeout=delay + 20,
+        what="the operation to run once the broker is back",
+    )
     time.sleep(POLL)
     late = _lateness([pk])[0]
     runs = _runs([pk])[pk]
     reliability_report(
-        f"4-{fault}", operations=1, runs=runs, duplicates=max(0, runs - 1),
+        f"4-{fault}",
+        operations=1,
+        runs=runs,
+        duplicates=max(0, runs - 1),
         lost=int(not BatchOperation.objects.successful().filter(pk=pk).exists()),
-        seconds=response_seconds, late_by=late,
+        seconds=response_seconds,
+        late_by=late,
     )
     assert response_seconds < 2.0, f"enqueue blocked the view for {response_seconds:.2f}s"
     assert runs == 1
@@ -137,8 +149,14 @@ def test_rollback_leaves_no_row_and_publishes_nothing(alias, private_redis, reli
         control_messages = private_redis.messages()
         control_rows = BatchOperation.objects.using(alias).filter(pk=committed.pk).count()
     reliability_report(
-        f"5-{alias}", operations=len(pks), runs=ran + Execution.objects.count(), duplicates=0,
-        lost=0, seconds=time.monotonic() - started, rows=rows, messages=messages,
+        f"5-{alias}",
+        operations=len(pks),
+        runs=ran + Execution.objects.count(),
+        duplicates=0,
+        lost=0,
+        seconds=time.monotonic() - started,
+        rows=rows,
+        messages=messages,
         control_messages=control_messages,
     )
     assert rows == 0
@@ -158,17 +176,24 @@ def test_eta_longer_than_visibility_timeout_runs_once(private_redis, processes, 
     until its ETA; the operation runs exactly once."""
     visibility = 3.0
     delay = 12.0
-    procs = processes(private_redis.url(), poll_interval=POLL, visibility_timeout=visibility,
-                      restore_interval=1)
+    procs = processes(
+        private_redis.url(), poll_interval=POLL, visibility_timeout=visibility, restore_interval=1
+    )
     workers = [procs.celery_worker(f"eta{i}", concurrency=1, ready=False) for i in range(2)]
     for worker in workers:
         worker.wait_log(r"\bready\.", timeout=90)
     started = time.monotonic()
-    with celery_on(private_redis.url(), transport_options={"visibility_timeout": visibility},
-                   DISPATCH_HORIZON=60):
+    with celery_on(
+        private_redis.url(),
+        transport_options={"visibility_timeout": visibility},
+        DISPATCH_HORIZON=60,
+    ):
         op = enqueue("test-effect", delay=timedelta(seconds=delay))
-    wait_until(lambda: BatchOperation.objects.finished().filter(pk=op.pk).exists(),
-               timeout=delay + 30, what="the operation to run")
+    wait_until(
+        lambda: BatchOperation.objects.finished().filter(pk=op.pk).exists(),
+        timeout=delay + 30,
+        what="the operation to run",
+    )
     time.sleep(2)  # every held copy has fired by now
     logs = procs.logs()
     deliveries = len(RECEIVED.findall(logs))
@@ -176,10 +201,16 @@ def test_eta_longer_than_visibility_timeout_runs_once(private_redis, processes, 
     noops = logs.count("event=message_noop")
     runs = _runs([op.pk])[op.pk]
     reliability_report(
-        6, operations=1, runs=runs, duplicates=max(0, runs - 1),
+        6,
+        operations=1,
+        runs=runs,
+        duplicates=max(0, runs - 1),
         lost=int(not BatchOperation.objects.successful().filter(pk=op.pk).exists()),
-        seconds=time.monotonic() - started, deliveries=deliveries, messages=len(message_ids),
-        noops=noops, late_by=_lateness([op.pk])[0],
+        seconds=time.monotonic() - started,
+        deliveries=deliveries,
+        messages=len(message_ids),
+        noops=noops,
+        late_by=_lateness([op.pk])[0],
     )
     assert len(message_ids) == 1
     assert deliveries >= 2, "the broker should have delivered the ETA message again"
@@ -207,11 +238,13 @@ class _Supervisor:
     def _watch(self) -> None:
         while not self._stop.wait(0.1):
             if not self.worker.alive():
-                self.crash_lines += [line for line in self.worker.log().splitlines()
-                                     if "Unrecoverable error" in line]
+                self.crash_lines += [
+                    line for line in self.worker.log().splitlines() if "Unrecoverable error" in line
+                ]
                 self.restarts += 1
-                self.worker = self.procs.celery_worker(f"{self.name}-r{self.restarts}",
-                                                       concurrency=2, ready=False)
+                self.worker = self.procs.celery_worker(
+                    f"{self.name}-r{self.restarts}", concurrency=2, ready=False
+                )
 
     def stop(self) -> None:
         self._stop.set()
@@ -233,13 +266,19 @@ def test_broker_state_lost_every_operation_runs_once(private_redis, processes, r
         with celery_on(private_redis.url()):
             ops = enqueue_many("test-effect", [{"delay": 8 + i * 0.04} for i in range(total)])
         ids = [op.pk for op in ops]
-        wait_until(lambda: private_redis.unacked() > 0 and private_redis.waiting() == 0,
-                   timeout=10, what="the worker to take the ETA messages")
+        wait_until(
+            lambda: private_redis.unacked() > 0 and private_redis.waiting() == 0,
+            timeout=10,
+            what="the worker to take the ETA messages",
+        )
         held = private_redis.unacked()
         private_redis.restart()
         assert private_redis.messages() == 0
-        wait_until(lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == total,
-                   timeout=40, what="all 100 operations to run")
+        wait_until(
+            lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == total,
+            timeout=40,
+            what="all 100 operations to run",
+        )
         time.sleep(POLL + 0.5)
     finally:
         supervisor.stop()
@@ -247,10 +286,15 @@ def test_broker_state_lost_every_operation_runs_once(private_redis, processes, r
     late = _lateness(ids)
     successful = BatchOperation.objects.filter(pk__in=ids).successful().count()
     reliability_report(
-        7, operations=total, runs=sum(runs.values()),
-        duplicates=sum(n - 1 for n in runs.values() if n > 1), lost=total - successful,
-        seconds=time.monotonic() - started, held_before_restart=held,
-        max_late_by=max(late), early=sum(1 for x in late if x < 0),
+        7,
+        operations=total,
+        runs=sum(runs.values()),
+        duplicates=sum(n - 1 for n in runs.values() if n > 1),
+        lost=total - successful,
+        seconds=time.monotonic() - started,
+        held_before_restart=held,
+        max_late_by=max(late),
+        early=sum(1 for x in late if x < 0),
         worker_crashes=supervisor.restarts,
     )
     if supervisor.crash_lines:

@@ -28,15 +28,17 @@ DEADLOCK = re.compile(r"deadlock", re.IGNORECASE)
 def _run_counts(ids: list[int]) -> dict[str, int]:
     """How often the handler was called for each of ``ids`` (Execution rows, duplicates kept)."""
     keys = [str(pk) for pk in ids]
-    counts = dict(Execution.objects.filter(key__in=keys).values_list("key").annotate(n=Count("pk"))
-                  .values_list("key", "n"))
+    counts = dict(
+        Execution.objects.filter(key__in=keys)
+        .values_list("key")
+        .annotate(n=Count("pk"))
+        .values_list("key", "n")
+    )
     return {key: counts.get(key, 0) for key in keys}
 
 
 @pytest.mark.timeout(240)
-def test_concurrent_claimers_run_each_operation_once(
-    private_redis, processes, reliability_report
-):
+def test_concurrent_claimers_run_each_operation_once(private_redis, processes, reliability_report):
     """Scenario 1: 2,000 due operations; 4 DB workers, 2 Celery workers (each fed by the
     dispatcher's chunk messages and the pollers' drains) and 2 pollers, all at once →
     exactly 2,000 effects, no deadlock in any log, nothing left running."""
@@ -63,8 +65,12 @@ def test_concurrent_claimers_run_each_operation_once(
 
     operations = BatchOperation.objects.filter(pk__in=ids)
     try:
-        wait_until(lambda: operations.finished().count() == total, timeout=150,
-                   interval=0.5, what="all operations to finish")
+        wait_until(
+            lambda: operations.finished().count() == total,
+            timeout=150,
+            interval=0.5,
+            what="all operations to finish",
+        )
     finally:
         elapsed = time.monotonic() - started
         time.sleep(1.5)  # late duplicates, if any, would land now
@@ -73,21 +79,30 @@ def test_concurrent_claimers_run_each_operation_once(
         successful = operations.successful().count()
         by_db_workers = operations.filter(claimed_by__regex=r"^db[0-9]:").count()
         reliability_report(
-            1, operations=total, runs=sum(runs.values()),
-            duplicates=sum(n - 1 for n in runs.values() if n > 1), lost=total - successful,
-            seconds=elapsed, effects=Effect.objects.count(), by_db_workers=by_db_workers,
-            by_celery=successful - by_db_workers, deadlocks=len(DEADLOCK.findall(logs)),
+            1,
+            operations=total,
+            runs=sum(runs.values()),
+            duplicates=sum(n - 1 for n in runs.values() if n > 1),
+            lost=total - successful,
+            seconds=elapsed,
+            effects=Effect.objects.count(),
+            by_db_workers=by_db_workers,
+            by_celery=successful - by_db_workers,
+            deadlocks=len(DEADLOCK.findall(logs)),
             left_running=operations.running().count(),
         )
     assert Effect.objects.count() == total
     assert set(runs.values()) == {1}, {k: v for k, v in runs.items() if v != 1}
-    assert successful == total, list(operations.exclude(result=BatchOperation.RESULT_SUCCESSFUL)
-                                     .values_list("pk", "status", "last_error")[:5])
+    assert successful == total, list(
+        operations.exclude(result=BatchOperation.RESULT_SUCCESSFUL).values_list(
+            "pk", "status", "last_error"
+        )[:5]
+    )
     assert not operations.running().exists() and not operations.unprocessed().exists()
     assert not operations.filter(attempts__gt=1).exists()
     deadlock_lines = [line for line in logs.splitlines() if DEADLOCK.search(line)]
     assert not deadlock_lines, deadlock_lines[:5]
-    assert "Traceback" not in logs, logs[logs.index("Traceback") - 500:][:3000]
+    assert "Traceback" not in logs, logs[logs.index("Traceback") - 500 :][:3000]
     for proc in procs.started:
         assert proc.alive(), f"{proc.label} died:\n{proc.log()[-2000:]}"
 
@@ -140,10 +155,12 @@ def test_message_and_poller_race_run_once(reliability_report):
             connection.close()
 
     threads = [
-        threading.Thread(target=contender, name="message",
-                         args=("message", lambda pk: run_operations([pk]))),
-        threading.Thread(target=contender, name="poller",
-                         args=("poller", lambda pk: drain("default"))),
+        threading.Thread(
+            target=contender, name="message", args=("message", lambda pk: run_operations([pk]))
+        ),
+        threading.Thread(
+            target=contender, name="poller", args=("poller", lambda pk: drain("default"))
+        ),
     ]
     recorder = _Recorder()
     logger = logging.getLogger("batchframework")
@@ -169,8 +186,10 @@ def test_message_and_poller_race_run_once(reliability_report):
             if message_ran + poller_ran == 1:
                 winner, loser = ("message", "poller") if message_ran else ("poller", "message")
                 wins[winner] += 1
-                if not any(thread == loser and ("noop" in msg or "skipped" in msg or "lost" in msg)
-                           for thread, msg in log):
+                if not any(
+                    thread == loser and ("noop" in msg or "skipped" in msg or "lost" in msg)
+                    for thread, msg in log
+                ):
                     silent_losers[loser] += 1
         current["pk"] = None
         start.wait()
@@ -188,9 +207,14 @@ def test_message_and_poller_race_run_once(reliability_report):
     per_round = [m + p for m, p in zip(results["message"], results["poller"], strict=True)]
     successful = BatchOperation.objects.filter(pk__in=ids).successful().count()
     reliability_report(
-        2, operations=rounds, runs=sum(runs.values()),
-        duplicates=sum(n - 1 for n in runs.values() if n > 1), lost=rounds - successful,
-        seconds=elapsed, message_won=wins["message"], poller_won=wins["poller"],
+        2,
+        operations=rounds,
+        runs=sum(runs.values()),
+        duplicates=sum(n - 1 for n in runs.values() if n > 1),
+        lost=rounds - successful,
+        seconds=elapsed,
+        message_won=wins["message"],
+        poller_won=wins["poller"],
         silent_message_losses=silent_losers["message"],
         silent_poller_losses=silent_losers["poller"],
     )

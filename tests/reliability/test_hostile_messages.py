@@ -36,8 +36,11 @@ from tests.testapp.models import Execution
 
 from .pg_private import Processes, private_redis, subprocess_env, wait_until
 
-pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True),
-              pytest.mark.timeout(60)]
+pytestmark = [
+    pytest.mark.reliability,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(60),
+]
 
 RUN = "batchframework.run_operations"
 
@@ -54,23 +57,48 @@ class _CreatesFile:
 
 def _headers(task: str) -> dict:
     task_id = str(uuid.uuid4())
-    return {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None,
-            "group": None, "retries": 0, "eta": None, "expires": None,
-            "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "", "origin": "hostile@test"}
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": "hostile@test",
+    }
 
 
 def _push_raw(url: str, task: str, body: bytes, content_type: str, encoding: str) -> None:
     with Connection(url, connect_timeout=2) as conn:
-        conn.Producer().publish(body, exchange="", routing_key="default", serializer=None,
-                                content_type=content_type, content_encoding=encoding,
-                                headers=_headers(task), retry=False)
+        conn.Producer().publish(
+            body,
+            exchange="",
+            routing_key="default",
+            serializer=None,
+            content_type=content_type,
+            content_encoding=encoding,
+            headers=_headers(task),
+            retry=False,
+        )
 
 
 @contextlib.contextmanager
 def _celery_dispatch(url: str):
-    with use_broker(celery_app, url), override_settings(BATCHFRAMEWORK={
-        **settings.BATCHFRAMEWORK, "DISPATCHER": "batchframework_celery.dispatcher.CeleryDispatcher",
-    }):
+    with (
+        use_broker(celery_app, url),
+        override_settings(
+            BATCHFRAMEWORK={
+                **settings.BATCHFRAMEWORK,
+                "DISPATCHER": "batchframework_celery.dispatcher.CeleryDispatcher",
+            }
+        ),
+    ):
         yield
 
 
@@ -78,7 +106,9 @@ def test_hostile_messages_are_rejected_and_the_worker_keeps_running(tmp_path, re
     started = time.monotonic()
     marker = tmp_path / "pickle-payload-executed"
     # Real rows that hostile messages name.
-    unregistered = BatchOperation.objects.create_asynchronous(operationtype="not-registered-anywhere")
+    unregistered = BatchOperation.objects.create_asynchronous(
+        operationtype="not-registered-anywhere"
+    )
     finished = enqueue("test-effect")
     run_due()
     future = enqueue("test-effect", delay=timedelta(hours=1))
@@ -97,16 +127,27 @@ def test_hostile_messages_are_rejected_and_the_worker_keeps_running(tmp_path, re
                 send("os.system", args=[f"touch {marker}"], queue="default")
                 # 4. forged or malformed ids / aliases.
                 hostile_runs = [
-                    ([[999_999_999]], {}), ([[-1]], {}), ([["1; DROP TABLE x"]], {}),
-                    ([[True]], {}), ([[1.5]], {}), (["not-a-list"], {}), ([[]], {}),
-                    ([list(range(1, 10_002))], {}), ([[finished.pk]], {"using": "../../evil"}),
+                    ([[999_999_999]], {}),
+                    ([[-1]], {}),
+                    ([["1; DROP TABLE x"]], {}),
+                    ([[True]], {}),
+                    ([[1.5]], {}),
+                    (["not-a-list"], {}),
+                    ([[]], {}),
+                    ([list(range(1, 10_002))], {}),
+                    ([[finished.pk]], {"using": "../../evil"}),
                     ([], {}),
                 ]
                 for args, kwargs in hostile_runs:
                     send(RUN, args=args, kwargs=kwargs, queue="default")
                 send("batchframework.drain", args=["x" * 500], queue="default")
                 send("batchframework.drain", args=[123], queue="default")
-                send("batchframework.drain", args=["default"], kwargs={"using": "nope"}, queue="default")
+                send(
+                    "batchframework.drain",
+                    args=["default"],
+                    kwargs={"using": "nope"},
+                    queue="default",
+                )
                 send("batchframework.poll", kwargs={"using": {"evil": 1}}, queue="default")
                 # 5. real rows that must not run: no handler, already finished, not yet due.
                 send(RUN, args=[[unregistered.pk, finished.pk, future.pk]], queue="default")
@@ -115,22 +156,38 @@ def test_hostile_messages_are_rejected_and_the_worker_keeps_running(tmp_path, re
             # 6. a normal operation, published after all of the above.
             with _celery_dispatch(redis_server.url):
                 normal = enqueue("test-effect")
-            wait_until(lambda: BatchOperation.objects.get(pk=normal.pk).status == "finished",
-                       timeout=40, what="the normal operation after the hostile messages")
+            wait_until(
+                lambda: BatchOperation.objects.get(pk=normal.pk).status == "finished",
+                timeout=40,
+                what="the normal operation after the hostile messages",
+            )
             time.sleep(1.0)
             log = processes.log_of(worker)
             alive = worker.poll() is None
             for op in (unregistered, finished, future, normal):
                 op.refresh_from_db()
-            runs = {op.pk: Execution.objects.filter(key=str(op.pk)).count()
-                    for op in (finished, future, normal)}
-            executed = int(marker.exists()) + int(unregistered.status != "unprocessed") + \
-                int(future.status != "unprocessed") + int(runs[finished.pk] != 1)
+            runs = {
+                op.pk: Execution.objects.filter(key=str(op.pk)).count()
+                for op in (finished, future, normal)
+            }
+            executed = (
+                int(marker.exists())
+                + int(unregistered.status != "unprocessed")
+                + int(future.status != "unprocessed")
+                + int(runs[finished.pk] != 1)
+            )
             waiting = redis_server.client.llen("default")
-            reliability_report(11, operations=4, runs=sum(runs.values()),
-                               duplicates=int(runs[finished.pk] > 1), lost=int(normal.result != "successful"),
-                               seconds=time.monotonic() - started, hostile_messages=hostile_count,
-                               executed=executed, worker_alive=alive)
+            reliability_report(
+                11,
+                operations=4,
+                runs=sum(runs.values()),
+                duplicates=int(runs[finished.pk] > 1),
+                lost=int(normal.result != "successful"),
+                seconds=time.monotonic() - started,
+                hostile_messages=hostile_count,
+                executed=executed,
+                worker_alive=alive,
+            )
 
             assert not marker.exists(), "the pickle payload (or os.system) was executed"
             assert alive, log[-5000:]

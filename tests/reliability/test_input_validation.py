@@ -22,18 +22,27 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.test import override_settings
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchframework import BatchOperation, enqueue, enqueue_many
-from batchframework.exceptions import InputDataError, InvalidOperationError, UnknownOperationTypeError
+from batchframework.exceptions import (
+    InputDataError,
+    InvalidOperationError,
+    UnknownOperationTypeError,
+)
 from batchframework.registry import registry
 from batchframework.testing import run_due
 from tests.testapp.models import Game
 
 pytestmark = [pytest.mark.reliability, pytest.mark.django_db, pytest.mark.timeout(120)]
 
-HYPOTHESIS = settings(max_examples=40, deadline=None, database=None,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+HYPOTHESIS = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 stats = {"examples": 0, "rows": 0}
 
 
@@ -45,23 +54,52 @@ def _postgresql_only():
 
 # --- Strategies ------------------------------------------------------------------------------
 # Text a database can store unchanged: no NUL, no lone surrogates.
-safe_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12)
-json_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1)
-                | st.floats(allow_nan=False, allow_infinity=False) | safe_text)
+safe_text = st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12
+)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | safe_text
+)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(safe_text, children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(safe_text, children, max_size=4)
+    ),
     max_leaves=12,
 )
 
-bad_leaf = st.sampled_from([
-    object(), {1, 2}, b"bytes", datetime(2026, 1, 1), date(2026, 1, 1), Decimal("1.5"),
-    math.nan, math.inf, -math.inf, 1j, "nul\x00inside", "lone \ud800 surrogate", {1: "int key"},
-    {(1, 2): "tuple key"}, range(3),
-])
+bad_leaf = st.sampled_from(
+    [
+        object(),
+        {1, 2},
+        b"bytes",
+        datetime(2026, 1, 1),
+        date(2026, 1, 1),
+        Decimal("1.5"),
+        math.nan,
+        math.inf,
+        -math.inf,
+        1j,
+        "nul\x00inside",
+        "lone \ud800 surrogate",
+        {1: "int key"},
+        {(1, 2): "tuple key"},
+        range(3),
+    ]
+)
 # An invalid leaf, possibly buried inside valid containers.
-bad_input = st.recursive(bad_leaf, lambda inner: st.lists(inner, min_size=1, max_size=2).map(
-    lambda xs: [*xs, "ok"]) | inner.map(lambda x: {"nested": x}), max_leaves=3)
+bad_input = st.recursive(
+    bad_leaf,
+    lambda inner: (
+        st.lists(inner, min_size=1, max_size=2).map(lambda xs: [*xs, "ok"])
+        | inner.map(lambda x: {"nested": x})
+    ),
+    max_leaves=3,
+)
 
 naive = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1))
 bad_delay = st.one_of(
@@ -70,10 +108,17 @@ bad_delay = st.one_of(
     st.timedeltas(max_value=timedelta(microseconds=-1)),
     st.sampled_from([math.nan, math.inf, -math.inf, True, False, "10", [1], timedelta.max, 1e300]),
 )
-bad_run_after = st.one_of(naive, st.sampled_from([date(2030, 1, 1), "2030-01-01T00:00:00Z", 0, 1.5]))
-bad_priority = st.one_of(st.integers(max_value=-32769), st.integers(min_value=32768),
-                         st.sampled_from([True, 1.0, "1", None]))
-bad_queue = st.one_of(st.just(""), st.text(min_size=101, max_size=120), st.sampled_from([1, ["q"], b"q"]))
+bad_run_after = st.one_of(
+    naive, st.sampled_from([date(2030, 1, 1), "2030-01-01T00:00:00Z", 0, 1.5])
+)
+bad_priority = st.one_of(
+    st.integers(max_value=-32769),
+    st.integers(min_value=32768),
+    st.sampled_from([True, 1.0, "1", None]),
+)
+bad_queue = st.one_of(
+    st.just(""), st.text(min_size=101, max_size=120), st.sampled_from([1, ["q"], b"q"])
+)
 
 
 def _unknown_type(text: str) -> bool:
@@ -111,7 +156,11 @@ def _assert_untouched(pending: BatchOperation, count: int) -> None:
     assert BatchOperation.objects.count() == count
     row = BatchOperation.objects.get(pk=pending.pk)
     assert (row.status, row.input_data, row.run_after, row.attempts) == (
-        "unprocessed", {"keep": "me"}, pending.run_after, 0)
+        "unprocessed",
+        {"keep": "me"},
+        pending.run_after,
+        0,
+    )
 
 
 # --- Properties --------------------------------------------------------------------------------
@@ -126,8 +175,13 @@ def test_invalid_enqueue_raises_and_writes_nothing(pending, bad, replace):
 
 
 @HYPOTHESIS
-@given(bad=invalid_call.filter(lambda b: set(b) <= {"input_data", "delay", "run_after", "priority", "context_object"}),
-       good=st.integers(min_value=0, max_value=3), position=st.integers(min_value=0, max_value=3))
+@given(
+    bad=invalid_call.filter(
+        lambda b: set(b) <= {"input_data", "delay", "run_after", "priority", "context_object"}
+    ),
+    good=st.integers(min_value=0, max_value=3),
+    position=st.integers(min_value=0, max_value=3),
+)
 def test_invalid_item_in_enqueue_many_writes_nothing(pending, bad, good, position):
     before = BatchOperation.objects.count()
     items: list[dict] = [{"input_data": {"n": i}} for i in range(good)]
@@ -163,7 +217,7 @@ def _same(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
     return a == b
 
 
@@ -184,7 +238,12 @@ def test_valid_json_input_round_trips(value):
 # --- Limits and transactions ---------------------------------------------------------------------
 def test_size_limit_is_exact(pending):
     before = BatchOperation.objects.count()
-    with override_settings(BATCHFRAMEWORK={"MAX_INPUT_BYTES": 1000, "DISPATCHER": "batchframework.dispatch.NullDispatcher"}):
+    with override_settings(
+        BATCHFRAMEWORK={
+            "MAX_INPUT_BYTES": 1000,
+            "DISPATCHER": "batchframework.dispatch.NullDispatcher",
+        }
+    ):
         with pytest.raises(InputDataError, match="MAX_INPUT_BYTES"):
             enqueue("test-echo", input_data="x" * 999)  # 1001 bytes as JSON
         with pytest.raises(InputDataError):
@@ -199,8 +258,12 @@ def test_size_limit_is_exact(pending):
 def test_bad_call_inside_atomic_leaves_the_transaction_usable(pending):
     before = BatchOperation.objects.count()
     with transaction.atomic():
-        for bad in ({"operationtype": "nope"}, {"input_data": {"x": math.nan}},
-                    {"delay": -5}, {"run_after": datetime(2030, 1, 1)}):
+        for bad in (
+            {"operationtype": "nope"},
+            {"input_data": {"x": math.nan}},
+            {"delay": -5},
+            {"run_after": datetime(2030, 1, 1)},
+        ):
             with pytest.raises(InvalidOperationError):
                 _call(bad, replace=False)
         kept = enqueue("test-echo", input_data=[1, 2])
@@ -227,8 +290,15 @@ def test_out_of_range_delay_in_seconds_is_an_invalid_operation(pending, delay):
 
 def test_zz_report(reliability_report):
     """One summary line for the scenario (runs last in this module)."""
-    reliability_report(12, operations=stats["rows"], runs=stats["rows"], duplicates=0, lost=0,
-                       seconds=time.monotonic() - _STARTED, invalid_examples=stats["examples"] - stats["rows"])
+    reliability_report(
+        12,
+        operations=stats["rows"],
+        runs=stats["rows"],
+        duplicates=0,
+        lost=0,
+        seconds=time.monotonic() - _STARTED,
+        invalid_examples=stats["examples"] - stats["rows"],
+    )
 
 
 _STARTED = time.monotonic()

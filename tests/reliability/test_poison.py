@@ -72,7 +72,10 @@ def test_poison_operations_with_db_worker(tmp_path, reliability_report):
         worker = processes.worker("dbworker", "--batch-size", "1")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if BatchOperation.objects.filter(pk__in=[exit_op.pk, raise_op.pk]).finished().count() == 2:
+            if (
+                BatchOperation.objects.filter(pk__in=[exit_op.pk, raise_op.pk]).finished().count()
+                == 2
+            ):
                 break
             if worker.poll() is not None:
                 deaths.append(worker.returncode)
@@ -84,13 +87,23 @@ def test_poison_operations_with_db_worker(tmp_path, reliability_report):
         assert worker.poll() is None, processes.logs("dbworker")[-4000:]
         # The surviving worker still runs a normal operation.
         normal = enqueue("test-effect")
-        wait_until(lambda: BatchOperation.objects.get(pk=normal.pk).status == "finished",
-                   timeout=15, what="a normal operation after the poison")
+        wait_until(
+            lambda: BatchOperation.objects.get(pk=normal.pk).status == "finished",
+            timeout=15,
+            what="a normal operation after the poison",
+        )
         normal.refresh_from_db()
         runs = _runs(exit_op) + _runs(raise_op) + _runs(normal)
-        reliability_report(9, operations=3, runs=runs, duplicates=0,
-               lost=int(normal.result != "successful"), seconds=time.monotonic() - started,
-               transport="db-worker", worker_deaths=len(deaths))
+        reliability_report(
+            9,
+            operations=3,
+            runs=runs,
+            duplicates=0,
+            lost=int(normal.result != "successful"),
+            seconds=time.monotonic() - started,
+            transport="db-worker",
+            worker_deaths=len(deaths),
+        )
         _assert_poisons_failed_cleanly(exit_op, raise_op)
         assert deaths == [13] * MAX_ATTEMPTS
         assert normal.result == "successful" and _runs(normal) == 1
@@ -104,8 +117,12 @@ def test_poison_operations_with_celery_worker_and_beat(tmp_path, reliability_rep
     recovers the lease and drains again; after three attempts the operation is failed."""
     started = time.monotonic()
     with private_redis(tmp_path) as redis_server:
-        env = subprocess_env(CELERY_BROKER_URL=redis_server.url, BF_BATCH_SIZE="1",
-                             BF_DEFAULT_LEASE="2", BF_POLL_INTERVAL="1")
+        env = subprocess_env(
+            CELERY_BROKER_URL=redis_server.url,
+            BF_BATCH_SIZE="1",
+            BF_DEFAULT_LEASE="2",
+            BF_POLL_INTERVAL="1",
+        )
         processes = Processes(tmp_path, env)
         exit_op = _create("poison-exit")
         raise_op = _create("poison-raise")
@@ -114,19 +131,36 @@ def test_poison_operations_with_celery_worker_and_beat(tmp_path, reliability_rep
             worker = processes.celery_worker()
             beat = processes.celery_beat()
             wait_until(
-                lambda: BatchOperation.objects.filter(pk__in=[exit_op.pk, raise_op.pk]).finished().count() == 2,
-                timeout=60, interval=0.2, what="both poison operations to end")
+                lambda: (
+                    BatchOperation.objects.filter(pk__in=[exit_op.pk, raise_op.pk])
+                    .finished()
+                    .count()
+                    == 2
+                ),
+                timeout=60,
+                interval=0.2,
+                what="both poison operations to end",
+            )
             time.sleep(3)  # two more poll ticks: nothing runs them again
             assert worker.poll() is None and beat.poll() is None, processes.logs()[-6000:]
             normal = enqueue("test-effect")  # no message (null dispatcher): the poller finds it
-            wait_until(lambda: Effect.objects.filter(key=str(normal.pk)).exists(), timeout=15,
-                       what="a normal operation after the poison")
+            wait_until(
+                lambda: Effect.objects.filter(key=str(normal.pk)).exists(),
+                timeout=15,
+                what="a normal operation after the poison",
+            )
             time.sleep(0.5)
             normal.refresh_from_db()
             runs = _runs(exit_op) + _runs(raise_op) + _runs(normal)
-            reliability_report(9, operations=3, runs=runs, duplicates=0,
-                   lost=int(normal.result != "successful"), seconds=time.monotonic() - started,
-                   transport="celery")
+            reliability_report(
+                9,
+                operations=3,
+                runs=runs,
+                duplicates=0,
+                lost=int(normal.result != "successful"),
+                seconds=time.monotonic() - started,
+                transport="celery",
+            )
             _assert_poisons_failed_cleanly(exit_op, raise_op)
             assert normal.result == "successful" and _runs(normal) == 1
         finally:
@@ -134,7 +168,9 @@ def test_poison_operations_with_celery_worker_and_beat(tmp_path, reliability_rep
 
 
 @pytest.mark.timeout(60)
-def test_operations_claimed_with_a_poison_operation_are_not_failed_unrun(tmp_path, reliability_report):
+def test_operations_claimed_with_a_poison_operation_are_not_failed_unrun(
+    tmp_path, reliability_report
+):
     """Bystanders: a worker claims a batch (default batch size) holding ``poison-exit`` first
     and then ordinary ``test-effect`` operations (``max_attempts=1``). The poison kills the
     worker before the others start. They never ran, so they must still run (once) — not be
@@ -156,14 +192,23 @@ def test_operations_claimed_with_a_poison_operation_are_not_failed_unrun(tmp_pat
         ops = {op.pk: op for op in BatchOperation.objects.filter(pk__in=ids)}
         runs = {pk: Execution.objects.filter(key=str(pk)).count() for pk in ids}
         unrun_failed = [pk for pk in ids if ops[pk].result == "failed" and runs[pk] == 0]
-        reliability_report(9, operations=len(ids) + 1, runs=sum(runs.values()) + _runs(exit_op),
-               duplicates=sum(1 for n in runs.values() if n > 1), lost=len(unrun_failed),
-               seconds=time.monotonic() - started, case="bystanders")
+        reliability_report(
+            9,
+            operations=len(ids) + 1,
+            runs=sum(runs.values()) + _runs(exit_op),
+            duplicates=sum(1 for n in runs.values() if n > 1),
+            lost=len(unrun_failed),
+            seconds=time.monotonic() - started,
+            case="bystanders",
+        )
         assert not unrun_failed, (
             "operations claimed in the same batch as a poison operation were failed without "
             "their handler ever running: "
-            + "; ".join(f"#{pk} attempts={ops[pk].attempts} last_error={ops[pk].last_error[:90]!r}"
-                        for pk in unrun_failed))
+            + "; ".join(
+                f"#{pk} attempts={ops[pk].attempts} last_error={ops[pk].last_error[:90]!r}"
+                for pk in unrun_failed
+            )
+        )
         assert all(ops[pk].result == "successful" and runs[pk] == 1 for pk in ids)
     finally:
         processes.cleanup()

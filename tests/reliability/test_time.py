@@ -38,7 +38,9 @@ _real_now = timezone.now
 
 def _runs(ids) -> dict[int, int]:
     counts = {pk: 0 for pk in ids}
-    for key in Execution.objects.filter(key__in=[str(pk) for pk in ids]).values_list("key", flat=True):
+    for key in Execution.objects.filter(key__in=[str(pk) for pk in ids]).values_list(
+        "key", flat=True
+    ):
         counts[int(key)] += 1
     return counts
 
@@ -58,11 +60,11 @@ def _postgresql_only(request):
 
 DUE_TIMES = {
     "before-fall-back": datetime(2026, 10, 25, 1, 59, 59, tzinfo=OSLO),
-    "repeated-hour-first": datetime(2026, 10, 25, 2, 30, tzinfo=OSLO, fold=0),   # 00:30 UTC
+    "repeated-hour-first": datetime(2026, 10, 25, 2, 30, tzinfo=OSLO, fold=0),  # 00:30 UTC
     "repeated-hour-second": datetime(2026, 10, 25, 2, 30, tzinfo=OSLO, fold=1),  # 01:30 UTC
     "after-fall-back": datetime(2026, 10, 25, 3, 0, tzinfo=OSLO),
     "before-spring-forward": datetime(2027, 3, 28, 1, 59, 59, 999999, tzinfo=OSLO),
-    "after-spring-forward": datetime(2027, 3, 28, 3, 0, tzinfo=OSLO),             # 01:00 UTC
+    "after-spring-forward": datetime(2027, 3, 28, 3, 0, tzinfo=OSLO),  # 01:00 UTC
 }
 
 
@@ -76,7 +78,9 @@ def test_due_times_across_dst_changes(reliability_report):
     for name, op in ops.items():
         op.refresh_from_db()
         assert op.run_after == DUE_TIMES[name].astimezone(UTC), name
-    assert due_utc[ops["repeated-hour-second"].pk] - due_utc[ops["repeated-hour-first"].pk] == timedelta(hours=1)
+    assert due_utc[ops["repeated-hour-second"].pk] - due_utc[
+        ops["repeated-hour-first"].pk
+    ] == timedelta(hours=1)
 
     early = 0
     ran: set[int] = set()
@@ -89,10 +93,16 @@ def test_due_times_across_dst_changes(reliability_report):
                 early += len(ran - expected)
                 assert ran == expected, (now_expressed.isoformat(), ran, expected)
     runs = _runs(due_utc)
-    reliability_report(14, operations=len(due_utc), runs=sum(runs.values()),
-                       duplicates=sum(1 for n in runs.values() if n > 1),
-                       lost=sum(1 for n in runs.values() if n == 0),
-                       seconds=time.monotonic() - started, case="dst", early=early)
+    reliability_report(
+        14,
+        operations=len(due_utc),
+        runs=sum(runs.values()),
+        duplicates=sum(1 for n in runs.values() if n > 1),
+        lost=sum(1 for n in runs.values() if n == 0),
+        seconds=time.monotonic() - started,
+        case="dst",
+        early=early,
+    )
     assert set(runs.values()) == {1}
 
 
@@ -110,9 +120,14 @@ def test_delay_across_the_fall_back_is_an_absolute_duration():
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("enqueue_zone, run_zone", [
-    ("Europe/Oslo", "America/New_York"), ("Pacific/Kiritimati", "Pacific/Pago_Pago"), ("UTC", "Asia/Kolkata"),
-])
+@pytest.mark.parametrize(
+    "enqueue_zone, run_zone",
+    [
+        ("Europe/Oslo", "America/New_York"),
+        ("Pacific/Kiritimati", "Pacific/Pago_Pago"),
+        ("UTC", "Asia/Kolkata"),
+    ],
+)
 def test_time_zone_setting_change_between_enqueue_and_run(enqueue_zone, run_zone):
     base = _real_now()
     with override_settings(TIME_ZONE=enqueue_zone):
@@ -126,8 +141,12 @@ def test_time_zone_setting_change_between_enqueue_and_run(enqueue_zone, run_zone
             op.refresh_from_db()
             assert op.run_after == due[op.pk]
         # Time travel: nothing early, each once.
-        assert {o.pk for o in run_due(now=base + timedelta(hours=2) - timedelta(seconds=5),
-                                      operationtype="test-effect")} <= {soon.pk}
+        assert {
+            o.pk
+            for o in run_due(
+                now=base + timedelta(hours=2) - timedelta(seconds=5), operationtype="test-effect"
+            )
+        } <= {soon.pk}
         assert BatchOperation.objects.filter(pk__in=list(due)).unprocessed().count() == 2
         later = timezone.localtime(base + timedelta(hours=2, seconds=1))
         assert {o.pk for o in run_due(now=later)} >= set(due)
@@ -142,34 +161,51 @@ def test_time_zone_setting_change_between_enqueue_and_run(enqueue_zone, run_zone
 
 
 # --- Subprocesses: clocks that disagree (PostgreSQL) ----------------------------------------
-def _run_with_worker(tmp_path, skew: float, delays: list[float]) -> tuple[list[BatchOperation], dict, float]:
+def _run_with_worker(
+    tmp_path, skew: float, delays: list[float]
+) -> tuple[list[BatchOperation], dict, float]:
     processes = Processes(tmp_path, subprocess_env(BF_CLOCK_SKEW_SECONDS=str(skew)))
     try:
         worker = processes.worker("dbworker")
         time.sleep(2.0)  # the worker is up and polling
         ops = [enqueue("test-effect", delay=timedelta(seconds=d)) for d in delays]
         ids = [op.pk for op in ops]
-        wait_until(lambda: BatchOperation.objects.filter(pk__in=ids).finished().count() == len(ids),
-                   timeout=30, what="all operations to finish")
+        wait_until(
+            lambda: BatchOperation.objects.filter(pk__in=ids).finished().count() == len(ids),
+            timeout=30,
+            what="all operations to finish",
+        )
         assert worker.poll() is None, processes.logs()[-3000:]
         ops = list(BatchOperation.objects.filter(pk__in=ids))
-        return ops, _runs(ids), max((op.started_running_datetime - op.run_after).total_seconds() for op in ops)
+        return (
+            ops,
+            _runs(ids),
+            max((op.started_running_datetime - op.run_after).total_seconds() for op in ops),
+        )
     finally:
         processes.cleanup()
 
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("skew", [300.0, -300.0], ids=["worker-clock-5min-fast", "worker-clock-5min-slow"])
+@pytest.mark.parametrize(
+    "skew", [300.0, -300.0], ids=["worker-clock-5min-fast", "worker-clock-5min-slow"]
+)
 def test_worker_clock_skew_never_runs_early(tmp_path, reliability_report, skew):
     started = time.monotonic()
     ops, runs, latest = _run_with_worker(tmp_path, skew, [0.5 * i for i in range(1, 9)])
     early = [op.pk for op in ops if op.started_running_datetime < op.run_after]
-    reliability_report(14, operations=len(ops), runs=sum(runs.values()),
-                       duplicates=sum(1 for n in runs.values() if n > 1),
-                       lost=sum(1 for op in ops if op.result != "successful"),
-                       seconds=time.monotonic() - started, case=f"worker-skew{skew:+.0f}s",
-                       early=len(early), max_late=f"{latest:.2f}s")
+    reliability_report(
+        14,
+        operations=len(ops),
+        runs=sum(runs.values()),
+        duplicates=sum(1 for n in runs.values() if n > 1),
+        lost=sum(1 for op in ops if op.result != "successful"),
+        seconds=time.monotonic() - started,
+        case=f"worker-skew{skew:+.0f}s",
+        early=len(early),
+        max_late=f"{latest:.2f}s",
+    )
     assert not early
     assert set(runs.values()) == {1}
     assert latest < 3.0, f"late by {latest:.2f}s (poll interval 0.2s)"
@@ -188,18 +224,31 @@ def test_web_clock_behind_does_not_make_a_delayed_operation_run_early(tmp_path, 
         enqueued_at = datetime.now(UTC)  # this machine's clock is also the database server's
         with mock.patch("django.utils.timezone.now", lambda: _real_now() - timedelta(minutes=5)):
             op = enqueue("test-effect", delay=timedelta(seconds=3))
-        wait_until(lambda: BatchOperation.objects.get(pk=op.pk).status == "finished", timeout=20,
-                   what="the operation to finish")
+        wait_until(
+            lambda: BatchOperation.objects.get(pk=op.pk).status == "finished",
+            timeout=20,
+            what="the operation to finish",
+        )
         assert worker.poll() is None
         op.refresh_from_db()
         waited = (op.started_running_datetime - enqueued_at).total_seconds()
         runs = _runs([op.pk])
-        reliability_report(14, operations=1, runs=runs[op.pk], duplicates=int(runs[op.pk] > 1),
-                           lost=int(op.result != "successful"), seconds=time.monotonic() - started,
-                           case="web-clock-5min-slow", waited=f"{waited:.2f}s", asked="3s")
+        reliability_report(
+            14,
+            operations=1,
+            runs=runs[op.pk],
+            duplicates=int(runs[op.pk] > 1),
+            lost=int(op.result != "successful"),
+            seconds=time.monotonic() - started,
+            case="web-clock-5min-slow",
+            waited=f"{waited:.2f}s",
+            asked="3s",
+        )
         assert runs[op.pk] == 1
         assert waited >= 3.0 - 0.05, (
-            f"enqueue(delay=3s) from a web process whose clock is 5 min slow ran after {waited:.2f}s: "
-            f"run_after={op.run_after.isoformat()} was computed from the web clock, not the database's")
+            f"enqueue(delay=3s) from a web process whose clock is 5 min slow ran after "
+            f"{waited:.2f}s: run_after={op.run_after.isoformat()} was computed from the web "
+            "clock, not the database's"
+        )
     finally:
         processes.cleanup()

@@ -82,9 +82,14 @@ def test_pool_child_killed_operation_recovered_after_lease(
     seconds = time.monotonic() - killed
     op.refresh_from_db()
     reliability_report(
-        "3a", operations=1, runs=_executions(op.pk), duplicates=0,
-        lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL), seconds=seconds,
-        attempts=op.attempts, killed="pool-child",
+        "3a",
+        operations=1,
+        runs=_executions(op.pk),
+        duplicates=0,
+        lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL),
+        seconds=seconds,
+        attempts=op.attempts,
+        killed="pool-child",
     )
     assert op.result == BatchOperation.RESULT_SUCCESSFUL, op.last_error
     assert op.attempts == 2
@@ -121,9 +126,14 @@ def test_whole_worker_killed_operation_recovered_after_lease(
     seconds = time.monotonic() - killed
     op.refresh_from_db()
     reliability_report(
-        "3b", operations=1, runs=_executions(op.pk), duplicates=0,
-        lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL), seconds=seconds,
-        attempts=op.attempts, killed="whole-worker",
+        "3b",
+        operations=1,
+        runs=_executions(op.pk),
+        duplicates=0,
+        lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL),
+        seconds=seconds,
+        attempts=op.attempts,
+        killed="whole-worker",
     )
     assert op.result == BatchOperation.RESULT_SUCCESSFUL, op.last_error
     assert op.attempts == 2
@@ -148,9 +158,13 @@ def test_lease_renewed_by_progress_is_never_reclaimed(private_redis, processes, 
     time.sleep(POLL + 0.5)
     op.refresh_from_db()
     reliability_report(
-        "3c", operations=1, runs=_executions(op.pk), duplicates=max(0, _executions(op.pk) - 1),
+        "3c",
+        operations=1,
+        runs=_executions(op.pk),
+        duplicates=max(0, _executions(op.pk) - 1),
         lost=int(op.result != BatchOperation.RESULT_SUCCESSFUL),
-        seconds=time.monotonic() - started, attempts=op.attempts,
+        seconds=time.monotonic() - started,
+        attempts=op.attempts,
         progress=f"{op.progress_done}/{op.progress_total}",
     )
     assert op.result == BatchOperation.RESULT_SUCCESSFUL, op.last_error
@@ -176,15 +190,21 @@ def test_operations_waiting_in_a_claimed_chunk_are_not_reclaimed(
     with celery_on(private_redis.url()):
         ops = enqueue_many("test-sleep", [{"input_data": {"seconds": 0.6}}] * 6)
     ids = [op.pk for op in ops]
-    wait_until(lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == len(ids),
-               timeout=40, what="the chunk to finish")
+    wait_until(
+        lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == len(ids),
+        timeout=40,
+        what="the chunk to finish",
+    )
     time.sleep(POLL + 0.5)
     runs = {pk: _executions(pk) for pk in ids}
     operations = BatchOperation.objects.filter(pk__in=ids)
     reliability_report(
-        "3d", operations=len(ids), runs=sum(runs.values()),
+        "3d",
+        operations=len(ids),
+        runs=sum(runs.values()),
         duplicates=sum(n - 1 for n in runs.values() if n > 1),
-        lost=len(ids) - operations.successful().count(), seconds=time.monotonic() - started,
+        lost=len(ids) - operations.successful().count(),
+        seconds=time.monotonic() - started,
         reclaimed=operations.filter(attempts__gt=1).count(),
     )
     assert set(runs.values()) == {1}, f"handler runs per operation: {runs}"

@@ -17,16 +17,32 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--queue", action="append", dest="queues", metavar="QUEUE",
-                            help="Only take operations from this queue (repeatable).")
-        parser.add_argument("--batch-size", type=int, default=None,
-                            help="Operations claimed per statement (default: BATCH_SIZE).")
-        parser.add_argument("--max-operations", type=int, default=None,
-                            help="Exit after running this many operations.")
-        parser.add_argument("--once", action="store_true",
-                            help="Run what is due now, then exit.")
-        parser.add_argument("--poll-interval", type=float, default=None,
-                            help="Seconds between polls when idle (default: POLL_INTERVAL).")
+        parser.add_argument(
+            "--queue",
+            action="append",
+            dest="queues",
+            metavar="QUEUE",
+            help="Only take operations from this queue (repeatable).",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=None,
+            help="Operations claimed per statement (default: BATCH_SIZE).",
+        )
+        parser.add_argument(
+            "--max-operations",
+            type=int,
+            default=None,
+            help="Exit after running this many operations.",
+        )
+        parser.add_argument("--once", action="store_true", help="Run what is due now, then exit.")
+        parser.add_argument(
+            "--poll-interval",
+            type=float,
+            default=None,
+            help="Seconds between polls when idle (default: POLL_INTERVAL).",
+        )
         parser.add_argument("--name", default=None, help="Worker name shown in claimed_by.")
         parser.add_argument("--database", default=None, help="Database alias to work on.")
 
@@ -40,8 +56,9 @@ class Command(BaseCommand):
             batch_size=options["batch_size"],
             max_operations=options["max_operations"],
             once=options["once"],
-            poll_interval=(timedelta(seconds=options["poll_interval"])
-                           if options["poll_interval"] else None),
+            poll_interval=(
+                timedelta(seconds=options["poll_interval"]) if options["poll_interval"] else None
+            ),
             name=options["name"],
             using=options["database"],
             log=lambda message: self.stdout.write(message),

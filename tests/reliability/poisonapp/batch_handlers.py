@@ -17,7 +17,9 @@ from tests.testapp.models import Effect, Execution
 def poison_raise(operation):
     """Always raises; records one Execution per call."""
     Execution.objects.create(key=str(operation.pk))
-    raise RuntimeError(f"poison operation {operation.pk} always fails (attempt {operation.attempts})")
+    raise RuntimeError(
+        f"poison operation {operation.pk} always fails (attempt {operation.attempts})"
+    )
 
 
 @handler("poison-exit", max_attempts=3, retry_backoff=0, lease=1)
