@@ -1,0 +1,95 @@
+"""W3 enqueue rate: ``enqueue`` one at a time, each in its own ``transaction.atomic()`` (as a
+view does), against plain ``task.delay()``; and ``enqueue_many`` of 10,000.
+
+With the Celery dispatcher, the tracked figure includes the INSERT, the commit and the publish
+after commit; the "DB only" row (NullDispatcher, a DB-polling deployment) separates the two.
+No worker runs: messages pile up in Redis DB 13 and are flushed afterwards. Rounds alternate
+between the variants so that they share the machine's noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+
+from batchframework import enqueue, enqueue_many
+
+from .common import NULL_DISPATCHER, Bench, Timer, dispatcher, ratio
+
+ROUNDS = 3
+
+
+def _single_enqueues(n: int) -> float:
+    with Timer() as t:
+        for _ in range(n):
+            with transaction.atomic():
+                enqueue("bench-noop")
+    return t.seconds
+
+
+def _plain_delays(n: int) -> float:
+    from .benchapp.tasks import bench_incr
+
+    with Timer() as t:
+        for _ in range(n):
+            bench_incr.delay("bench:w3", n)
+    return t.seconds
+
+
+def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
+    bench.reset()
+    # Warm up: connections to PostgreSQL and Redis, the producer pool, ContentType cache.
+    _plain_delays(20)
+    _single_enqueues(20)
+    totals = {"delay": 0.0, "enqueue": 0.0, "enqueue_db_only": 0.0}
+    per_round = n_single // ROUNDS
+    for _ in range(ROUNDS):
+        totals["delay"] += _plain_delays(per_round)
+        totals["enqueue"] += _single_enqueues(per_round)
+        with dispatcher(NULL_DISPATCHER):
+            totals["enqueue_db_only"] += _single_enqueues(per_round)
+        bench.reset()
+    rates = {name: per_round * ROUNDS / seconds for name, seconds in totals.items()}
+    many: dict[str, float] = {}
+    for name, path in (("enqueue_many", None), ("enqueue_many_db_only", NULL_DISPATCHER)):
+        with dispatcher(path), Timer() as t:
+            enqueue_many("bench-noop", [{}] * n_many)
+        many[name] = n_many / t.seconds
+        bench.reset()
+    result = {"n_single": per_round * ROUNDS, "n_many": n_many, "rates_per_s": {**rates, **many}}
+    base = rates["delay"]
+    bench.row("W3", "plain delay(), ops/s", base)
+    bench.row(
+        "W3",
+        "enqueue in atomic (Celery dispatch), ops/s",
+        rates["enqueue"],
+        base,
+        ratio(rates["enqueue"], base),
+        ">= 0.8x",
+    )
+    bench.row(
+        "W3",
+        "enqueue in atomic (DB only), ops/s",
+        rates["enqueue_db_only"],
+        base,
+        ratio(rates["enqueue_db_only"], base),
+        "(informative)",
+    )
+    bench.row(
+        "W3",
+        f"enqueue_many {n_many:,} (Celery dispatch), ops/s",
+        many["enqueue_many"],
+        base,
+        ratio(many["enqueue_many"], base),
+        ">= 20,000 ops/s",
+    )
+    bench.row(
+        "W3",
+        f"enqueue_many {n_many:,} (DB only), ops/s",
+        many["enqueue_many_db_only"],
+        base,
+        ratio(many["enqueue_many_db_only"], base),
+        "(informative)",
+    )
+    return result
