@@ -10,6 +10,7 @@ operation run early.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -56,9 +57,12 @@ def now_expression(now: datetime | None = None) -> Expression:
 
 #: How long a measured offset between this process's clock and the database's is trusted.
 OFFSET_TTL_SECONDS = 60.0
+#: Offsets smaller than this are measurement noise (round trip, SQLite's millisecond
+#: resolution) and count as zero: processes on the database's own machine use their clock as is.
+NOISE = timedelta(milliseconds=10)
 
-#: Part of a negative offset (database clock behind ours) that is not corrected.
-NEGATIVE_MARGIN = timedelta(milliseconds=5)
+#: Offsets larger than this are logged: a clock that far off needs fixing (or is frozen by a test).
+LOUD_SKEW = timedelta(seconds=1)
 
 _offsets: dict[str, tuple[float, timedelta]] = {}
 _offsets_lock = threading.Lock()
@@ -84,9 +88,8 @@ def _read_database_time(using: str) -> datetime:
 def clock_offset(using: str | None = None) -> timedelta:
     """How far the database clock is ahead of this process's clock (cached for a minute).
 
-    Measured as database time minus the local time *before* the query, so the estimate errs
-    towards the database being later: due times computed from it are never early, at worst
-    late by one round trip.
+    Measured against the midpoint of the query's round trip; offsets within :data:`NOISE` are
+    zero.
     """
     if not get_settings().CORRECT_CLOCK_SKEW:
         return timedelta(0)
@@ -95,10 +98,21 @@ def clock_offset(using: str | None = None) -> timedelta:
     if cached is not None and time.monotonic() - cached[0] < OFFSET_TTL_SECONDS:
         return cached[1]
     before = timezone.now()
-    measured = _read_database_time(alias) - before
-    # A database clock behind ours only makes operations late; correct it, but keep a margin
-    # for SQLite's millisecond resolution and jitter, which must never make one early.
-    offset = measured if measured >= timedelta(0) else min(timedelta(0), measured + NEGATIVE_MARGIN)
+    database_time = _read_database_time(alias)
+    after = timezone.now()
+    offset = database_time - (before + (after - before) / 2)
+    if abs(offset) < NOISE:
+        offset = timedelta(0)
+    elif abs(offset) > LOUD_SKEW:
+        from .signals import log_event
+
+        log_event(
+            logging.WARNING,
+            "clock_skew",
+            database=alias,
+            seconds_database_is_ahead=round(offset.total_seconds(), 3),
+            hint="fix NTP; or set CORRECT_CLOCK_SKEW=False if a test froze the clock",
+        )
     with _offsets_lock:
         _offsets[alias] = (time.monotonic(), offset)
     return offset

@@ -17,8 +17,8 @@ import math
 
 from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Count, F, Q
-from django.utils import timezone
 
+from batchframework.clock import database_now
 from batchframework.conf import get_settings
 from batchframework.engine import recover_expired
 from batchframework.models import BatchOperation
@@ -57,19 +57,22 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
             # ones): expiring it keeps a backlog of drains from piling up without workers.
             if publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires):
                 drains += 1
-    # Coming due before the next tick (with slack for a late tick), and either beyond the horizon
-    # when enqueued or put back for a retry: nobody has published those yet.
-    window = settings.POLL_INTERVAL * 2
-    now = timezone.now()
+    # Coming due during the next poll interval, and either beyond the horizon when enqueued or
+    # put back for a retry: nobody has published those yet. Consecutive ticks' windows tile
+    # (each starts half an interval ahead, where the previous one ended), so an operation is
+    # published once; one that falls into a gap left by a late tick is drained when due.
+    interval = settings.POLL_INTERVAL
+    now = database_now(alias)
+    start, end = now + interval / 2, now + interval * 3 / 2
     soon = list(
         manager.unprocessed()
-        .filter(operationtype__in=types, run_after__gt=now, run_after__lte=now + window)
+        .filter(operationtype__in=types, run_after__gt=start, run_after__lte=end)
         .filter(
             Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON) | Q(attempts__gt=0)
         )
         .only("pk", "run_after", "queue")
     )
-    scheduled = publish_operations(soon, using=alias, horizon=window).published if soon else 0
+    scheduled = publish_operations(soon, using=alias, horizon=interval * 2).published if soon else 0
     return {
         "recovered": recovered,
         "due": sum(due_by_queue.values()),

@@ -19,10 +19,12 @@ from unittest import mock
 from zoneinfo import ZoneInfo
 
 import pytest
+from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue
+from batchframework.clock import forget_clock_offsets
 from batchframework.engine import claim_due, release
 from batchframework.testing import run_due
 from tests.testapp.models import Execution
@@ -110,7 +112,12 @@ def test_due_times_across_dst_changes(reliability_report):
 def test_delay_across_the_fall_back_is_an_absolute_duration():
     # 02:45 CEST (00:45 UTC), an hour's delay: due 02:45 CET (01:45 UTC), not 03:45.
     web_now = datetime(2026, 10, 25, 0, 45, tzinfo=UTC)
-    with mock.patch("django.utils.timezone.now", return_value=web_now):
+    # A frozen clock: the documented way is to turn the skew correction off meanwhile.
+    frozen = {**settings.BATCHFRAMEWORK, "CORRECT_CLOCK_SKEW": False}
+    with (
+        override_settings(BATCHFRAMEWORK=frozen),
+        mock.patch("django.utils.timezone.now", return_value=web_now),
+    ):
         op = enqueue("test-effect", delay=timedelta(hours=1))
     op.refresh_from_db()
     assert op.run_after == datetime(2026, 10, 25, 1, 45, tzinfo=UTC)
@@ -223,7 +230,10 @@ def test_web_clock_behind_does_not_make_a_delayed_operation_run_early(tmp_path, 
         time.sleep(2.0)
         enqueued_at = datetime.now(UTC)  # this machine's clock is also the database server's
         with mock.patch("django.utils.timezone.now", lambda: _real_now() - timedelta(minutes=5)):
+            # A web process whose clock was always slow: it measures its offset afresh.
+            forget_clock_offsets()
             op = enqueue("test-effect", delay=timedelta(seconds=3))
+        forget_clock_offsets()
         wait_until(
             lambda: BatchOperation.objects.get(pk=op.pk).status == "finished",
             timeout=20,
