@@ -20,9 +20,19 @@ def write_alias(using: str | None = None) -> str:
     return using or router.db_for_write(BatchOperation)
 
 
-def new_claim_token(worker: str | None = None) -> str:
-    """A claim identity: who claims (host:pid unless given) and a fresh token per claim."""
-    return f"{worker or f'{_HOSTNAME}:{os.getpid()}'}:{uuid.uuid4().hex[:12]}"[-255:]
+#: Ends the claim token of a claim that took several operations at once.
+BATCH_SUFFIX = "/batch"
+#: ``claimed_by`` of an unprocessed operation that must be claimed alone: it was held in a batch
+#: whose worker died, so it may be the one that killed it.
+ISOLATED = "!isolated"
+
+
+def new_claim_token(worker: str | None = None, *, batch: bool = False) -> str:
+    """A claim identity: who claims (host:pid unless given), a fresh token per claim, and
+    whether the claim took a batch (recovery treats those differently)."""
+    who = worker or f"{_HOSTNAME}:{os.getpid()}"
+    suffix = BATCH_SUFFIX if batch else ""
+    return f"{who[: 255 - 13 - len(suffix)]}:{uuid.uuid4().hex[:12]}{suffix}"
 
 
 def time_after(delta: timedelta, now: object = None) -> Expression:

@@ -3,9 +3,9 @@ recording the successes of quick handlers together.
 
 Used by the DB-polling worker and by the Celery tasks, so both get the same guarantees:
 
-- each operation's attempt is counted, fenced, when its turn comes (see :func:`.run_claimed`);
-- the operations still waiting have their leases renewed once half a lease has gone by, so a
-  healthy worker is not robbed while it works through a long batch;
+- before each operation, once half a lease has gone by, the leases of the operations still
+  waiting are renewed (fenced by the claim: one that was lost meanwhile is dropped, never
+  run), so a healthy worker is not robbed while it works through a long batch;
 - a stop request gives the waiting operations back (:func:`.release`);
 - successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, at most
   ``FINISH_WINDOW`` after the handler returned, instead of one UPDATE each.
@@ -28,7 +28,7 @@ from ..registry import registry
 from ..signals import operation_finished, operation_started
 from ._common import write_alias
 from .claim import release, renew_leases
-from .run import RunOutcome, _call, _finish_failure, _lost, _start_attempt, run_claimed
+from .run import RunOutcome, _call, _finish_failure, _lost, run_claimed
 
 
 class BatchRunner:
@@ -82,9 +82,6 @@ class BatchRunner:
             self.outcomes.append(run_claimed(operation, using=self.using))
             return
         alias = self._alias(operation)
-        if not _start_attempt(operation, registered, alias):
-            self.outcomes.append(_lost(operation))
-            return
         operation_started.send(sender=BatchOperation, operation=operation)
         try:
             output = _call(registered, operation)

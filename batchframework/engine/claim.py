@@ -6,6 +6,11 @@ A claim increments ``attempts``, sets a lease on the database clock, and writes 
 token to ``claimed_by``; finishing is fenced by that token (see :mod:`.run`). Operations whose
 operationtype has no registered handler are never claimed, so the original's manual flow
 (``mark_as_running()`` then ``finish()``) keeps working for them.
+
+A batch claim counts an attempt for every operation in it, although only one runs at a time.
+If the worker dies, recovery can't tell which one killed it, so it puts the whole batch back
+without counting the attempt and marks each operation to be claimed alone from then on
+(``claimed_by = "!isolated"``); a poison operation then uses up its own attempts only.
 """
 
 from __future__ import annotations
@@ -25,44 +30,29 @@ from ..conf import get_settings
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event
-from ._common import new_claim_token, supports_skip_locked, time_after, write_alias
-
-#: Instance attribute: ``True`` once the attempt of a claimed operation has been counted.
-_STARTED = "_batchframework_attempt_started"
-
-
-def attempt_started(operation: BatchOperation) -> bool:
-    """Whether this claimed operation's attempt has been counted (see :func:`claim_due`)."""
-    return bool(getattr(operation, _STARTED, False))
+from ._common import (
+    ISOLATED,
+    new_claim_token,
+    supports_skip_locked,
+    time_after,
+    write_alias,
+)
 
 
-def mark_attempt_started(operation: BatchOperation) -> None:
-    setattr(operation, _STARTED, True)
-
-
-def _claim_update(
-    lease: timedelta, token: str, now: datetime | None, *, count_attempt: bool
-) -> dict[str, Any]:
-    changes: dict[str, Any] = {
+def _claim_update(lease: timedelta, token: str, now: datetime | None) -> dict[str, Any]:
+    return {
         "status": BatchOperation.STATUS_RUNNING,
         "result": BatchOperation.RESULT_NOT_AVAILABLE,
+        "attempts": F("attempts") + 1,
         "claimed_by": token,
         "started_running_datetime": now_expression(now),
         "lease_expires_at": time_after(lease, now),
         "debounce_key": None,
     }
-    if count_attempt:
-        changes["attempts"] = F("attempts") + 1
-    return changes
 
 
 def _mark_claimed(
-    operation: BatchOperation,
-    token: str,
-    lease: timedelta,
-    now: datetime | None,
-    *,
-    count_attempt: bool,
+    operation: BatchOperation, token: str, lease: timedelta, now: datetime | None
 ) -> None:
     """Mirror the claim's UPDATE on the in-memory instance (times approximated locally)."""
     started = now or timezone.now()
@@ -72,9 +62,7 @@ def _mark_claimed(
     operation.started_running_datetime = started
     operation.lease_expires_at = started + lease
     operation.debounce_key = None
-    if count_attempt:
-        operation.attempts += 1
-        mark_attempt_started(operation)
+    operation.attempts += 1
 
 
 def claim(
@@ -118,11 +106,11 @@ def claim(
         status=BatchOperation.STATUS_UNPROCESSED,
         attempts=operation.attempts,
         run_after__lte=now_expression(now),
-    ).update(**_claim_update(lease, token, now, count_attempt=True))
+    ).update(**_claim_update(lease, token, now))
     if not won:
         log_event(logging.INFO, "claim_skipped", id=operation_id, reason="lost_race_or_not_due")
         return None
-    _mark_claimed(operation, token, lease, now, count_attempt=True)
+    _mark_claimed(operation, token, lease, now)
     return operation
 
 
@@ -145,10 +133,8 @@ def claim_due(
     concurrent claimers take disjoint batches; elsewhere (SQLite) the conditional UPDATE still
     guarantees one winner per row. A constant number of statements per batch.
 
-    The batch is reserved, not yet attempted: each operation's attempt is counted when its turn
-    comes (:func:`batchframework.engine.run.run_claimed` does it, in one fenced statement that
-    also renews its lease). So when a handler kills its worker, the operations that were
-    waiting behind it in the batch are retried without losing an attempt.
+    Operations marked to be claimed alone (see the module docstring) are: when the first
+    candidate is one, only it is claimed; otherwise the batch stops before the first one.
     """
     alias = write_alias(using)
     limit = limit or get_settings().BATCH_SIZE
@@ -158,7 +144,6 @@ def claim_due(
         types = [t for t in types if t in set(operationtypes)]
     if not types:
         return []
-    token = new_claim_token(worker)
     manager = BatchOperation.objects.db_manager(alias)
     with transaction.atomic(using=alias):
         candidates = manager.due(now).filter(operationtype__in=types)
@@ -169,9 +154,10 @@ def claim_due(
         candidates = candidates.order_by("-priority", "run_after", "pk")
         if supports_skip_locked(alias):
             candidates = candidates.select_for_update(skip_locked=True)
-        operations = list(candidates[:limit])
+        operations = _alone_or_before_isolated(list(candidates[:limit]))
         if not operations:
             return []
+        token = new_claim_token(worker, batch=len(operations) > 1)
         by_lease: dict[timedelta, list[BatchOperation]] = defaultdict(list)
         for operation in operations:
             by_lease[registry[operation.operationtype].resolved_lease()].append(operation)
@@ -179,9 +165,9 @@ def claim_due(
         for lease, group in by_lease.items():
             claimed_count += manager.filter(
                 pk__in=[op.pk for op in group], status=BatchOperation.STATUS_UNPROCESSED
-            ).update(**_claim_update(lease, token, now, count_attempt=False))
+            ).update(**_claim_update(lease, token, now))
             for operation in group:
-                _mark_claimed(operation, token, lease, now, count_attempt=False)
+                _mark_claimed(operation, token, lease, now)
         if claimed_count != len(operations):
             # Without row locks a concurrent claimer may have won some rows: keep only ours.
             ours = set(
@@ -193,11 +179,19 @@ def claim_due(
     return operations
 
 
+def _alone_or_before_isolated(candidates: list[BatchOperation]) -> list[BatchOperation]:
+    """Keep an isolated operation alone in its claim (the others stay unclaimed)."""
+    for index, operation in enumerate(candidates):
+        if operation.claimed_by == ISOLATED:
+            return candidates[:1] if index == 0 else candidates[:index]
+    return candidates
+
+
 def release(operations: Sequence[BatchOperation], *, using: str | None = None) -> int:
     """Give back claimed operations whose turn has not come (e.g. on worker shutdown).
 
-    Fenced by each operation's claim; no attempt was counted for them. Returns how many went
-    back.
+    Fenced by each operation's claim; the attempt the claim counted is taken back. Returns how
+    many went back.
     """
     if not operations:
         return 0
@@ -212,6 +206,7 @@ def release(operations: Sequence[BatchOperation], *, using: str | None = None) -
             .filter(pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token)
             .update(
                 status=BatchOperation.STATUS_UNPROCESSED,
+                attempts=F("attempts") - 1,
                 claimed_by="",
                 lease_expires_at=None,
             )

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Value
+from django.db.models import F, Value
 from django.db.models.functions import Concat
 
 from ..clock import now_expression
@@ -17,7 +17,7 @@ from ..conf import get_settings
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event
-from ._common import supports_skip_locked, write_alias
+from ._common import BATCH_SUFFIX, ISOLATED, supports_skip_locked, write_alias
 
 LOST_WORKER_ERROR_TYPE = "batchframework.WorkerLost"
 
@@ -34,9 +34,12 @@ def recover_expired(
 ) -> int:
     """Recover up to ``limit`` running operations whose lease has expired.
 
-    Each goes back to unprocessed (due at once) if it has attempts left, else it finishes as
-    failed with a reason that says the worker was lost. Returns how many were recovered. A
-    constant number of statements per call.
+    An operation claimed alone goes back to unprocessed (due at once) if it has attempts left,
+    else it finishes as failed with a reason that says the worker was lost. An operation that
+    was claimed in a batch goes back without the attempt being counted (the worker may have
+    died running another one of the batch), marked to be claimed alone from now on. Every
+    operation that goes back is marked so: if it killed its worker, the next death is its own.
+    Returns how many were recovered. A constant number of statements per call.
     """
     alias = write_alias(using)
     limit = limit or get_settings().BATCH_SIZE * 10
@@ -45,12 +48,16 @@ def recover_expired(
         expired = manager.lease_expired(now).order_by("lease_expires_at")
         if supports_skip_locked(alias):
             expired = expired.select_for_update(skip_locked=True)
-        rows = list(expired.values_list("pk", "operationtype", "attempts")[:limit])
+        rows = list(expired.values_list("pk", "operationtype", "attempts", "claimed_by")[:limit])
         if not rows:
             return 0
+        uncounted: list[Any] = []  # held in a batch: maybe never started
         retry: list[Any] = []
         spent: list[Any] = []
-        for pk, operationtype, attempts in rows:
+        for pk, operationtype, attempts, claimed_by in rows:
+            if claimed_by.endswith(BATCH_SUFFIX):
+                uncounted.append(pk)
+                continue
             registered = registry.get(operationtype)
             max_attempts = (
                 registered.resolved_max_attempts()
@@ -64,12 +71,24 @@ def recover_expired(
             "lease_expires_at__lt": now_expression(now),
         }
         recovered = 0
+        if uncounted:
+            recovered += manager.filter(pk__in=uncounted, **still_expired).update(
+                status=BatchOperation.STATUS_UNPROCESSED,
+                attempts=F("attempts") - 1,
+                run_after=now_expression(now),
+                last_error=Concat(
+                    Value(_lost_message("held in a batch; retried alone, attempt not counted")),
+                    "claimed_by",
+                ),
+                claimed_by=ISOLATED,
+                lease_expires_at=None,
+            )
         if retry:
             recovered += manager.filter(pk__in=retry, **still_expired).update(
                 status=BatchOperation.STATUS_UNPROCESSED,
                 run_after=now_expression(now),
-                last_error=Concat(Value(_lost_message("will retry")), "claimed_by"),
-                claimed_by="",
+                last_error=Concat(Value(_lost_message("will retry alone")), "claimed_by"),
+                claimed_by=ISOLATED,
                 lease_expires_at=None,
             )
         if spent:
@@ -94,7 +113,8 @@ def recover_expired(
             logging.WARNING,
             "leases_recovered",
             count=recovered,
-            retried=len(retry),
+            retried_alone=len(retry),
+            batch_held_uncounted=len(uncounted),
             failed=len(spent),
         )
     return recovered

@@ -14,8 +14,6 @@ from datetime import datetime
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F
-from django.utils import timezone
 
 from ..clock import now_expression
 from ..errors import ErrorDetails, describe_exception, format_error
@@ -25,7 +23,7 @@ from ..models import BatchOperation
 from ..registry import Handler, registry
 from ..signals import log_event, operation_finished, operation_retry_scheduled, operation_started
 from ._common import time_after, write_alias
-from .claim import attempt_started, claim, mark_attempt_started
+from .claim import claim
 
 
 class RunOutcome(enum.Enum):
@@ -124,27 +122,6 @@ def _call(registered: Handler, operation: BatchOperation) -> Any:
     return output
 
 
-def _start_attempt(operation: BatchOperation, registered: Handler, alias: str) -> bool:
-    """Count the attempt of an operation reserved in a batch, renewing its lease, fenced.
-
-    ``False`` means the claim was lost while the operation waited its turn (its lease expired
-    and another worker recovered it): the handler must not run here.
-    """
-    if attempt_started(operation):
-        return True
-    lease = registered.resolved_lease()
-    if not _fenced(operation, alias).update(
-        attempts=F("attempts") + 1,
-        started_running_datetime=now_expression(),
-        lease_expires_at=time_after(lease),
-    ):
-        return False
-    operation.attempts += 1
-    operation.lease_expires_at = timezone.now() + lease
-    mark_attempt_started(operation)
-    return True
-
-
 def run_claimed(operation: BatchOperation, *, using: str | None = None) -> RunOutcome:
     """Run the handler of an operation this process claimed, and record the outcome.
 
@@ -153,8 +130,6 @@ def run_claimed(operation: BatchOperation, *, using: str | None = None) -> RunOu
     """
     alias = using or operation._state.db or write_alias()
     registered = registry[operation.operationtype]
-    if not _start_attempt(operation, registered, alias):
-        return _lost(operation)
     operation_started.send(sender=BatchOperation, operation=operation)
     if registered.atomic:
         return _run_atomic(operation, registered, alias)

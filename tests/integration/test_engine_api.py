@@ -786,9 +786,28 @@ def test_recover_expired_retries_when_attempts_are_left():
     stored = fresh(op)
     assert stored.status == BatchOperation.STATUS_UNPROCESSED
     assert stored.attempts == 1
-    assert stored.claimed_by == "" and stored.lease_expires_at is None
+    # Marked to be claimed alone: if it was what killed its worker, the next death is its own.
+    assert stored.claimed_by == "!isolated" and stored.lease_expires_at is None
     assert "worker running this operation was lost" in stored.last_error
     assert recover_expired(now=future) == 0
+
+
+def test_recovery_of_a_batch_does_not_count_the_attempt_and_isolates_each_operation():
+    ops = [enqueue("test-always-fails") for _ in range(3)]  # max_attempts=3
+    claimed = claim_due(limit=10)
+    assert sorted(op.pk for op in claimed) == sorted(op.pk for op in ops)
+    assert all(op.attempts == 1 for op in claimed)
+    future = timezone.now() + timedelta(minutes=10)
+    assert recover_expired(now=future) == 3
+    for op in ops:
+        stored = fresh(op)
+        assert stored.status == BatchOperation.STATUS_UNPROCESSED
+        assert stored.attempts == 0  # the worker may have died running another one
+        assert stored.claimed_by == "!isolated"
+    # From now on each is claimed alone, however large the batch asked for.
+    first = claim_due(limit=10, now=future)
+    assert len(first) == 1 and first[0].attempts == 1
+    assert not first[0].claimed_by.endswith("/batch")
 
 
 def test_recover_expired_fails_when_attempts_are_spent():
