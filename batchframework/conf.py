@@ -75,6 +75,10 @@ class BatchframeworkSettings:
     #: Celery transport: longest time a publish may block the caller before it gives up and
     #: leaves the operation to the poller.
     PUBLISH_TIMEOUT: timedelta = timedelta(seconds=1)
+    #: Celery transport: publish after commit on a background thread without waiting for the
+    #: broker, so ``enqueue`` costs little more than its INSERT. A message still unsent when the
+    #: process dies is not lost: the poller runs the operation when it is due.
+    PUBLISH_IN_BACKGROUND: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BatchframeworkSettings:

@@ -13,12 +13,14 @@ publish's ``retry`` says. So the connection is established here first, with one 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from typing import Any
@@ -101,18 +103,22 @@ def _connect(connection: Any) -> None:
 class BoundedPublishing:
     """Runs publish rounds for callers who must not wait on the broker (web requests).
 
-    A round runs on a background thread and the caller waits at most ``PUBLISH_TIMEOUT``. A
-    broker that accepts connections but never answers (frozen, or a black-holed host) then costs
-    the caller that long once: while a round is still stuck, or within ``POLL_INTERVAL`` after
-    a failure, later rounds are skipped at once and left to the poller, which finds every due
-    operation in the database.
+    Rounds run on one background thread, in order. By default the caller waits for its round,
+    at most ``PUBLISH_TIMEOUT``; with ``PUBLISH_IN_BACKGROUND`` it does not wait at all. A
+    broker that accepts connections but never answers (frozen, or a black-holed host) costs the
+    caller that wait once: while a round has been stuck longer than ``PUBLISH_TIMEOUT``, or
+    within ``POLL_INTERVAL`` after a failure, later rounds are skipped at once and left to the
+    poller, which finds every due operation in the database.
     """
+
+    #: Most rounds waiting for the background thread; beyond it rounds are left to the poller.
+    MAX_PENDING = 1000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._pid = 0
-        self._in_flight: Future[Publisher] | None = None
+        self._pending: deque[tuple[float, Future[None]]] = deque()
         self._skip_until = 0.0
 
     def _get_executor(self) -> ThreadPoolExecutor:
@@ -122,57 +128,75 @@ class BoundedPublishing:
                 max_workers=1, thread_name_prefix="batchframework-publish"
             )
             self._pid = os.getpid()
-            self._in_flight = None
+            self._pending.clear()
+            atexit.register(self.drain)
         return self._executor
+
+    def _skip_reason(self, timeout: float) -> str | None:
+        while self._pending and self._pending[0][1].done():
+            self._pending.popleft()
+        if time.monotonic() < self._skip_until:
+            return "broker_recently_down"
+        if self._pending and time.monotonic() - self._pending[0][0] > timeout:
+            return "previous_publish_still_blocked"
+        if len(self._pending) >= self.MAX_PENDING:
+            return "too_many_pending_publishes"
+        return None
 
     def run(self, publish_round: Callable[[], Publisher], *, count: int) -> None:
         settings = get_settings()
+        timeout = settings.PUBLISH_TIMEOUT.total_seconds()
+        back_off = settings.POLL_INTERVAL.total_seconds()
+
+        def round_() -> None:
+            try:
+                if publish_round().broker_down:
+                    self._back_off(back_off)
+            except Exception as exc:  # the round itself never raises broker errors; be safe
+                log_event(
+                    logging.WARNING,
+                    "publish_failed",
+                    count=count,
+                    error=repr(exc),
+                    fallback="poller",
+                )
+                self._back_off(back_off)
+
         with self._lock:
             executor = self._get_executor()
-            if time.monotonic() < self._skip_until:
+            reason = self._skip_reason(timeout)
+            if reason is not None:
                 log_event(
                     logging.WARNING,
                     "publish_skipped",
                     count=count,
-                    reason="broker_recently_down",
+                    reason=reason,
                     fallback="poller",
                 )
                 return
-            if self._in_flight is not None and not self._in_flight.done():
-                log_event(
-                    logging.WARNING,
-                    "publish_skipped",
-                    count=count,
-                    reason="previous_publish_still_blocked",
-                    fallback="poller",
-                )
-                return
-            future = executor.submit(publish_round)
-            self._in_flight = future
+            future = executor.submit(round_)
+            self._pending.append((time.monotonic(), future))
+        if settings.PUBLISH_IN_BACKGROUND:
+            return
         try:
-            publisher = future.result(timeout=settings.PUBLISH_TIMEOUT.total_seconds())
+            future.result(timeout=timeout)
         except FutureTimeout:
             log_event(
-                logging.WARNING,
-                "publish_timeout",
-                count=count,
-                timeout=settings.PUBLISH_TIMEOUT.total_seconds(),
-                fallback="poller",
+                logging.WARNING, "publish_timeout", count=count, timeout=timeout, fallback="poller"
             )
-            self._back_off(settings.POLL_INTERVAL.total_seconds())
-            return
-        except Exception as exc:  # the round itself never raises broker errors; be safe
-            log_event(
-                logging.WARNING, "publish_failed", count=count, error=repr(exc), fallback="poller"
-            )
-            self._back_off(settings.POLL_INTERVAL.total_seconds())
-            return
-        if publisher.broker_down:
-            self._back_off(settings.POLL_INTERVAL.total_seconds())
+            self._back_off(back_off)
 
     def _back_off(self, seconds: float) -> None:
         with self._lock:
             self._skip_until = time.monotonic() + seconds
+
+    def drain(self) -> None:
+        """Wait (at most ``PUBLISH_TIMEOUT``) for rounds still pending; runs at exit, and tests
+        of ``PUBLISH_IN_BACKGROUND`` call it before looking at the broker."""
+        with self._lock:
+            futures = [future for _, future in self._pending]
+        if futures:
+            wait(futures, timeout=get_settings().PUBLISH_TIMEOUT.total_seconds())
 
     def reset(self) -> None:
         """Forget past failures (tests that bring a broker back call this)."""

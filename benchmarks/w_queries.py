@@ -82,7 +82,7 @@ def w4_queries(bench: Bench) -> dict[str, Any]:
             n: count(lambda n=n: enqueue_many("bench-noop", [{}] * n))[0] for n in SIZES
         }
         bench.reset()
-        game = Game.objects.create(name="seed")  # noqa: E702
+        game = Game.objects.create(name="seed")
 
         [pk] = _due(1)
         claimed: list[Any] = []
@@ -92,7 +92,7 @@ def w4_queries(bench: Bench) -> dict[str, Any]:
         r["claim_due_per_batch"] = {}
         for n in (1, 10, batch):
             bench.reset()
-            game = Game.objects.create(name="seed")  # noqa: E702
+            game = Game.objects.create(name="seed")
             _due(n)
             got: list[Any] = []
             r["claim_due_per_batch"][n], q = count(

@@ -187,3 +187,29 @@ def test_two_pollers_at_once_run_each_operation_once(celery_dispatch, start_inpr
         2,
         1,
     )
+
+
+def test_publishing_in_the_background_returns_at_once_and_still_publishes(
+    celery_dispatch, start_inprocess_worker
+):
+    broker = celery_dispatch
+    background = {**CELERY_DISPATCHER, "PUBLISH_IN_BACKGROUND": True}
+    with override_settings(BATCHFRAMEWORK=background):
+        # A dead broker: the caller does not even wait for the failed connection attempt.
+        with use_broker(celery_app, DEAD_BROKER):
+            started = time.monotonic()
+            with transaction.atomic():
+                lost = enqueue("test-effect")
+            elapsed = time.monotonic() - started
+            bounded_publishing.drain()
+        assert elapsed < 0.5, f"enqueue waited {elapsed:.2f}s with PUBLISH_IN_BACKGROUND"
+        assert broker.total() == 0
+        bounded_publishing.reset()
+        # A live broker: the message is published once the background round has run.
+        with transaction.atomic():
+            sent = enqueue("test-effect")
+        bounded_publishing.drain()
+        assert broker.total() == 1
+    start_inprocess_worker()
+    poll_until([lost.pk, sent.pk], timeout=15)  # the lost message's operation via the poller
+    assert_ran_once_each([lost.pk, sent.pk])
