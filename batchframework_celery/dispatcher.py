@@ -57,9 +57,11 @@ class CeleryDispatcher(Dispatcher):
             # Eager mode runs the tasks here, in the caller's thread and transaction context.
             publish_operations(operations, using=using)
             return
-        bounded_publishing.run(
-            lambda: publish_operations(operations, using=using), count=len(operations)
-        )
+        bounded_publishing.run(operations, using=using, publish=_publish)
+
+
+def _publish(operations: Sequence[BatchOperation], using: str) -> Publisher:
+    return publish_operations(operations, using=using)
 
 
 def publish_operations(
@@ -80,8 +82,13 @@ def publish_operations(
             by_queue[operation.queue].append(operation)
     publisher = Publisher()
     kwargs = {} if using == DEFAULT_DB_ALIAS else {"using": using}
+    size = settings.BATCH_SIZE
     for queue, queued in by_queue.items():
-        for due, ids in chunk_by_due_time(queued, settings.BATCH_SIZE):
+        # Operations already due need no ETA: they share chunks whatever their due times.
+        due_now = [op.pk for op in queued if op.run_after <= now]
+        chunks = [(now, due_now[i : i + size]) for i in range(0, len(due_now), size)]
+        chunks += chunk_by_due_time([op for op in queued if op.run_after > now], size)
+        for due, ids in chunks:
             publisher.publish(
                 run_operations, [ids], queue=queue, eta=due if due > now else None, kwargs=kwargs
             )

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
@@ -113,6 +113,8 @@ class BoundedPublishing:
 
     #: Most rounds waiting for the background thread; beyond it rounds are left to the poller.
     MAX_PENDING = 1000
+    #: How long a background flush waits for more operations to share its messages.
+    LINGER_SECONDS = 0.005
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -120,6 +122,8 @@ class BoundedPublishing:
         self._pid = 0
         self._pending: deque[tuple[float, Future[None]]] = deque()
         self._skip_until = 0.0
+        self._buffer: dict[str, list[Any]] = {}
+        self._flush_scheduled = False
 
     def _get_executor(self) -> ThreadPoolExecutor:
         # A forked child (prefork worker) does not inherit the parent's thread.
@@ -129,6 +133,7 @@ class BoundedPublishing:
             )
             self._pid = os.getpid()
             self._pending.clear()
+            self._buffer, self._flush_scheduled = {}, False
             atexit.register(self.drain)
         return self._executor
 
@@ -139,29 +144,26 @@ class BoundedPublishing:
             return "broker_recently_down"
         if self._pending and time.monotonic() - self._pending[0][0] > timeout:
             return "previous_publish_still_blocked"
-        if len(self._pending) >= self.MAX_PENDING:
+        if len(self._pending) + sum(map(len, self._buffer.values())) >= self.MAX_PENDING:
             return "too_many_pending_publishes"
         return None
 
-    def run(self, publish_round: Callable[[], Publisher], *, count: int) -> None:
+    def run(
+        self,
+        operations: Sequence[Any],
+        *,
+        using: str,
+        publish: Callable[[Sequence[Any], str], Publisher],
+    ) -> None:
+        """Publish ``operations`` with ``publish(operations, using)`` on the background thread.
+
+        Waits for it (at most ``PUBLISH_TIMEOUT``), unless ``PUBLISH_IN_BACKGROUND``: then the
+        operations join a buffer that the thread publishes as soon as it is free, so the
+        enqueues of a busy process share chunk messages instead of sending one each.
+        """
         settings = get_settings()
         timeout = settings.PUBLISH_TIMEOUT.total_seconds()
-        back_off = settings.POLL_INTERVAL.total_seconds()
-
-        def round_() -> None:
-            try:
-                if publish_round().broker_down:
-                    self._back_off(back_off)
-            except Exception as exc:  # the round itself never raises broker errors; be safe
-                log_event(
-                    logging.WARNING,
-                    "publish_failed",
-                    count=count,
-                    error=repr(exc),
-                    fallback="poller",
-                )
-                self._back_off(back_off)
-
+        count = len(operations)
         with self._lock:
             executor = self._get_executor()
             reason = self._skip_reason(timeout)
@@ -174,15 +176,50 @@ class BoundedPublishing:
                     fallback="poller",
                 )
                 return
-            future = executor.submit(round_)
+            if settings.PUBLISH_IN_BACKGROUND:
+                self._buffer.setdefault(using, []).extend(operations)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    flush = executor.submit(self._flush_buffer, publish)
+                    self._pending.append((time.monotonic(), flush))
+                return
+            future = executor.submit(self._publish_round, publish, list(operations), using)
             self._pending.append((time.monotonic(), future))
-        if settings.PUBLISH_IN_BACKGROUND:
-            return
         try:
             future.result(timeout=timeout)
         except FutureTimeout:
             log_event(
                 logging.WARNING, "publish_timeout", count=count, timeout=timeout, fallback="poller"
+            )
+            self._back_off(settings.POLL_INTERVAL.total_seconds())
+
+    def _flush_buffer(self, publish: Callable[[Sequence[Any], str], Publisher]) -> None:
+        # Linger a moment so that the enqueues of a busy process share chunk messages (nobody
+        # waits on this thread in background mode; the operations just run that much later).
+        time.sleep(self.LINGER_SECONDS)
+        with self._lock:
+            buffer, self._buffer = self._buffer, {}
+            self._flush_scheduled = False
+        for using, operations in buffer.items():
+            self._publish_round(publish, operations, using)
+
+    def _publish_round(
+        self,
+        publish: Callable[[Sequence[Any], str], Publisher],
+        operations: list[Any],
+        using: str,
+    ) -> None:
+        back_off = get_settings().POLL_INTERVAL.total_seconds()
+        try:
+            if publish(operations, using).broker_down:
+                self._back_off(back_off)
+        except Exception as exc:  # a round never raises broker errors; anything else is a bug
+            log_event(
+                logging.WARNING,
+                "publish_failed",
+                count=len(operations),
+                error=repr(exc),
+                fallback="poller",
             )
             self._back_off(back_off)
 
