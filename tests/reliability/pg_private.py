@@ -23,10 +23,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.integration.helpers import wait_for as wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = "tests.reliability.settings_part2"
@@ -60,20 +61,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
-) -> Any:
-    """Poll ``predicate`` until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def test_database_url() -> str:

@@ -14,10 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tests.integration.helpers import test_database_url
 
@@ -182,17 +180,3 @@ class Processes:
     def cleanup(self) -> None:
         for proc in self.started:
             proc.kill_group()
-
-
-def wait_until(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
-) -> Any:
-    """Poll ``predicate`` until truthy; raise ``AssertionError`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

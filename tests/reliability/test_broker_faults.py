@@ -19,10 +19,10 @@ from django.test import RequestFactory
 
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework_celery.tasks import drain
+from tests.integration.helpers import wait_for as wait_until
 from tests.testapp.models import Effect, Execution
 
 from .conftest import OTHER_ALIAS, celery_on
-from .processes import wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True)]
 

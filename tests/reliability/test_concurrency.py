@@ -15,10 +15,10 @@ from django.db.models import Count
 
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework_celery.tasks import drain, run_operations
+from tests.integration.helpers import wait_for as wait_until
 from tests.testapp.models import Effect, Execution
 
 from .conftest import celery_on
-from .processes import wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True)]
 

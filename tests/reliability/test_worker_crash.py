@@ -14,10 +14,10 @@ import time
 import pytest
 
 from batchframework import BatchOperation, enqueue, enqueue_many
+from tests.integration.helpers import wait_for as wait_until
 from tests.testapp.models import Effect, Execution
 
 from .conftest import celery_on
-from .processes import wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.django_db(transaction=True)]
 
