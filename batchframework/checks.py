@@ -119,3 +119,29 @@ def check_routes(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
         for operationtype in routes
         if operationtype not in registry
     ]
+
+
+@checks.register(checks.Tags.database)
+def check_sqlite_transaction_mode(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """SQLite's default deferred transactions make concurrent workers fail with "database is
+    locked" instead of waiting; IMMEDIATE makes them queue for the write lock."""
+    from django.db import connections
+
+    messages: list[checks.CheckMessage] = []
+    for alias in databases or []:
+        settings_dict = connections[alias].settings_dict
+        if not settings_dict["ENGINE"].endswith("sqlite3"):
+            continue
+        if str(settings_dict.get("OPTIONS", {}).get("transaction_mode", "")).upper() != "IMMEDIATE":
+            messages.append(
+                checks.Warning(
+                    f"Database {alias!r} is SQLite without transaction_mode IMMEDIATE.",
+                    hint='Set DATABASES[...]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", '
+                    '"timeout": 20} so that a worker and the web process (or several workers) '
+                    'wait for each other instead of failing with "database is locked".',
+                    id="batchframework.W003",
+                )
+            )
+    return messages
