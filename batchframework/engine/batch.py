@@ -84,7 +84,7 @@ class BatchRunner:
         alias = self._alias(operation)
         operation_started.send(sender=BatchOperation, operation=operation)
         try:
-            output = _call(registered, operation)
+            output = _call(registered, operation, alias)
         except Exception as exc:
             self.outcomes.append(
                 _finish_failure(operation, registered, describe_exception(exc), alias)

@@ -24,6 +24,7 @@ from ..registry import Handler, registry
 from ..signals import log_event, operation_finished, operation_retry_scheduled, operation_started
 from ._common import time_after, write_alias
 from .claim import claim
+from .keeper import lease_keeper
 
 
 class RunOutcome(enum.Enum):
@@ -113,8 +114,14 @@ def _lost(operation: BatchOperation) -> RunOutcome:
     return RunOutcome.LOST_CLAIM
 
 
-def _call(registered: Handler, operation: BatchOperation) -> Any:
-    output = registered.function(operation)
+def _call(registered: Handler, operation: BatchOperation, alias: str | None = None) -> Any:
+    """Call the handler; with ``alias``, its lease is kept alive meanwhile (not for atomic
+    handlers, whose row lock already keeps recovery away)."""
+    if alias is not None and operation.claimed_by:
+        with lease_keeper.keep(operation, registered.resolved_lease(), alias):
+            output = registered.function(operation)
+    else:
+        output = registered.function(operation)
     try:
         encode_json(output, what="handler return value")
     except ValueError as exc:
@@ -134,7 +141,7 @@ def run_claimed(operation: BatchOperation, *, using: str | None = None) -> RunOu
     if registered.atomic:
         return _run_atomic(operation, registered, alias)
     try:
-        output = _call(registered, operation)
+        output = _call(registered, operation, alias)
     except Exception as exc:
         return _finish_failure(operation, registered, describe_exception(exc), alias)
     return _finish_success(operation, output, alias)

@@ -282,6 +282,24 @@ def test_live_worker_renewing_its_lease_is_never_robbed(reaper):
     assert list(Effect.objects.values_list("key", flat=True)) == [f"sleep-{op.pk}-1"]
 
 
+def test_a_handler_longer_than_its_lease_is_kept_alive_while_its_worker_lives(reaper):
+    # No progress reports: the worker's lease keeper renews the 2 s lease while it sleeps 5 s.
+    op = enqueue("test-sleep", input_data={"seconds": 5})
+    worker, log = reaper.worker("--once", label="long")
+    wait_started(op)
+    recovered = []
+    deadline = time.monotonic() + 40
+    while worker.poll() is None:
+        assert time.monotonic() < deadline, "worker did not finish in time"
+        recovered.append(recover_expired())
+        time.sleep(0.05)
+    assert worker.returncode == 0, log.read_text()
+    assert len(recovered) > 30 and sum(recovered) == 0
+    done = fresh(op)
+    assert done.result == BatchOperation.RESULT_SUCCESSFUL and done.attempts == 1
+    assert executions(op) == 1
+
+
 # --- Graceful shutdown -----------------------------------------------------------------------
 def test_sigterm_finishes_the_operation_in_hand_and_releases_the_rest(reaper):
     operations = enqueue_many("test-sleep", [{"input_data": {"seconds": 2}} for _ in range(3)])

@@ -1,0 +1,113 @@
+"""Keeping the lease of a running handler alive while its worker lives.
+
+A claim's lease says how long the worker may take before others presume it dead. Without
+renewal, a handler that runs longer than its lease would be recovered and run a second time
+while it still runs. So while a handler runs, a daemon thread of the worker process renews its
+lease (fenced by the claim) every third of the lease. If the worker dies, the thread dies with
+it and the lease expires as it should; if the worker hangs, the thread keeps renewing — a hung
+handler is a bug to be seen in ``started_running_datetime``, not a crash to be recovered.
+
+``atomic=True`` handlers are not kept: their row is locked by their own transaction, which
+recovery skips (``SKIP LOCKED``), and an UPDATE from another connection would wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.db import DatabaseError, connections
+
+from ..models import BatchOperation
+from ..signals import log_event
+from ._common import time_after
+
+#: Never wake more often than this, whatever the lease.
+MIN_INTERVAL = 0.2
+
+
+@dataclass
+class _Kept:
+    pk: Any
+    token: str
+    lease: timedelta
+    alias: str
+    renewed_at: float
+
+
+class LeaseKeeper:
+    """One daemon thread per process renewing the leases of the handlers running in it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[int, _Kept] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._next_key = 0
+
+    @contextlib.contextmanager
+    def keep(self, operation: BatchOperation, lease: timedelta, alias: str) -> Iterator[None]:
+        """Renew ``operation``'s lease while the block runs."""
+        with self._lock:
+            self._ensure_thread()
+            self._next_key += 1
+            key = self._next_key
+            self._kept[key] = _Kept(
+                operation.pk, operation.claimed_by, lease, alias, time.monotonic()
+            )
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._kept.pop(key, None)
+
+    def _ensure_thread(self) -> None:
+        # A forked child (a prefork pool process) has no copy of the parent's thread.
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._kept = {}
+            self._thread = threading.Thread(
+                target=self._loop, name="batchframework-lease-keeper", daemon=True
+            )
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                kept = list(self._kept.values())
+            now = time.monotonic()
+            due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
+            for item in due:
+                self._renew(item)
+            waits = [
+                item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
+            ]
+            self._wake.wait(max(MIN_INTERVAL, min(waits, default=1.0)))
+
+    def _renew(self, item: _Kept) -> None:
+        try:
+            renewed = (
+                BatchOperation.objects.db_manager(item.alias)
+                .filter(pk=item.pk, status=BatchOperation.STATUS_RUNNING, claimed_by=item.token)
+                .update(lease_expires_at=time_after(item.lease))
+            )
+        except DatabaseError as exc:
+            log_event(logging.WARNING, "lease_renewal_failed", id=item.pk, error=repr(exc))
+            with contextlib.suppress(DatabaseError):
+                connections[item.alias].close()
+            return
+        item.renewed_at = time.monotonic()
+        if not renewed:
+            log_event(logging.WARNING, "lease_renewal_refused", id=item.pk, reason="claim_lost")
+
+
+#: The process-wide keeper used by :func:`batchframework.engine.run_claimed`.
+lease_keeper = LeaseKeeper()
