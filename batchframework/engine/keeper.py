@@ -63,11 +63,14 @@ class LeaseKeeper:
             self._kept[key] = _Kept(
                 operation.pk, operation.claimed_by, lease, alias, time.monotonic()
             )
+            self._wake.set()  # reschedule the thread's next wake-up for this lease
         try:
             yield
         finally:
             with self._lock:
                 self._kept.pop(key, None)
+                if not self._kept:
+                    self._wake.set()  # let the thread let go of its connection now
 
     def _ensure_thread(self) -> None:
         # A forked child (a prefork pool process) has no copy of the parent's thread.
@@ -83,6 +86,9 @@ class LeaseKeeper:
         while True:
             with self._lock:
                 kept = list(self._kept.values())
+            if not kept:
+                # Hold no database connection while idle (connections are per thread here).
+                connections.close_all()
             now = time.monotonic()
             due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
             for item in due:
@@ -91,6 +97,7 @@ class LeaseKeeper:
                 item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
             ]
             self._wake.wait(max(MIN_INTERVAL, min(waits, default=1.0)))
+            self._wake.clear()
 
     def _renew(self, item: _Kept) -> None:
         try:
