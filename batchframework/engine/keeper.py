@@ -31,6 +31,8 @@ from ._common import time_after
 
 #: Never wake more often than this, whatever the lease.
 MIN_INTERVAL = 0.2
+#: Never sleep longer than this.
+MAX_INTERVAL = 1.0
 
 
 @dataclass
@@ -63,14 +65,11 @@ class LeaseKeeper:
             self._kept[key] = _Kept(
                 operation.pk, operation.claimed_by, lease, alias, time.monotonic()
             )
-            self._wake.set()  # reschedule the thread's next wake-up for this lease
         try:
             yield
         finally:
             with self._lock:
                 self._kept.pop(key, None)
-                if not self._kept:
-                    self._wake.set()  # let the thread let go of its connection now
 
     def _ensure_thread(self) -> None:
         # A forked child (a prefork pool process) has no copy of the parent's thread.
@@ -96,8 +95,9 @@ class LeaseKeeper:
             waits = [
                 item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
             ]
-            self._wake.wait(max(MIN_INTERVAL, min(waits, default=1.0)))
-            self._wake.clear()
+            # At least once a second: a new handler's first renewal, or letting go of the
+            # connection once idle, never waits long — without waking the thread per handler.
+            self._wake.wait(max(MIN_INTERVAL, min([*waits, MAX_INTERVAL])))
 
     def _renew(self, item: _Kept) -> None:
         try:
