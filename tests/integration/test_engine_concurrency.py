@@ -261,10 +261,8 @@ def test_killed_worker_is_recovered_after_its_lease_expires(reaper):
     assert executions(op) == 2
 
 
-def test_live_worker_renewing_its_lease_is_never_robbed(reaper):
-    op = enqueue("test-sleep", input_data={"seconds": 6, "progress": True})  # lease 2 s
-    worker, log = reaper.worker("--once", label="live")
-    wait_started(op)
+def recover_until_the_worker_exits(worker, log) -> list[int]:
+    """Run lease recovery in a tight loop, as a rival poller would, while the worker works."""
     recovered = []
     deadline = time.monotonic() + 40
     while worker.poll() is None:
@@ -272,6 +270,14 @@ def test_live_worker_renewing_its_lease_is_never_robbed(reaper):
         recovered.append(recover_expired())
         time.sleep(0.05)
     assert worker.returncode == 0, log.read_text()
+    return recovered
+
+
+def test_live_worker_renewing_its_lease_is_never_robbed(reaper):
+    op = enqueue("test-sleep", input_data={"seconds": 6, "progress": True})  # lease 2 s
+    worker, log = reaper.worker("--once", label="live")
+    wait_started(op)
+    recovered = recover_until_the_worker_exits(worker, log)
     assert len(recovered) > 30  # the loop really ran while the handler did
     assert sum(recovered) == 0
     done = fresh(op)
@@ -287,13 +293,7 @@ def test_a_handler_longer_than_its_lease_is_kept_alive_while_its_worker_lives(re
     op = enqueue("test-sleep", input_data={"seconds": 5})
     worker, log = reaper.worker("--once", label="long")
     wait_started(op)
-    recovered = []
-    deadline = time.monotonic() + 40
-    while worker.poll() is None:
-        assert time.monotonic() < deadline, "worker did not finish in time"
-        recovered.append(recover_expired())
-        time.sleep(0.05)
-    assert worker.returncode == 0, log.read_text()
+    recovered = recover_until_the_worker_exits(worker, log)
     assert len(recovered) > 30 and sum(recovered) == 0
     done = fresh(op)
     assert done.result == BatchOperation.RESULT_SUCCESSFUL and done.attempts == 1
