@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
@@ -58,26 +59,6 @@ class BatchOperationAdmin(admin.ModelAdmin):
     )
     list_select_related = ("started_by", "context_content_type")
     actions = ["cancel_selected", "delete_finished_selected"]
-    readonly_fields = (
-        "operationtype",
-        "status",
-        "result",
-        "context_link",
-        "started_by",
-        "created_datetime",
-        "run_after",
-        "started_running_datetime",
-        "finished_datetime",
-        "queue",
-        "priority",
-        "attempts",
-        "claimed_by",
-        "lease_expires_at",
-        "progress_display",
-        "input_data_pretty",
-        "output_data_pretty",
-        "last_error_pretty",
-    )
     fieldsets = (
         (None, {"fields": ("operationtype", "status", "result", "context_link", "started_by")}),
         (
@@ -106,6 +87,8 @@ class BatchOperationAdmin(admin.ModelAdmin):
         ),
         (_("Data"), {"fields": ("input_data_pretty", "output_data_pretty", "last_error_pretty")}),
     )
+    # Everything shown is read-only: status belongs to the engine.
+    readonly_fields = flatten_fieldsets(fieldsets)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
