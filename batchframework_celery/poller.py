@@ -6,7 +6,9 @@
    message was never sent, or was lost with the broker's state, run anyway.
 3. Publish operations coming due before the next tick, which were beyond the dispatch horizon
    when they were enqueued (and so have no message), with an ETA, so they are not late by a
-   poll interval.
+   poll interval. A watermark in the database (:class:`~.models.PollerWatermark`) says how far
+   ahead earlier ticks published, so each tick starts where the last one ended: a late tick
+   leaves no gap, and operations are published once.
 
 Running two pollers at once (two beats) is harmless: claims decide, messages only wake workers.
 """
@@ -14,8 +16,9 @@ Running two pollers at once (two beats) is harmless: claims decide, messages onl
 from __future__ import annotations
 
 import math
+from datetime import datetime
 
-from django.db import DEFAULT_DB_ALIAS
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import Count, F, Q
 
 from batchframework.clock import database_now
@@ -25,10 +28,14 @@ from batchframework.models import BatchOperation
 from batchframework.registry import registry
 
 from .dispatcher import publish_operations
+from .models import PollerWatermark
 from .publish import Publisher
 
 #: Most drain messages one tick publishes per queue.
 MAX_DRAINS_PER_QUEUE = 64
+
+#: The watermark row of the scheduling window (one per database).
+WATERMARK_NAME = "scheduled"
 
 
 def poll_once(*, using: str | None = None) -> dict[str, int]:
@@ -57,26 +64,54 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
             # ones): expiring it keeps a backlog of drains from piling up without workers.
             if publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires):
                 drains += 1
-    # Coming due during the next poll interval, and either beyond the horizon when enqueued or
-    # put back for a retry: nobody has published those yet. Consecutive ticks' windows tile
-    # (each starts half an interval ahead, where the previous one ended), so an operation is
-    # published once; one that falls into a gap left by a late tick is drained when due.
-    interval = settings.POLL_INTERVAL
-    now = database_now(alias)
-    start, end = now + interval / 2, now + interval * 3 / 2
-    soon = list(
-        manager.unprocessed()
-        .filter(operationtype__in=types, run_after__gt=start, run_after__lte=end)
-        .filter(
-            Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON) | Q(attempts__gt=0)
-        )
-        .only("pk", "run_after", "queue")
+    soon = _take_window(alias, types)
+    scheduled = (
+        publish_operations(soon, using=alias, horizon=settings.POLL_INTERVAL * 2).published
+        if soon
+        else 0
     )
-    scheduled = publish_operations(soon, using=alias, horizon=interval * 2).published if soon else 0
     return {
         "recovered": recovered,
         "due": sum(due_by_queue.values()),
         "drain_messages": drains,
+        "scheduled": len(soon),
         "scheduled_messages": scheduled,
         "publish_failures": publisher.failed,
     }
+
+
+def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:
+    """The operations nobody has published yet that come due before the tick after next.
+
+    Those were beyond the horizon when enqueued, or were put back for a retry. The window runs
+    from the watermark (where the previous tick's ended; now, if that has passed) to one and a
+    half intervals ahead, and the watermark moves to its end in the same transaction, under a
+    row lock: a concurrent poller waits, then finds the window taken. An operation that comes
+    due under the watermark after the window was taken (a retry with a short back-off) has no
+    message: the drain of the tick after it came due runs it.
+    """
+    settings = get_settings()
+    manager = BatchOperation.objects.db_manager(alias)
+    with transaction.atomic(using=alias):
+        now = database_now(alias)
+        end = now + settings.POLL_INTERVAL * 3 / 2
+        mark, created = (
+            PollerWatermark.objects.using(alias)
+            .select_for_update()
+            .get_or_create(name=WATERMARK_NAME, defaults={"published_until": end})
+        )
+        start: datetime = now if created else max(now, mark.published_until)
+        if start >= end:
+            return []
+        if not created:
+            mark.published_until = end
+            mark.save(update_fields=["published_until"], using=alias)
+        return list(
+            manager.unprocessed()
+            .filter(operationtype__in=types, run_after__gt=start, run_after__lte=end)
+            .filter(
+                Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON)
+                | Q(attempts__gt=0)
+            )
+            .only("pk", "run_after", "queue")
+        )

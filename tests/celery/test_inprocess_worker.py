@@ -137,6 +137,28 @@ def test_poller_hands_far_future_operations_to_celery_on_time(inprocess_worker, 
     assert_never_early(ids, late_by=1.0)
 
 
+def test_late_and_early_poller_ticks_publish_each_far_operation_once(
+    inprocess_worker, purge_broker
+):
+    """Beat ticks are not punctual: a tick that comes late must leave no gap between its
+    window and the previous one (an operation in a gap would wait for a drain, a poll
+    interval late), and one that comes early must not publish anything twice."""
+    short_horizon = {**CELERY_DISPATCHER, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
+    with override_settings(BATCHFRAMEWORK=short_horizon):
+        ids = [
+            enqueue("test-effect", delay=timedelta(seconds=1.2 + 0.4 * i)).pk for i in range(12)
+        ]
+        assert purge_broker.total() == 0, "beyond the horizon: nothing published yet"
+        scheduled = 0
+        for gap in (0.3, 1.4, 0.5, 1.4, 1.3, 0.2, 1.4, 0.1):  # seconds; the interval is 1
+            scheduled += poll_once()["scheduled"]
+            time.sleep(gap)
+    assert scheduled == len(ids)
+    assert wait_for(all_finished(ids), timeout=15)
+    assert_ran_once_each(ids)
+    assert_never_early(ids, late_by=0.5)  # each had its own ETA message: none waited for a drain
+
+
 def test_hostile_messages_are_rejected_and_run_nothing(inprocess_worker, purge_broker, caplog):
     broker = purge_broker
     # (After the worker started: its Django fixup re-applies LOGGING, which resets levels.)
