@@ -129,9 +129,12 @@ def w2_lateness(bench: Bench, *, n: int, window_s: float, reuse_max: int | None)
     rng = random.Random(7)
     offsets = sorted(rng.uniform(0, window_s) for _ in range(n))
     bench.reset()
+    # The headline runs with CELERY_DB_REUSE_MAX, the setting the docs tell workers to use;
+    # the informative row shows Celery's default (a reconnect around every task).
+    reuse_env = {"BENCH_CELERY_DB_REUSE_MAX": str(reuse_max)} if reuse_max else None
     tracked, plain = _with_worker(
         bench,
-        None,
+        reuse_env,
         [
             lambda proc: _tracked_phase(bench, proc, offsets, window_s, horizon),
             lambda proc: _plain_phase(bench, proc, offsets, window_s),
@@ -142,21 +145,22 @@ def w2_lateness(bench: Bench, *, n: int, window_s: float, reuse_max: int | None)
         "window_s": window_s,
         "horizon_s": horizon,
         "poll_interval_s": settings.POLL_INTERVAL.total_seconds(),
+        "celery_db_reuse_max": reuse_max,
         **tracked,
         "plain_eta": plain,
     }
     if reuse_max:
         bench.reset()
-        [result["with_db_reuse"]] = _with_worker(
+        [result["without_db_reuse"]] = _with_worker(
             bench,
-            {"BENCH_CELERY_DB_REUSE_MAX": str(reuse_max)},
+            None,
             [lambda proc: _tracked_phase(bench, proc, offsets, window_s, horizon)],
         )
-        result["with_db_reuse"]["celery_db_reuse_max"] = reuse_max
     t, b = result["tracked"], result["plain_eta"]
+    reuse = f"CELERY_DB_REUSE_MAX={reuse_max}" if reuse_max else "Celery's default connections"
     bench.row(
         "W2",
-        f"lateness p50 ms (N={n}, {window_s:g}s window)",
+        f"lateness p50 ms (N={n}, {window_s:g}s window, {reuse})",
         t["p50_ms"],
         b["p50_ms"],
         ratio(t["p50_ms"], b["p50_ms"]),
@@ -189,17 +193,17 @@ def w2_lateness(bench: Bench, *, n: int, window_s: float, reuse_max: int | None)
             f"{st['count']} / {st['p50_ms']:.1f} / {st['p99_ms']:.1f} / {st['max_ms']:.1f}",
         )
     if reuse_max:
-        r = result["with_db_reuse"]["tracked"]
+        r = result["without_db_reuse"]["tracked"]
         bench.row(
             "W2",
-            f"CELERY_DB_REUSE_MAX={reuse_max}: p50 / p99 / max ms",
+            "without CELERY_DB_REUSE_MAX: p50 / p99 / max ms",
             f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.1f}",
             f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} / {b['max_ms']:.1f}",
             ratio(r["p99_ms"], b["p99_ms"]),
             "(informative; ratio of p99)",
         )
         if r["early"]:
-            bench.errors.append(f"W2 (db reuse): {r['early']} operations started early")
+            bench.errors.append(f"W2 (no db reuse): {r['early']} operations started early")
     if t["early"]:
         bench.errors.append(f"W2: {t['early']} tracked operations started early")
     return result
