@@ -159,6 +159,10 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+if not DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # Celery's Django fix-up otherwise closes the connection around every task: each message
+    # would reconnect (system check batchframework_celery.W004 with --deploy).
+    CELERY_DB_REUSE_MAX = 1000
 
 LOGGING = {
     "version": 1,

@@ -18,7 +18,7 @@ from batchframework import BatchOperation, enqueue
 from batchframework.dispatch import ImmediateDispatcher, get_dispatcher
 from batchframework.testing import run_due
 from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
-from batchframework_celery.checks import check_celery
+from batchframework_celery.checks import check_celery, check_worker_connections
 from batchframework_celery.dispatcher import CeleryDispatcher
 from batchframework_celery.tasks import POLL_TASK
 from tests.celery_app import app as celery_app
@@ -120,6 +120,16 @@ def test_check_warns_when_the_horizon_is_shorter_than_two_poll_intervals():
         BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
     ):
         assert "batchframework_celery.W003" in _ids(check_celery())
+
+
+def test_deploy_check_warns_when_workers_reconnect_around_every_task():
+    assert "batchframework_celery.W004" in _ids(check_worker_connections())
+    celery_app.conf.update(CELERY_DB_REUSE_MAX=1000)
+    try:
+        assert "batchframework_celery.W004" not in _ids(check_worker_connections())
+    finally:
+        celery_app.conf.update(CELERY_DB_REUSE_MAX=None)
+    assert "batchframework_celery.W004" in _ids(check_worker_connections())
 
 
 def test_eager_mode_runs_due_operations_at_commit_and_leaves_delayed_ones_to_run_due(
