@@ -70,9 +70,7 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
 
 
 @checks.register(deploy=True)
-def check_worker_connections(
-    app_configs: Any = None, **kwargs: Any
-) -> list[checks.CheckMessage]:
+def check_worker_connections(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     if _celery_conf().get("CELERY_DB_REUSE_MAX"):
         return []
     return [

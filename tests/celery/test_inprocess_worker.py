@@ -145,9 +145,7 @@ def test_late_and_early_poller_ticks_publish_each_far_operation_once(
     interval late), and one that comes early must not publish anything twice."""
     short_horizon = {**CELERY_DISPATCHER, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
     with override_settings(BATCHFRAMEWORK=short_horizon):
-        ids = [
-            enqueue("test-effect", delay=timedelta(seconds=1.2 + 0.4 * i)).pk for i in range(12)
-        ]
+        ids = [enqueue("test-effect", delay=timedelta(seconds=1.2 + 0.4 * i)).pk for i in range(12)]
         assert purge_broker.total() == 0, "beyond the horizon: nothing published yet"
         scheduled = 0
         for gap in (0.3, 1.4, 0.5, 1.4, 1.3, 0.2, 1.4, 0.1):  # seconds; the interval is 1
