@@ -24,6 +24,7 @@ from ..models import BatchOperation
 from ..registry import registry
 from ..signals import operations_enqueued
 from ._common import write_alias
+from .bulk import Row, store
 
 #: How often a ``replace=True`` enqueue retries when a concurrent one won the insert.
 _REPLACE_ATTEMPTS = 8
@@ -256,8 +257,21 @@ def enqueue_many(
     """
     alias = write_alias(using)
     _check_started_by(started_by)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidOperationError(f"batch_size must be a positive integer, not {batch_size!r}.")
     allowed = {"context_object", "input_data", "delay", "run_after", "priority"}
-    operations: list[BatchOperation] = []
+    max_bytes = get_settings().MAX_INPUT_BYTES
+    # The call's shared values (and their validation: operationtype, queue, priority).
+    template = _build(
+        operationtype,
+        context=_Context(None, None),
+        input_data=None,
+        run_after=timezone.now(),
+        started_by=started_by,
+        queue=queue,
+        priority=_check_priority(priority),
+    )
+    rows: list[Row] = []
     for index, item in enumerate(items):
         unknown = set(item) - allowed
         if unknown:
@@ -272,23 +286,26 @@ def enqueue_many(
                 item.get("run_after") if has_own_time else run_after,
                 alias,
             )
-            operations.append(
-                _build(
-                    operationtype,
-                    context=_resolve_context(item.get("context_object"), alias),
-                    input_data=item.get("input_data"),
+            context = _resolve_context(item.get("context_object"), alias)
+            input_data = item.get("input_data")
+            rows.append(
+                Row(
+                    context_content_type=context.content_type,
+                    context_object_id=context.object_id,
+                    input_data=input_data,
+                    input_json=None
+                    if input_data is None
+                    else encode_json(input_data, max_bytes=max_bytes),
                     run_after=due,
-                    started_by=started_by,
-                    queue=queue,
                     priority=_check_priority(item.get("priority", priority)),
                 )
             )
         except InvalidOperationError as exc:
             raise type(exc)(f"enqueue_many item {index}: {exc}") from exc
-    if not operations:
+    if not rows:
         return []
     with transaction.atomic(using=alias):
-        created = BatchOperation.objects.using(alias).bulk_create(operations, batch_size=batch_size)
+        created = store(template, rows, alias=alias, batch_size=batch_size)
         _after_enqueue(created, alias)
     return created
 

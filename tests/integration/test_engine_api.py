@@ -52,7 +52,7 @@ from batchframework.signals import (
     operations_enqueued,
 )
 from batchframework.testing import run_due
-from tests.testapp.models import Effect, Execution, Post
+from tests.testapp.models import Effect, Execution, Post, UUIDThing
 
 from .helpers import EXPLODING_DISPATCHER
 
@@ -430,6 +430,45 @@ def test_enqueue_many_stores_all_items():
     assert_close(stored[2].run_after, now + timedelta(minutes=5))
     assert all(op.status == BatchOperation.STATUS_UNPROCESSED for op in stored.values())
     assert enqueue_many("test-echo", []) == []
+
+
+def test_enqueue_many_returns_the_stored_operations_field_for_field():
+    user = get_user_model().objects.create(username="bulk")
+    post, thing = Post.objects.create(title="p"), UUIDThing.objects.create()
+    inputs = [
+        None,
+        {"text": 'quote " backslash \\ and ünïcode ✓', "nested": [1, 2.5, None, True]},
+        [],
+        "plain",
+        0,
+        {"big": 2**53},
+    ]
+    items = [
+        {"input_data": data, "priority": i - 2, "context_object": (None, post, thing)[i % 3]}
+        for i, data in enumerate(inputs)
+    ]
+    items[4]["delay"] = timedelta(minutes=3)
+    created = enqueue_many("test-echo", items, started_by=user, queue="other", batch_size=4)
+    stored = {op.pk: op for op in BatchOperation.objects.all()}
+    assert sorted(stored) == sorted(op.pk for op in created)
+    for item, op in zip(items, created, strict=True):
+        row = stored[op.pk]
+        for field in BatchOperation._meta.concrete_fields:
+            assert getattr(op, field.attname) == getattr(row, field.attname), field.name
+        assert row.input_data == item["input_data"]
+        assert row.context_object == item["context_object"]
+        assert not op._state.adding and op._state.db == "default"
+    with CaptureQueriesContext(connection) as captured:
+        assert {op.started_by for op in created} == {user}  # kept, not fetched again
+    assert captured.captured_queries == []
+    assert {row.queue for row in stored.values()} == {"other"}
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True, "10"])
+def test_enqueue_many_refuses_a_bad_batch_size(batch_size):
+    with pytest.raises(InvalidOperationError, match="batch_size"):
+        enqueue_many("test-echo", [{}], batch_size=batch_size)
+    assert BatchOperation.objects.count() == 0
 
 
 def _expected_insert_statements(items: int, batch_size: int) -> int:
