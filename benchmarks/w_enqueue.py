@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
 
-from batchframework import enqueue, enqueue_many
+from batchframework import BatchOperation, enqueue, enqueue_many
 
 from .common import NULL_DISPATCHER, Bench, Timer, dispatcher, ratio
 
@@ -27,6 +27,24 @@ def _single_enqueues(n: int) -> float:
         for _ in range(n):
             with transaction.atomic():
                 enqueue("bench-noop")
+    return t.seconds
+
+
+def _bare_inserts(n: int) -> float:
+    """The floor under ``enqueue``: an INSERT of the same row and a durable COMMIT, as raw SQL
+    through Django's cursor, with none of the library's code."""
+    fields = [f for f in BatchOperation._meta.concrete_fields if not f.primary_key]
+    row = BatchOperation.objects.values_list(*(f.attname for f in fields)).first()
+    table = BatchOperation._meta.db_table
+    sql = (
+        f"INSERT INTO {table} ({', '.join(f.column for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id"
+    )
+    with Timer() as t:
+        for _ in range(n):
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(sql, row)
+                cursor.fetchone()
     return t.seconds
 
 
@@ -50,7 +68,13 @@ def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
     # Warm up: connections to PostgreSQL and Redis, the producer pool, ContentType cache.
     _plain_delays(20)
     _single_enqueues(20)
-    totals = {"delay": 0.0, "enqueue": 0.0, "enqueue_background": 0.0, "enqueue_db_only": 0.0}
+    totals = {
+        "delay": 0.0,
+        "enqueue": 0.0,
+        "enqueue_background": 0.0,
+        "enqueue_db_only": 0.0,
+        "bare_insert_commit": 0.0,
+    }
     background = {**settings.BATCHFRAMEWORK, "PUBLISH_IN_BACKGROUND": True}
     per_round = n_single // ROUNDS
     for _ in range(ROUNDS):
@@ -61,6 +85,7 @@ def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
             _drain_background_publishing()
         with dispatcher(NULL_DISPATCHER):
             totals["enqueue_db_only"] += _single_enqueues(per_round)
+        totals["bare_insert_commit"] += _bare_inserts(per_round)
         bench.reset()
     rates = {name: per_round * ROUNDS / seconds for name, seconds in totals.items()}
     many: dict[str, float] = {}
@@ -95,6 +120,14 @@ def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
         base,
         ratio(rates["enqueue_db_only"], base),
         "(informative)",
+    )
+    bench.row(
+        "W3",
+        "  floor: bare INSERT + COMMIT through Django, ops/s",
+        rates["bare_insert_commit"],
+        base,
+        ratio(rates["bare_insert_commit"], base),
+        "(informative: no library code)",
     )
     bench.row(
         "W3",
