@@ -21,8 +21,10 @@ from batchframework.models import BatchOperation
 
 from .publish import Publisher, bounded_publishing
 
-#: Operations whose due times lie within this span share one chunk message (ETA = the latest).
-CHUNK_SPREAD = timedelta(milliseconds=5)
+#: Operations whose due times lie within this span share one chunk message (ETA = the latest),
+#: so an operation may start up to this much late in exchange for fewer messages. Operations
+#: enqueued together with the same delay share chunks anyway.
+CHUNK_SPREAD = timedelta(milliseconds=1)
 
 
 def chunk_by_due_time(
