@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -37,6 +37,7 @@ from ._common import (
     time_after,
     write_alias,
 )
+from .claim_postgresql import claim_due_postgresql
 
 
 def _claim_update(lease: timedelta, token: str, now: datetime | None) -> dict[str, Any]:
@@ -131,7 +132,8 @@ def claim_due(
 
     Rows are locked with ``SELECT … FOR UPDATE SKIP LOCKED`` where the database supports it, so
     concurrent claimers take disjoint batches; elsewhere (SQLite) the conditional UPDATE still
-    guarantees one winner per row. A constant number of statements per batch.
+    guarantees one winner per row. A constant number of statements per batch: one on
+    PostgreSQL (see :mod:`.claim_postgresql`), a transaction of two elsewhere.
 
     Operations marked to be claimed alone (see the module docstring) are: when the first
     candidate is one, only it is claimed; otherwise the batch stops before the first one.
@@ -144,6 +146,16 @@ def claim_due(
         types = [t for t in types if t in set(operationtypes)]
     if not types:
         return []
+    if connections[alias].vendor == "postgresql":
+        return claim_due_postgresql(
+            alias=alias,
+            leases={t: registry[t].resolved_lease() for t in types},
+            ids=ids,
+            queues=queues,
+            limit=limit,
+            worker=worker,
+            now=now,
+        )
     manager = BatchOperation.objects.db_manager(alias)
     with transaction.atomic(using=alias):
         candidates = manager.due(now).filter(operationtype__in=types)
