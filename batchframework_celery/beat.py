@@ -86,8 +86,13 @@ def register_poller_after_migrate(
         return
     if getattr(sender, "label", None) != "batchframework_celery":
         return
-    from django.db import connections
+    from django.db import connections, router
+    from django_celery_beat.models import PeriodicTask
 
+    # Only where beat reads its schedule: a project with several databases migrates each, and
+    # django-celery-beat validates a new task's name against its routed database.
+    if router.db_for_write(PeriodicTask) != using:
+        return
     tables = connections[using].introspection.table_names()
     if "django_celery_beat_periodictask" not in tables:
         return

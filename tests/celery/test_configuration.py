@@ -52,6 +52,14 @@ def test_installing_batchframework_celery_makes_enqueue_dispatch_through_celery(
         assert isinstance(get_dispatcher(), ImmediateDispatcher)
 
 
+def test_migrate_registers_the_poller():
+    PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).delete()
+    call_command("migrate", verbosity=0)  # nothing to apply; post_migrate still runs
+    assert PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME, task=POLL_TASK).count() == 1
+    call_command("migrate", verbosity=0)
+    assert PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).count() == 1
+
+
 def test_register_poller_is_idempotent_and_follows_the_poll_interval():
     PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).delete()  # (migrate/flush registered it)
     task, changed = register_poller()
