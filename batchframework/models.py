@@ -241,9 +241,11 @@ class BatchOperation(models.Model):
                 fields=["context_content_type", "context_object_id"],
                 name="batchop_context_idx",
             ),
-            # Matches the claim query: unprocessed, ordered by priority then due time.
+            # Matches the claim query: unprocessed, ordered by priority, due time, then id. The
+            # id makes the order complete, so a claim reads only its batch even when thousands
+            # of operations share a due time (enqueue_many with one run_after).
             models.Index(
-                fields=["-priority", "run_after"],
+                fields=["-priority", "run_after", "id"],
                 name="batchop_ready_idx",
                 condition=Q(status="unprocessed"),
             ),

@@ -802,6 +802,22 @@ def test_claim_due_is_constant_per_batch(size, django_assert_num_queries):
         assert recover_expired(now=timezone.now() + timedelta(minutes=10)) == size
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="reads a PostgreSQL plan")
+def test_claim_reads_only_its_batch_when_thousands_share_a_due_time():
+    """The ready index orders completely (priority, due time, id): a claim of 50 among 3,000
+    operations with one run_after must not sort them all (that made each claim O(n))."""
+    enqueue_many("test-noop", [{} for _ in range(3000)], run_after=timezone.now())
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE batchframework_batchoperation")
+    with CaptureQueriesContext(connection) as captured:
+        assert len(claim_due(limit=50)) == 50
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + captured.captured_queries[-1]["sql"])
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Index Scan using batchop_ready_idx" in plan, plan
+    assert "Incremental Sort" not in plan, plan
+
+
 def test_claim_due_takes_only_what_is_due_in_priority_order():
     now = timezone.now()
     later = enqueue("test-noop", delay=timedelta(minutes=5))
