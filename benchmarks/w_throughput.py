@@ -114,16 +114,7 @@ def run_tracked(
             "(expected every operation claimed and run exactly once)"
         )
     first, last = agg["first"].timestamp(), agg["last"].timestamp()
-    result = {
-        "transport": transport,
-        "n": n,
-        "wall_s": last - spawned_at,
-        "active_s": last - first,
-        "startup_s": first - spawned_at,
-        "ready_s": (ready_at - spawned_at) if ready_at else None,
-        "ops_per_s": n / (last - first),
-        "ops_per_s_wall": n / (last - spawned_at),
-    }
+    result = _timings(transport, n, spawned_at, ready_at, first, last)
     if sample_rss:
         result["rss"] = _rss_summary(samples, n)
     return result
@@ -172,8 +163,15 @@ def run_plain_celery(bench: Bench, *, n: int) -> dict[str, Any]:
         raise CorrectnessError(f"plain Celery: counter is {count}, expected {n}")
     first = float(bench.redis.get(f"{key}:first"))  # type: ignore[arg-type]
     last = float(bench.redis.get(f"{key}:last"))  # type: ignore[arg-type]
+    return _timings("plain-celery", n, spawned_at, ready_at, first, last)
+
+
+def _timings(
+    transport: str, n: int, spawned_at: float, ready_at: float | None, first: float, last: float
+) -> dict[str, Any]:
+    """Rates from the worker's spawn, the first operation's start and the last one's finish."""
     return {
-        "transport": "plain-celery",
+        "transport": transport,
         "n": n,
         "wall_s": last - spawned_at,
         "active_s": last - first,
