@@ -25,6 +25,7 @@ from ..registry import registry
 from ..signals import operations_enqueued
 from ._common import write_alias
 from .bulk import Row, store
+from .insert_postgresql import insert
 
 #: How often a ``replace=True`` enqueue retries when a concurrent one won the insert.
 _REPLACE_ATTEMPTS = 8
@@ -191,7 +192,7 @@ def enqueue(
     if replace:
         operation = _insert_or_replace(operation, _debounce_key(operationtype, context), alias)
     else:
-        operation.save(force_insert=True, using=alias)
+        insert(operation, alias=alias)
     _after_enqueue([operation], alias)
     return operation
 
@@ -225,7 +226,7 @@ def _insert_or_replace(operation: BatchOperation, key: str, alias: str) -> Batch
             operation.debounce_key = key
             try:
                 with transaction.atomic(using=alias):
-                    operation.save(force_insert=True, using=alias)
+                    insert(operation, alias=alias)
             except IntegrityError:
                 operation.pk = None
                 operation._state.adding = True

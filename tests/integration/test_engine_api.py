@@ -20,6 +20,7 @@ from django.core import checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import connection, transaction
+from django.db.models.signals import post_save, pre_save
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -170,6 +171,61 @@ def test_enqueue_stores_one_unprocessed_row():
     assert list(BatchOperation.objects.for_context_object(post)) == [stored]
     assert enqueue("test-other-queue").queue == "other"
     assert enqueue("test-echo", queue="special").queue == "special"
+
+
+@pytest.mark.parametrize(
+    "input_data",
+    [
+        None,
+        {"text": 'quote " backslash \\ and ünïcode ✓', "nested": [1, 2.5, None, True]},
+        [],
+        "plain",  # a JSON string, not text to be stored as is
+        0,
+        {"big": 2**53},
+    ],
+)
+def test_enqueue_returns_the_stored_operation_field_for_field(input_data):
+    """On PostgreSQL ``enqueue`` writes with a prebuilt statement instead of ``save()``: what it
+    returns and what ``save()``'s signals see must not differ from the stored row."""
+    user = get_user_model().objects.create(username="single")
+    thing = UUIDThing.objects.create()
+    seen: list[tuple[str, int | None, bool, dict]] = []
+
+    def pre(sender, instance, signal, **kwargs):
+        seen.append(("pre", instance.pk, instance._state.adding, kwargs))
+
+    def post(sender, instance, signal, **kwargs):
+        seen.append(("post", instance.pk, instance._state.adding, kwargs))
+
+    pre_save.connect(pre, sender=BatchOperation)
+    post_save.connect(post, sender=BatchOperation)
+    try:
+        op = enqueue(
+            "test-echo",
+            context_object=thing,
+            input_data=input_data,
+            started_by=user,
+            queue="other",
+            priority=-3,
+            delay=timedelta(seconds=30),
+        )
+    finally:
+        pre_save.disconnect(pre, sender=BatchOperation)
+        post_save.disconnect(post, sender=BatchOperation)
+    row = fresh(op)
+    for field in BatchOperation._meta.concrete_fields:
+        assert getattr(op, field.attname) == getattr(row, field.attname), field.name
+    assert row.input_data == input_data
+    assert row.context_object == thing
+    assert not op._state.adding and op._state.db == "default"
+    common = {"raw": False, "using": "default", "update_fields": None}
+    assert seen == [
+        ("pre", None, True, common),
+        ("post", op.pk, False, {**common, "created": True}),
+    ]
+    with CaptureQueriesContext(connection) as captured:
+        assert op.started_by == user  # kept, not fetched again
+    assert captured.captured_queries == []
 
 
 def test_enqueue_with_delay_and_run_after():
