@@ -41,6 +41,17 @@ class Dispatcher(abc.ABC):
     def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
         """Hand committed operations on. May raise; :meth:`dispatch_safely` logs it."""
 
+    def notify_channel(self, using: str) -> str | None:
+        """A PostgreSQL channel on which ``enqueue`` announces new operations instead.
+
+        For a channel, ``enqueue`` sends ``NOTIFY <channel>, '<id>'`` in the statement that
+        inserts the operation and registers no on-commit callback: PostgreSQL delivers the
+        notification only once the transaction commits (invariant 5), and a listener in another
+        process hands the operation on (see ``batchframework_celery``'s relay). Only asked for
+        PostgreSQL databases. ``None``, the default: :meth:`dispatch` after commit.
+        """
+        return None
+
     def dispatch_safely(self, operations: Sequence[BatchOperation], *, using: str) -> None:
         """Dispatch, never raising into the caller of ``enqueue``: a failure is logged and the
         operations are left for the poller."""

@@ -1,4 +1,5 @@
-"""App configuration: registers the Celery tasks, the checks, and the post-migrate hook."""
+"""App configuration: registers the Celery tasks, the checks, the post-migrate hook, and the
+relay's start and stop in workers."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ class BatchframeworkCeleryConfig(AppConfig):
     default = True
 
     def ready(self) -> None:
+        from celery.signals import worker_ready, worker_shutdown
         from django.db.models.signals import post_migrate
 
         from . import checks, tasks  # noqa: F401  (register checks and shared tasks)
         from .beat import register_poller_after_migrate
+        from .relay import start_relay, stop_relay
 
         post_migrate.connect(
             register_poller_after_migrate, dispatch_uid="batchframework_celery.beat"
         )
+        # Only RelayDispatcher wants a relay; start_relay does nothing otherwise.
+        worker_ready.connect(start_relay, dispatch_uid="batchframework_celery.relay.start")
+        worker_shutdown.connect(stop_relay, dispatch_uid="batchframework_celery.relay.stop")

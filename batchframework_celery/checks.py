@@ -1,8 +1,10 @@
 """System checks for the Celery transport: horizon vs visibility timeout, secure serializers,
-and (with ``--deploy``) workers that reconnect to the database around every task."""
+the relay's database and driver, and (with ``--deploy``) workers that reconnect to the
+database around every task."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.core import checks
@@ -84,3 +86,45 @@ def check_worker_connections(app_configs: Any = None, **kwargs: Any) -> list[che
             id="batchframework_celery.W004",
         )
     ]
+
+
+@checks.register(checks.Tags.database)
+def check_relay(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``RelayDispatcher`` announces with NOTIFY on PostgreSQL; its relay needs psycopg 3.2+."""
+    from django.db import connections
+    from django.utils.module_loading import import_string
+
+    from batchframework.dispatch import dispatcher_path
+
+    from .dispatcher import RelayDispatcher
+    from .relay import relay_alias
+
+    try:
+        dispatcher = import_string(dispatcher_path())
+    except (ImportError, ImproperlyConfigured):
+        return []  # reported by batchframework's own checks
+    if not (isinstance(dispatcher, type) and issubclass(dispatcher, RelayDispatcher)):
+        return []
+    alias = relay_alias()
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return [
+            checks.Warning(
+                f"RelayDispatcher has no effect on {connection.vendor} (database {alias!r}): "
+                "enqueue publishes after commit, as CeleryDispatcher does.",
+                hint="The relay listens for PostgreSQL NOTIFY. Use CeleryDispatcher here.",
+                id="batchframework_celery.W005",
+            )
+        ]
+    driver = connection.Database  # type: ignore[attr-defined]  # the driver module
+    version = tuple(int(part) for part in re.findall(r"\d+", driver.__version__)[:2])
+    if driver.__name__ != "psycopg" or version < (3, 2):
+        return [
+            checks.Error(
+                f"RelayDispatcher's relay needs psycopg 3.2 or newer; database {alias!r} uses "
+                f"{driver.__name__} {driver.__version__}.",
+                hint="pip install 'psycopg[binary]>=3.2', or use CeleryDispatcher.",
+                id="batchframework_celery.E001",
+            )
+        ]
+    return []

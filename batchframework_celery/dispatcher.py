@@ -62,6 +62,25 @@ class CeleryDispatcher(Dispatcher):
         bounded_publishing.run(operations, using=using, publish=_publish)
 
 
+class RelayDispatcher(CeleryDispatcher):
+    """On PostgreSQL, ``enqueue`` announces operations with NOTIFY and the workers publish.
+
+    The web process then never talks to the broker for a single ``enqueue``: its INSERT
+    carries a ``pg_notify`` (delivered on commit) and the relay thread of one Celery worker
+    (:mod:`batchframework_celery.relay`) publishes the messages. That saves the caller a publish
+    per operation. Everything else is :class:`CeleryDispatcher`'s: ``enqueue_many`` and
+    ``replace=True`` enqueues, other databases, and eager mode publish after commit.
+    """
+
+    def notify_channel(self, using: str) -> str | None:
+        from .relay import CHANNEL, relay_alias
+        from .tasks import run_operations
+
+        if using != relay_alias() or run_operations.app.conf.task_always_eager:
+            return None  # no relay listens there; eager mode runs in the caller
+        return CHANNEL
+
+
 def _publish(operations: Sequence[BatchOperation], using: str) -> Publisher:
     return publish_operations(operations, using=using)
 

@@ -19,6 +19,7 @@ from django.test import override_settings
 from .procs import Procs, tail, wait_until
 
 NULL_DISPATCHER = "batchframework.dispatch.NullDispatcher"
+RELAY_DISPATCHER = "batchframework_celery.dispatcher.RelayDispatcher"
 CELERY_READY_TIMEOUT = 60.0
 
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.utils import timezone
 
 from ..clock import database_now
@@ -191,10 +191,23 @@ def enqueue(
     )
     if replace:
         operation = _insert_or_replace(operation, _debounce_key(operationtype, context), alias)
-    else:
-        insert(operation, alias=alias)
-    _after_enqueue([operation], alias)
+        _after_enqueue([operation], alias)
+        return operation
+    channel = _notify_channel(alias)
+    insert(operation, alias=alias, notify=channel)
+    if channel is None:
+        _after_enqueue([operation], alias)
+    else:  # announced by the INSERT itself: delivered on commit, to a relay
+        operations_enqueued.send(sender=BatchOperation, operations=[operation])
     return operation
+
+
+def _notify_channel(alias: str) -> str | None:
+    from ..dispatch import get_dispatcher
+
+    if connections[alias].vendor != "postgresql":
+        return None
+    return get_dispatcher().notify_channel(alias)
 
 
 def _insert_or_replace(operation: BatchOperation, key: str, alias: str) -> BatchOperation:

@@ -24,26 +24,34 @@ from django.db.models.signals import post_save, pre_save
 from ..models import BatchOperation, check_context_arguments
 
 
-def insert(operation: BatchOperation, *, alias: str) -> None:
-    """Insert the unsaved ``operation`` on ``alias``; it leaves with its primary key set."""
+def insert(operation: BatchOperation, *, alias: str, notify: str | None = None) -> None:
+    """Insert the unsaved ``operation`` on ``alias``; it leaves with its primary key set.
+
+    With ``notify`` (PostgreSQL only), the same statement sends ``NOTIFY <notify>, '<id>'``,
+    which PostgreSQL delivers when the transaction commits, and never if it rolls back.
+    """
     connection = connections[alias]
     if connection.vendor != "postgresql":
+        if notify is not None:
+            raise ValueError("NOTIFY needs PostgreSQL")
         operation.save(force_insert=True, using=alias)
         return
     check_context_arguments({"context_object_id": operation.context_object_id})
     pre_save.send(
         sender=BatchOperation, instance=operation, raw=False, using=alias, update_fields=None
     )
-    sql, columns = _statement()
-    params = []
+    sql, columns = _statement(notifying=notify is not None)
+    params: list[Any] = []
     for field, may_skip in columns:
         value = getattr(operation, field.attname)
         if value is not None and not (may_skip and type(value) in _PLAIN):
             value = field.get_db_prep_save(value, connection)
         params.append(value)
+    if notify is not None:
+        params.append(notify)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        (operation.pk,) = cursor.fetchone()
+        operation.pk = cursor.fetchone()[0]
     operation._state.adding = False
     operation._state.db = alias
     post_save.send(
@@ -61,16 +69,21 @@ _PLAIN = (str, int)
 
 
 @cache
-def _statement() -> tuple[str, list[tuple[Field[Any, Any], bool]]]:
-    """The INSERT of every column but the primary key, and for each column whether a plain
-    ``str``/``int`` value may skip adaptation (not for JSON: a string there is a JSON value)."""
+def _statement(*, notifying: bool) -> tuple[str, list[tuple[Field[Any, Any], bool]]]:
+    """The INSERT of every column but the primary key (announcing the new id on a channel, the
+    last parameter, when ``notifying``), and for each column whether a plain ``str``/``int``
+    value may skip adaptation (not for JSON: a string there is a JSON value)."""
     meta = BatchOperation._meta
     fields = [field for field in meta.concrete_fields if not field.primary_key]
     quote = _quote_name
+    pk = quote(meta.pk.column)
     sql = (
         f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-        f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}"
+        f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {pk}"
     )
+    if notifying:
+        # One statement: announcing costs no extra round trip.
+        sql = f"WITH new AS ({sql}) SELECT {pk}, pg_notify(%s, {pk}::text) FROM new"
     return sql, [(field, not isinstance(field, JSONField)) for field in fields]
 
 

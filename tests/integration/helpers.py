@@ -37,6 +37,17 @@ class RecordingDispatcher(Dispatcher):
 RECORDING_DISPATCHER = f"{__name__}.RecordingDispatcher"
 
 
+class AnnouncingDispatcher(RecordingDispatcher):
+    """Asks ``enqueue`` to announce on :data:`ANNOUNCE_CHANNEL` (PostgreSQL) instead."""
+
+    def notify_channel(self, using: str) -> str | None:
+        return ANNOUNCE_CHANNEL
+
+
+ANNOUNCE_CHANNEL = "batchframework_test_announce"
+ANNOUNCING_DISPATCHER = f"{__name__}.AnnouncingDispatcher"
+
+
 # --- Subprocesses on the test database ------------------------------------------------------
 def test_database_url() -> str:
     """A DATABASE_URL for the test database of this process's default connection."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from decimal import Decimal
 
@@ -55,7 +55,12 @@ from batchframework.signals import (
 from batchframework.testing import run_due
 from tests.testapp.models import Effect, Execution, Post, UUIDThing
 
-from .helpers import EXPLODING_DISPATCHER
+from .helpers import (
+    ANNOUNCE_CHANNEL,
+    ANNOUNCING_DISPATCHER,
+    EXPLODING_DISPATCHER,
+    RecordingDispatcher,
+)
 
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
 
@@ -323,6 +328,64 @@ def test_enqueue_committed_dispatches_once_after_commit(recording_dispatcher):
     many = enqueue_many("test-noop", [{}, {}, {}])
     assert recording_dispatcher[-1] == ("default", [o.pk for o in many])
     assert len(recording_dispatcher) == 3
+
+
+@pytest.fixture
+def pg_listener() -> Iterator[Callable[[float], list[str]]]:
+    """A second PostgreSQL session LISTENing on ``ANNOUNCE_CHANNEL``: call it with a timeout
+    to get the payloads that arrived."""
+    import psycopg
+
+    settings = connection.settings_dict
+    session = psycopg.connect(
+        dbname=settings["NAME"],
+        user=settings["USER"] or None,
+        password=settings["PASSWORD"] or None,
+        host=settings["HOST"] or None,
+        port=settings["PORT"] or None,
+        autocommit=True,
+    )
+    session.execute(f"LISTEN {ANNOUNCE_CHANNEL}")
+    try:
+        yield lambda timeout: [n.payload for n in session.notifies(timeout=timeout, stop_after=1)]
+    finally:
+        session.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dispatcher_with_a_channel_is_told_by_notify_on_postgresql_only(request):
+    """``Dispatcher.notify_channel``: on PostgreSQL the INSERT announces the operation, which
+    arrives only on commit and never after a rollback, and nothing is dispatched in-process;
+    elsewhere (and for ``enqueue_many`` and ``replace=True``) ``dispatch`` runs after commit."""
+    RecordingDispatcher.calls.clear()
+    postgresql = connection.vendor == "postgresql"
+    listen = request.getfixturevalue("pg_listener") if postgresql else None
+    with override_settings(BATCHFRAMEWORK={"DISPATCHER": ANNOUNCING_DISPATCHER}):
+        with transaction.atomic():
+            op = enqueue("test-echo", input_data={"a": 1})
+            if listen:
+                assert listen(0.2) == []  # not before the commit
+        if listen:
+            assert listen(5) == [str(op.pk)]
+            assert RecordingDispatcher.calls == []
+        else:
+            assert RecordingDispatcher.calls == [("default", [op.pk])]
+        with pytest.raises(ZeroDivisionError), transaction.atomic():
+            enqueue("test-echo")
+            1 / 0  # noqa: B018
+        if listen:
+            assert listen(0.3) == []
+        RecordingDispatcher.calls.clear()
+        many = enqueue_many("test-noop", [{}, {}])
+        debounced = enqueue("test-other-queue", replace=True)
+        assert RecordingDispatcher.calls == [
+            ("default", [o.pk for o in many]),
+            ("default", [debounced.pk]),
+        ]
+        if listen:
+            assert listen(0.2) == []
+    assert BatchOperation.objects.count() == 4
+    RecordingDispatcher.calls.clear()
 
 
 def test_enqueue_in_test_transaction_dispatches_on_commit_callbacks(
@@ -825,6 +888,10 @@ def test_enqueue_is_one_insert(django_assert_num_queries):
     assert captured.captured_queries[0]["sql"].upper().startswith("INSERT")
     with django_assert_num_queries(1):
         enqueue("test-echo", context_object=post, delay=timedelta(minutes=1), priority=2)
+    # Announcing it (PostgreSQL NOTIFY) is part of the same statement.
+    announcing = override_settings(BATCHFRAMEWORK={"DISPATCHER": ANNOUNCING_DISPATCHER})
+    with announcing, django_assert_num_queries(1):
+        enqueue("test-echo", input_data={"a": 1})
 
 
 def test_claim_and_finish_are_constant(django_assert_num_queries):

@@ -1,0 +1,147 @@
+"""The relay: a thread in each Celery worker that publishes what ``enqueue`` announced.
+
+With :class:`~batchframework_celery.dispatcher.RelayDispatcher`, ``enqueue`` on PostgreSQL does
+not publish from the web process: its INSERT sends ``NOTIFY batchframework_enqueued, '<id>'``,
+which PostgreSQL delivers when (and only if) the transaction commits. Here, in the worker's
+main process, one thread LISTENs on that channel and publishes the announced operations like
+the Celery dispatcher would (due now: one chunk message; due within the horizon: with an ETA).
+
+Every worker starts a relay, but only the one that holds a PostgreSQL advisory lock listens,
+so each operation is published once; the others retry the lock every ``POLL_INTERVAL`` and one
+takes over when the holder's connection ends (its worker stopped or died). Notifications sent
+while no relay listens are lost by design: the beat poller still finds every due operation in
+the database (invariant 6), at most a poll interval later.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from django.db import connections, router
+
+from batchframework.conf import get_settings
+from batchframework.dispatch import get_dispatcher
+from batchframework.models import BatchOperation
+from batchframework.signals import log_event
+
+#: The PostgreSQL channel ``enqueue`` announces new operations on.
+CHANNEL = "batchframework_enqueued"
+#: The advisory lock (any constant bigint) whose holder is the one relay that listens.
+LOCK_KEY = 0x62665F72656C6179  # b"bf_relay"
+#: How long a wait for notifications lasts before the thread checks whether to stop.
+WAIT_SECONDS = 1.0
+#: Most notifications turned into messages at once (one SELECT and its chunk messages).
+MAX_BURST = 1000
+
+
+def relay_alias() -> str:
+    """The database the relay listens on: where operations are written."""
+    return router.db_for_write(BatchOperation)
+
+
+class Relay(threading.Thread):
+    """Listens for announced operations on :func:`relay_alias` and publishes them."""
+
+    def __init__(self) -> None:
+        super().__init__(name="batchframework-relay", daemon=True)
+        self.alias = relay_alias()
+        self._stopping = threading.Event()
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._serve()
+                except Exception as exc:  # database gone or restarted: the lock went with it
+                    retry_in = get_settings().POLL_INTERVAL.total_seconds()
+                    log_event(
+                        logging.WARNING, "relay_error", error=repr(exc), retry_in=f"{retry_in:g}s"
+                    )
+                    connections[self.alias].close()
+                    self._stopping.wait(retry_in)
+        finally:
+            connections[self.alias].close()
+
+    def _serve(self) -> None:
+        connection = connections[self.alias]
+        connection.close()  # start from a fresh session: an advisory lock lives as long as it
+        connection.ensure_connection()
+        if not self._wait_for_lock(connection):
+            return
+        with connection.cursor() as cursor:
+            cursor.execute(f"LISTEN {CHANNEL}")
+        log_event(logging.INFO, "relay_started", alias=self.alias, channel=CHANNEL)
+        raw = connection.connection
+        while not self._stopping.is_set():
+            # One read returns every notification that has arrived: a burst becomes one round.
+            payloads = [n.payload for n in raw.notifies(timeout=WAIT_SECONDS, stop_after=1)]
+            for start in range(0, len(payloads), MAX_BURST):
+                self._publish(payloads[start : start + MAX_BURST])
+
+    def _wait_for_lock(self, connection: Any) -> bool:
+        """Hold the lock (``True``), or wait for it until told to stop (``False``)."""
+        announced = False
+        while not self._stopping.is_set():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])
+                if cursor.fetchone()[0]:
+                    return True
+            if not announced:
+                log_event(logging.INFO, "relay_standby", alias=self.alias)
+                announced = True
+            self._stopping.wait(get_settings().POLL_INTERVAL.total_seconds())
+        return False
+
+    def _publish(self, payloads: list[str]) -> None:
+        from .dispatcher import publish_operations
+
+        ids = {int(payload) for payload in payloads if payload.isdigit()}
+        # Only those still unprocessed: some may have been cancelled or run meanwhile.
+        operations = list(
+            BatchOperation.objects.using(self.alias)
+            .unprocessed()
+            .filter(pk__in=ids)
+            .only("pk", "run_after", "queue")
+        )
+        publisher = publish_operations(operations, using=self.alias)
+        log_event(
+            logging.DEBUG,
+            "relay_published",
+            announced=len(ids),
+            published_messages=publisher.published,
+            failed_messages=publisher.failed,
+        )
+
+
+_relay: Relay | None = None
+_relay_lock = threading.Lock()
+
+
+def start_relay(**kwargs: Any) -> None:
+    """``worker_ready`` receiver: start this worker's relay if the dispatcher wants one."""
+    global _relay
+    from .dispatcher import RelayDispatcher
+
+    if not isinstance(get_dispatcher(), RelayDispatcher):
+        return
+    if connections[relay_alias()].vendor != "postgresql":
+        return  # nothing announces there: RelayDispatcher publishes after commit instead
+    with _relay_lock:
+        if _relay is None or not _relay.is_alive():
+            _relay = Relay()
+            _relay.start()
+
+
+def stop_relay(**kwargs: Any) -> None:
+    """``worker_shutdown`` receiver: stop the relay (its lock ends with its connection)."""
+    global _relay
+    with _relay_lock:
+        relay, _relay = _relay, None
+    if relay is not None:
+        relay.stop(timeout=WAIT_SECONDS * 5)

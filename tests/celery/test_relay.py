@@ -1,0 +1,127 @@
+"""The relay, with real ``celery worker`` processes on PostgreSQL and Redis: with
+``RelayDispatcher`` the web process publishes nothing for an ``enqueue``; one worker's relay
+publishes (immediate and ETA operations alike), a second worker stands by, and takes over when
+the first is killed. No beat runs here, so nothing but the relay can hand operations on."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection, transaction
+from django.test import override_settings
+
+from batchframework import BatchOperation, enqueue
+from batchframework_celery.poller import poll_once
+from batchframework_celery.publish import bounded_publishing
+
+from .helpers import (
+    all_finished,
+    assert_never_early,
+    assert_ran_once_each,
+    subprocess_env,
+    wait_for,
+)
+
+pytestmark = [
+    pytest.mark.celery,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(connection.vendor != "postgresql", reason="NOTIFY is PostgreSQL's"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAY_DISPATCHER = "batchframework_celery.dispatcher.RelayDispatcher"
+POLL_INTERVAL = 0.5
+RELAY = {**settings.BATCHFRAMEWORK, "DISPATCHER": RELAY_DISPATCHER, "DISPATCH_HORIZON": 5}
+
+
+def start_worker(log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                *("-m", "celery", "-A", "tests.celery_app", "worker", "-l", "info"),
+                *("-P", "solo", "-Q", "default,other", "-n", f"relay-{uuid.uuid4().hex[:8]}@%h"),
+                *("--without-mingle", "--without-gossip", "--without-heartbeat"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def logged(log: Path, event: str) -> bool:
+    return re.search(rf"\bevent={event}\b", log.read_text(errors="replace")) is not None
+
+
+def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_broker, tmp_path):
+    broker = purge_broker
+    env = subprocess_env(
+        CELERY_BROKER_URL=broker.url,
+        BF_DISPATCHER=RELAY_DISPATCHER,
+        BF_POLL_INTERVAL=str(POLL_INTERVAL),
+        BF_DISPATCH_HORIZON="5",
+    )
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    with override_settings(BATCHFRAMEWORK=RELAY):
+        # The web side publishes nothing, not even after commit ...
+        with transaction.atomic():
+            unheard = enqueue("test-effect")
+        bounded_publishing.drain()
+        assert broker.total() == 0
+    first = start_worker(first_log, env)
+    second = None
+    try:
+        assert wait_for(lambda: logged(first_log, "relay_started"), timeout=30), (
+            first_log.read_text()[-3000:]
+        )
+        # ... and a worker's relay publishes what it hears announced.
+        with override_settings(BATCHFRAMEWORK=RELAY):
+            now = [enqueue("test-effect").pk for _ in range(10)]
+            soon = [enqueue("test-effect", delay=timedelta(seconds=1)).pk for _ in range(5)]
+            other = [enqueue("test-other-queue").pk for _ in range(2)]
+        assert wait_for(all_finished([*now, *soon, *other]), timeout=20, interval=0.1), (
+            first_log.read_text()[-3000:]
+        )
+        assert_ran_once_each([*now, *soon])
+        assert_never_early(soon, late_by=1.0)
+        # Announced while no relay listened: lost, as documented; the poller finds it.
+        assert BatchOperation.objects.get(pk=unheard.pk).status == "unprocessed"
+        assert poll_once()["drain_messages"] >= 1
+        assert wait_for(all_finished([unheard.pk]), timeout=20, interval=0.1)
+
+        # A second worker stands by while the first holds the relay's lock ...
+        second = start_worker(second_log, env)
+        assert wait_for(lambda: logged(second_log, "relay_standby"), timeout=30), (
+            second_log.read_text()[-3000:]
+        )
+        assert not logged(second_log, "relay_started")
+        # ... and takes over once the first dies without a chance to clean up.
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert wait_for(lambda: logged(second_log, "relay_started"), timeout=30), (
+            second_log.read_text()[-3000:]
+        )
+        with override_settings(BATCHFRAMEWORK=RELAY):
+            later = [enqueue("test-effect").pk for _ in range(5)]
+        assert wait_for(all_finished(later), timeout=20, interval=0.1), (
+            second_log.read_text()[-3000:]
+        )
+        assert_ran_once_each(later)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0, second_log.read_text()[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
