@@ -15,6 +15,7 @@ the database (invariant 6), at most a poll interval later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -63,9 +64,14 @@ class Relay(threading.Thread):
                     log_event(
                         logging.WARNING, "relay_error", error=repr(exc), retry_in=f"{retry_in:g}s"
                     )
-                    connections[self.alias].close()
+                    self._close()
                     self._stopping.wait(retry_in)
         finally:
+            self._close()
+
+    def _close(self) -> None:
+        # The connection may be broken already; closing it must not end the thread.
+        with contextlib.suppress(Exception):
             connections[self.alias].close()
 
     def _serve(self) -> None:
