@@ -21,6 +21,7 @@ from django.test import override_settings
 from batchframework import BatchOperation, enqueue
 from batchframework_celery.poller import poll_once
 from batchframework_celery.publish import bounded_publishing
+from batchframework_celery.relay import LOCK_KEY
 
 from .helpers import (
     all_finished,
@@ -125,3 +126,39 @@ def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_brok
                 proc.kill()
                 proc.wait(10)
 
+
+
+def test_relay_reconnects_when_its_database_session_is_killed(purge_broker, tmp_path):
+    """A relay whose session ends (database restart, failover, an admin's
+    ``pg_terminate_backend``) logs ``relay_error``, reconnects, takes the lock again, and
+    publishes what is announced afterwards."""
+    env = subprocess_env(
+        CELERY_BROKER_URL=purge_broker.url,
+        BF_DISPATCHER=RELAY_DISPATCHER,
+        BF_POLL_INTERVAL=str(POLL_INTERVAL),
+        BF_DISPATCH_HORIZON="5",
+    )
+    log = tmp_path / "worker.log"
+    worker = start_worker(log, env)
+    try:
+        assert wait_for(lambda: logged(log, "relay_started"), timeout=30), log.read_text()[-3000:]
+        started = log.read_text().count("event=relay_started")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND ((classid::bigint << 32) | objid::bigint) = %s",
+                [LOCK_KEY],
+            )
+            assert [row[0] for row in cursor.fetchall()] == [True]
+        assert wait_for(lambda: logged(log, "relay_error"), timeout=15), log.read_text()[-3000:]
+        assert wait_for(
+            lambda: log.read_text().count("event=relay_started") > started, timeout=15
+        ), log.read_text()[-3000:]
+        with override_settings(BATCHFRAMEWORK=RELAY):
+            ids = [enqueue("test-effect").pk for _ in range(5)]
+        assert wait_for(all_finished(ids), timeout=20, interval=0.1), log.read_text()[-3000:]
+        assert_ran_once_each(ids)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
