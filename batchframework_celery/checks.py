@@ -88,7 +88,7 @@ def check_worker_connections(app_configs: Any = None, **kwargs: Any) -> list[che
     ]
 
 
-@checks.register(checks.Tags.database)
+@checks.register()  # reads settings and the driver only, so plain ``manage.py check`` runs it
 def check_relay(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """``RelayDispatcher`` announces with NOTIFY on PostgreSQL; its relay needs psycopg 3.2+."""
     from django.db import connections
