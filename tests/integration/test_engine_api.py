@@ -373,8 +373,16 @@ def test_a_dispatcher_with_a_channel_is_told_by_notify_on_postgresql_only(reques
         with pytest.raises(ZeroDivisionError), transaction.atomic():
             enqueue("test-echo")
             1 / 0  # noqa: B018
+        with transaction.atomic():  # a savepoint rolled back takes its announcement with it
+            kept = enqueue("test-echo")
+            with pytest.raises(ZeroDivisionError), transaction.atomic():
+                enqueue("test-echo")
+                1 / 0  # noqa: B018
         if listen:
+            assert listen(0.3) == [str(kept.pk)]
             assert listen(0.3) == []
+        else:
+            assert RecordingDispatcher.calls[-1] == ("default", [kept.pk])
         RecordingDispatcher.calls.clear()
         many = enqueue_many("test-noop", [{}, {}])
         debounced = enqueue("test-other-queue", replace=True)
@@ -384,7 +392,7 @@ def test_a_dispatcher_with_a_channel_is_told_by_notify_on_postgresql_only(reques
         ]
         if listen:
             assert listen(0.2) == []
-    assert BatchOperation.objects.count() == 4
+    assert BatchOperation.objects.count() == 5
     RecordingDispatcher.calls.clear()
 
 
