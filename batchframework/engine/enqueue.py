@@ -50,9 +50,11 @@ def resolve_run_after(
             )
         return run_after
     if delay is None:
-        # Due now: by this process's clock and by the database's, whichever is earlier, so
-        # that a run straight after (a test's run_due(), a message) finds it due.
-        return min(timezone.now(), database_now(using))
+        # Due now: by this process's clock and by the database's, whichever is earlier, and
+        # in whole milliseconds (SQLite's clock reads no finer), so that a claim straight
+        # after (a test's run_due(), a message) finds it due.
+        now = min(timezone.now(), database_now(using))
+        return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
     delay = _as_delay(delay)
     now = database_now(using)
     try:

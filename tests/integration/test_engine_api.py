@@ -172,7 +172,8 @@ def test_enqueue_stores_one_unprocessed_row():
     assert stored.priority == 5
     assert stored.queue == "default"
     assert stored.attempts == 0
-    assert before <= stored.run_after <= timezone.now()
+    # Due now, in whole milliseconds: at most 1 ms before the call, never after it.
+    assert before - timedelta(milliseconds=1) < stored.run_after <= timezone.now()
     assert list(BatchOperation.objects.for_context_object(post)) == [stored]
     assert enqueue("test-other-queue").queue == "other"
     assert enqueue("test-echo", queue="special").queue == "special"
@@ -231,6 +232,16 @@ def test_enqueue_returns_the_stored_operation_field_for_field(input_data):
     with CaptureQueriesContext(connection) as captured:
         assert op.started_by == user  # kept, not fetched again
     assert captured.captured_queries == []
+
+
+def test_an_operation_due_now_is_due_for_a_claim_straight_after_enqueue():
+    """Due now holds at once on the database's clock, whatever its resolution: SQLite's clock
+    reads whole milliseconds, so a due time with microseconds used to be due only a moment
+    later, and a claim in the same millisecond found nothing."""
+    for _ in range(50):
+        op = enqueue("test-noop")
+        assert op.run_after.microsecond % 1000 == 0  # not after any reading in the same ms
+        assert claim(op.pk) is not None, op.run_after
 
 
 def test_enqueue_with_delay_and_run_after():
