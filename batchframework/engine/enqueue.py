@@ -197,10 +197,7 @@ def enqueue(
         return operation
     channel = _notify_channel(alias)
     insert(operation, alias=alias, notify=channel)
-    if channel is None:
-        _after_enqueue([operation], alias)
-    else:  # announced by the INSERT itself: delivered on commit, to a relay
-        operations_enqueued.send(sender=BatchOperation, operations=[operation])
+    _after_enqueue([operation], alias, announced=channel is not None)
     return operation
 
 
@@ -326,9 +323,14 @@ def enqueue_many(
     return created
 
 
-def _after_enqueue(operations: list[BatchOperation], alias: str) -> None:
+def _after_enqueue(
+    operations: list[BatchOperation], alias: str, *, announced: bool = False
+) -> None:
+    """Signal, and dispatch after commit unless the INSERT announced them already (NOTIFY,
+    delivered on commit to the dispatcher's listener)."""
     operations_enqueued.send(sender=BatchOperation, operations=operations)
-    dispatch_on_commit(operations, alias)
+    if not announced:
+        dispatch_on_commit(operations, alias)
 
 
 def dispatch_on_commit(operations: list[BatchOperation], alias: str) -> None:

@@ -14,7 +14,6 @@ PostgreSQL, SQLite and MariaDB, tests both paths.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 from django.db import connections
@@ -40,7 +39,7 @@ def insert(operation: BatchOperation, *, alias: str, notify: str | None = None) 
     pre_save.send(
         sender=BatchOperation, instance=operation, raw=False, using=alias, update_fields=None
     )
-    sql, columns = _statement(notifying=notify is not None)
+    sql, columns = _statement(connection, notifying=notify is not None)
     params: list[Any] = []
     for field, may_skip in columns:
         value = getattr(operation, field.attname)
@@ -68,14 +67,23 @@ def insert(operation: BatchOperation, *, alias: str, notify: str | None = None) 
 _PLAIN = (str, int)
 
 
-@cache
-def _statement(*, notifying: bool) -> tuple[str, list[tuple[Field[Any, Any], bool]]]:
+#: The statements built so far, by whether they announce (quoting is the same on every
+#: PostgreSQL connection, so one build serves the whole process).
+_statements: dict[bool, tuple[str, list[tuple[Field[Any, Any], bool]]]] = {}
+
+
+def _statement(
+    connection: Any, *, notifying: bool
+) -> tuple[str, list[tuple[Field[Any, Any], bool]]]:
     """The INSERT of every column but the primary key (announcing the new id on a channel, the
     last parameter, when ``notifying``), and for each column whether a plain ``str``/``int``
     value may skip adaptation (not for JSON: a string there is a JSON value)."""
+    built = _statements.get(notifying)
+    if built is not None:
+        return built
     meta = BatchOperation._meta
     fields = [field for field in meta.concrete_fields if not field.primary_key]
-    quote = _quote_name
+    quote = connection.ops.quote_name
     pk = quote(meta.pk.column)
     sql = (
         f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
@@ -84,9 +92,8 @@ def _statement(*, notifying: bool) -> tuple[str, list[tuple[Field[Any, Any], boo
     if notifying:
         # One statement: announcing costs no extra round trip.
         sql = f"WITH new AS ({sql}) SELECT {pk}, pg_notify(%s, {pk}::text) FROM new"
-    return sql, [(field, not isinstance(field, JSONField)) for field in fields]
-
-
-def _quote_name(name: Any) -> str:  # Any: django-stubs types a column as str | None
-    # As PostgreSQL's ``connection.ops.quote_name`` does it, without needing a connection here.
-    return name if name.startswith('"') and name.endswith('"') else f'"{name}"'
+    built = _statements[notifying] = (
+        sql,
+        [(field, not isinstance(field, JSONField)) for field in fields],
+    )
+    return built
