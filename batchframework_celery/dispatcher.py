@@ -101,16 +101,15 @@ def publish_operations(
     for operation in operations:
         if operation.run_after <= limit:
             by_queue[operation.queue].append(operation)
-    publisher = Publisher()
     kwargs = {} if using == DEFAULT_DB_ALIAS else {"using": using}
     size = settings.BATCH_SIZE
-    for queue, queued in by_queue.items():
-        # Operations already due need no ETA: they share chunks whatever their due times.
-        due_now = [op.pk for op in queued if op.run_after <= now]
-        chunks = [(now, due_now[i : i + size]) for i in range(0, len(due_now), size)]
-        chunks += chunk_by_due_time([op for op in queued if op.run_after > now], size)
-        for due, ids in chunks:
-            publisher.publish(
-                run_operations, [ids], queue=queue, eta=due if due > now else None, kwargs=kwargs
-            )
+    with Publisher() as publisher:
+        for queue, queued in by_queue.items():
+            # Operations already due need no ETA: they share chunks whatever their due times.
+            due_now = [op.pk for op in queued if op.run_after <= now]
+            chunks = [(now, due_now[i : i + size]) for i in range(0, len(due_now), size)]
+            chunks += chunk_by_due_time([op for op in queued if op.run_after > now], size)
+            for due, ids in chunks:
+                eta = due if due > now else None
+                publisher.publish(run_operations, [ids], queue=queue, eta=eta, kwargs=kwargs)
     return publisher

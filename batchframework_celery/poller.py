@@ -54,16 +54,15 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
         .annotate(n=Count("pk"))
         .values_list("queue", "n")
     )
-    publisher = Publisher()
     kwargs = {} if alias == DEFAULT_DB_ALIAS else {"using": alias}
-    drains = 0
     expires = settings.POLL_INTERVAL.total_seconds() * 2
-    for queue, count in due_by_queue.items():
-        for _ in range(min(MAX_DRAINS_PER_QUEUE, math.ceil(count / settings.BATCH_SIZE))):
-            # A drain that waited longer than two ticks is stale (a later tick sent fresh
-            # ones): expiring it keeps a backlog of drains from piling up without workers.
-            if publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires):
-                drains += 1
+    with Publisher() as publisher:
+        for queue, count in due_by_queue.items():
+            for _ in range(min(MAX_DRAINS_PER_QUEUE, math.ceil(count / settings.BATCH_SIZE))):
+                # A drain that waited longer than two ticks is stale (a later tick sent fresh
+                # ones): expiring it keeps a backlog of drains from piling up without workers.
+                publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires)
+    drains = publisher.published
     soon = _take_window(alias, types)
     scheduled = (
         publish_operations(soon, using=alias, horizon=settings.POLL_INTERVAL * 2).published

@@ -9,6 +9,10 @@ costs the caller at most one failed connection attempt.
 loop (sleeping 2 s, 4 s, ... until ``broker_connection_timeout``, 4 s by default), whatever the
 publish's ``retry`` says. So the connection is established here first, with one immediate retry
 (for a stale pooled connection) and a deadline of ``PUBLISH_TIMEOUT``.
+
+A round's messages share that one producer, and on Redis one pipelined write at the round's
+end (kombu's ``Producer.batch``, kombu 5.7+): a chunk message costs a third of what it cost
+sent on its own, most of it Celery's own work building the message.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
@@ -41,12 +46,46 @@ BROKER_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class Publisher:
-    """Publishes a round of messages; after the first broker failure it publishes no more."""
+    """Publishes a round of messages; after the first broker failure it publishes no more.
+
+    Used as a context manager, the round's messages share one producer and, where kombu can
+    batch (kombu 5.7+ on Redis), one pipelined round trip sent when the block ends: a round of
+    many chunk messages then costs the broker one exchange instead of one each. The counts are
+    final once the block has ended.
+    """
 
     def __init__(self) -> None:
         self.published = 0
         self.failed = 0
         self.broker_down = False
+        self._round: ExitStack | None = None
+        self._producer: Any = None
+        self._batch: Any = None
+        self._buffered = 0
+        self._failure: BaseException | None = None
+        self._declared: set[str] = set()
+
+    def __enter__(self) -> Publisher:
+        self._round = ExitStack()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        round_, self._round = self._round, None
+        batch, self._batch, self._producer = self._batch, None, None
+        assert round_ is not None
+        try:
+            if batch is not None:
+                if exc_info[0] is None and self._failure is not None:
+                    exc_info = (type(self._failure), self._failure, None)
+                try:
+                    batch.__exit__(*exc_info)  # sends what it buffered; discards after a failure
+                except BROKER_DOWN_ERRORS as exc:
+                    self._broker_failed(exc, self._buffered, task=None, queue=None)
+                else:
+                    self.published += self._buffered
+                self._buffered = 0
+        finally:
+            round_.close()  # the producer goes back to the pool
 
     def publish(
         self,
@@ -61,31 +100,76 @@ class Publisher:
         if self.broker_down:
             self.failed += 1
             return False
-        options: dict[str, Any] = {"queue": queue, "eta": eta, "retry": False}
+        args = tuple(args)
+        kwargs = kwargs or {}
+        options: dict[str, Any] = {
+            "queue": queue,
+            "eta": eta,
+            "retry": False,
+            # Celery would build these with saferepr, a fifth of a publish for a chunk's ids.
+            "argsrepr": _short_repr(args, task.app.amqp.argsrepr_maxsize),
+            "kwargsrepr": _short_repr(kwargs, task.app.amqp.kwargsrepr_maxsize),
+        }
         if expires is not None:
             options["expires"] = expires
         try:
             if task.app.conf.task_always_eager:  # runs locally: no broker to connect to
-                task.apply_async(args=tuple(args), kwargs=kwargs or {}, **options)
+                task.apply_async(args=args, kwargs=kwargs, **options)
             else:
-                with task.app.producer_or_acquire() as producer:
-                    _connect(producer.connection)
-                    options["producer"] = producer
-                    task.apply_async(args=tuple(args), kwargs=kwargs or {}, **options)
+                options["producer"] = self._round_producer(task)
+                if queue in self._declared:
+                    # Declared by this round's first message to it: kombu would copy and bind
+                    # the queue again per message just to find it in its declaration cache.
+                    options["declare"] = []
+                task.apply_async(args=args, kwargs=kwargs, **options)
+                self._declared.add(queue)
+                if self._batch is not None:
+                    self._buffered += 1  # counted as published once the batch is sent
+                    return True
         except BROKER_DOWN_ERRORS as exc:
-            self.broker_down = True
-            self.failed += 1
-            log_event(
-                logging.WARNING,
-                "publish_failed",
-                task=task.name,
-                queue=queue,
-                error=repr(exc),
-                fallback="poller",
-            )
+            # A batch that failed (flushing early when full) lost its buffered messages too.
+            lost, self._buffered = self._buffered, 0
+            self._broker_failed(exc, 1 + lost, task=task.name, queue=queue)
             return False
         self.published += 1
         return True
+
+    def _round_producer(self, task: Task) -> Any:
+        """The round's producer (connected), inside a kombu publish batch where supported."""
+        if self._round is None:
+            raise RuntimeError("Publish inside `with Publisher() as publisher:`.")
+        if self._producer is None:
+            producer = self._round.enter_context(task.app.producer_or_acquire())
+            _connect(producer.connection)
+            self._producer = producer
+            if getattr(producer, "supports_batch_publish", False):
+                batch = producer.batch()
+                batch.__enter__()
+                self._batch = batch
+        return self._producer
+
+    def _broker_failed(
+        self, exc: BaseException, count: int, *, task: str | None, queue: str | None
+    ) -> None:
+        # Messages buffered in a failed batch may or may not have reached the broker; a
+        # duplicate is harmless (claims are atomic) and a lost one is the poller's.
+        self.broker_down = True
+        self._failure = exc
+        self.failed += count
+        log_event(
+            logging.WARNING,
+            "publish_failed",
+            task=task,
+            queue=queue,
+            count=count,
+            error=repr(exc),
+            fallback="poller",
+        )
+
+
+def _short_repr(value: Any, maxsize: int) -> str:
+    text = repr(value)
+    return text if len(text) <= maxsize else text[: maxsize - 3] + "..."
 
 
 def _connect(connection: Any) -> None:

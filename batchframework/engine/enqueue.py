@@ -284,6 +284,8 @@ def enqueue_many(
         queue=queue,
         priority=_check_priority(priority),
     )
+    # Items without a time of their own share the call's, computed (and validated) once.
+    call_due = resolve_run_after(delay, run_after, alias)
     rows: list[Row] = []
     for index, item in enumerate(items):
         unknown = set(item) - allowed
@@ -293,11 +295,10 @@ def enqueue_many(
                 f"allowed: {sorted(allowed)}."
             )
         try:
-            has_own_time = "delay" in item or "run_after" in item
-            due = resolve_run_after(
-                item.get("delay") if has_own_time else delay,
-                item.get("run_after") if has_own_time else run_after,
-                alias,
+            due = (
+                resolve_run_after(item.get("delay"), item.get("run_after"), alias)
+                if "delay" in item or "run_after" in item
+                else call_due
             )
             context = _resolve_context(item.get("context_object"), alias)
             input_data = item.get("input_data")

@@ -20,7 +20,7 @@ from django.core import checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import connection, transaction
-from django.db.models.signals import post_save, pre_save
+from django.db.models.signals import post_init, post_save, pre_save
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -600,6 +600,31 @@ def test_enqueue_many_returns_the_stored_operations_field_for_field():
         assert {op.started_by for op in created} == {user}  # kept, not fetched again
     assert captured.captured_queries == []
     assert {row.queue for row in stored.values()} == {"other"}
+
+
+def test_enqueue_many_items_without_a_time_of_their_own_share_the_call_s():
+    created = enqueue_many("test-noop", [{} for _ in range(30)], delay=timedelta(minutes=1))
+    assert len({op.run_after for op in created}) == 1
+    assert BatchOperation.objects.values("run_after").distinct().count() == 1
+    # The call's own time is validated even when there are no items to use it.
+    with pytest.raises(InvalidOperationError, match="delay"):
+        enqueue_many("test-noop", [], delay=-1)
+
+
+def test_enqueue_many_builds_its_instances_with_init_signals_when_someone_listens():
+    built: list[BatchOperation] = []
+
+    def record(sender, instance, **kwargs):
+        built.append(instance)
+
+    post_init.connect(record, sender=BatchOperation)
+    try:
+        created = enqueue_many("test-echo", [{"input_data": i} for i in range(3)])
+    finally:
+        post_init.disconnect(record, sender=BatchOperation)
+    assert all(any(seen is op for seen in built) for op in created)
+    assert [op.input_data for op in created] == [0, 1, 2]
+    assert all(op.pk and not op._state.adding for op in created)
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 1.5, True, "10"])

@@ -7,6 +7,7 @@ Invariants 5 (transactional enqueue) and 6 (the database is the source of truth)
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -18,7 +19,8 @@ from django.http import HttpResponse
 from django.test import RequestFactory
 
 from batchframework import BatchOperation, enqueue, enqueue_many
-from batchframework_celery.tasks import drain
+from batchframework_celery.publish import Publisher
+from batchframework_celery.tasks import drain, run_operations
 from tests.integration.helpers import wait_for as wait_until
 from tests.testapp.models import Effect, Execution
 
@@ -163,6 +165,31 @@ def test_rollback_leaves_no_row_and_publishes_nothing(alias, private_redis, reli
     assert messages == 0
     assert ran == 0 and not Execution.objects.exists() and not Effect.objects.exists()
     assert (control_rows, control_messages) == (1, 1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker_dies", [False, True])
+def test_a_publish_round_reaches_the_broker_in_one_exchange_at_its_end(
+    broker_dies, private_redis, caplog
+):
+    """The messages of a round (a poller tick, an ``enqueue_many``) are sent together when the
+    round ends: none is in the broker before, all are after. A broker that dies before the end
+    loses the whole round, which is counted failed and logged once, for the poller to redo."""
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    with celery_on(private_redis.url()):
+        with Publisher() as publisher:
+            for ids in ([1, 2], [3], [4, 5, 6]):
+                assert publisher.publish(run_operations, [ids], queue="default")
+            assert private_redis.messages() == 0  # buffered, not sent one by one
+            if broker_dies:
+                private_redis.kill()
+        failures = [r.getMessage() for r in caplog.records if "publish_failed" in r.getMessage()]
+        if broker_dies:
+            assert (publisher.published, publisher.failed, publisher.broker_down) == (0, 3, True)
+            assert len(failures) == 1 and "count=3" in failures[0], failures
+        else:
+            assert (publisher.published, publisher.failed, publisher.broker_down) == (3, 0, False)
+            assert private_redis.waiting("default") == 3 and not failures
 
 
 RECEIVED = re.compile(r"Task batchframework\.run_operations\[([0-9a-f-]+)\] received")
