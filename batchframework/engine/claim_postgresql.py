@@ -93,7 +93,44 @@ def claim_due_postgresql(
         "batch_token": new_claim_token(worker, batch=True),
         "now": now,
     }
-    operations = list(BatchOperation.objects.db_manager(alias).raw(sql, params))
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        operations = _loaded(cursor, alias, connection)
     # RETURNING has no order: run them in claim order.
     operations.sort(key=lambda op: (-op.priority, op.run_after, op.pk))
+    return operations
+
+
+#: For each column list a claim has returned: where each column goes among the model's
+#: fields, and its converters (a process's claims all return the same columns).
+_loaders: dict[tuple[str, ...], list[tuple[int, Any, list[Any]]]] = {}
+
+
+def _loaded(cursor: Any, alias: str, connection: Any) -> list[BatchOperation]:
+    """The returned rows as loaded instances, as ``Manager.raw()`` would make them, without
+    resolving the columns against the model anew for every claim (half a millisecond)."""
+    names = tuple(column.name for column in cursor.description)
+    loader = _loaders.get(names)
+    if loader is None:
+        fields = BatchOperation._meta.concrete_fields
+        position = {field.column: index for index, field in enumerate(fields)}
+        loader = []
+        for name in names:
+            field = fields[position[name]]
+            column = field.get_col(BatchOperation._meta.db_table)
+            converters = connection.ops.get_db_converters(column) + field.get_db_converters(
+                connection
+            )
+            loader.append((position[name], column, converters))
+        _loaders[names] = loader
+    attnames = [field.attname for field in BatchOperation._meta.concrete_fields]
+    operations = []
+    for row in cursor.fetchall():
+        values: list[Any] = [None] * len(attnames)
+        for value, (index, column, converters) in zip(row, loader, strict=True):
+            for converter in converters:
+                value = converter(value, column, connection)
+            values[index] = value
+        operations.append(BatchOperation.from_db(alias, attnames, values))
     return operations

@@ -998,6 +998,35 @@ def test_claim_due_takes_only_what_is_due_in_priority_order():
     assert [o.pk for o in claim_due(now=now + timedelta(minutes=6))] == [later.pk]
 
 
+def test_claim_due_returns_the_claimed_rows_field_for_field():
+    user = get_user_model().objects.create(username="claimer")
+    post = Post.objects.create(title="p")
+    stored = [
+        enqueue("test-echo", input_data={"text": "ünïcode ✓", "n": [1, 2.5, None]}),
+        enqueue("test-echo", context_object=post, started_by=user, priority=2),
+        enqueue("test-echo", input_data="plain"),
+    ]
+    claimed = claim_due(ids=[op.pk for op in stored])
+    assert [op.pk for op in claimed] == [stored[1].pk, stored[0].pk, stored[2].pk]
+    # PostgreSQL returns the claimed rows; elsewhere the claim's times are set locally too.
+    local_times = (
+        set()
+        if connection.vendor == "postgresql"
+        else {"started_running_datetime", "lease_expires_at"}
+    )
+    for op in claimed:
+        row = fresh(op)
+        for field in BatchOperation._meta.concrete_fields:
+            if field.attname in local_times:
+                assert_close(getattr(op, field.attname), getattr(row, field.attname))
+            else:
+                assert getattr(op, field.attname) == getattr(row, field.attname), field.name
+        assert not op._state.adding and op._state.db == "default"
+    assert claimed[0].context_object == post and claimed[0].started_by == user
+    assert claimed[1].input_data == {"text": "ünïcode ✓", "n": [1, 2.5, None]}
+    assert all(op.status == BatchOperation.STATUS_RUNNING for op in claimed)
+
+
 # --- Lease recovery and fencing (invariants 2 and 7) -----------------------------------------
 def test_recover_expired_retries_when_attempts_are_left():
     op = enqueue("test-always-fails")  # max_attempts=3, default 5-minute lease
