@@ -11,8 +11,8 @@ publish's ``retry`` says. So the connection is established here first, with one 
 (for a stale pooled connection) and a deadline of ``PUBLISH_TIMEOUT``.
 
 A round's messages share that one producer, and on Redis one pipelined write at the round's
-end (kombu's ``Producer.batch``, kombu 5.7+): a chunk message costs a third of what it cost
-sent on its own, most of it Celery's own work building the message.
+end (kombu's ``Producer.batch``, kombu 5.7+) instead of one Redis client and round trip
+each: what a chunk message still costs is mostly Celery's own work building it.
 """
 
 from __future__ import annotations
