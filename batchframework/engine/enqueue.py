@@ -86,9 +86,13 @@ class _Context:
     object_id: str | None
 
 
+#: The context of operations about no object (one instance: ``enqueue_many`` asks per item).
+_NO_CONTEXT = _Context(None, None)
+
+
 def _resolve_context(context_object: models.Model | None, alias: str) -> _Context:
     if context_object is None:
-        return _Context(None, None)
+        return _NO_CONTEXT
     if not isinstance(context_object, models.Model):
         raise InvalidOperationError(
             f"context_object must be a saved model instance, not {type(context_object).__name__}."
@@ -277,7 +281,7 @@ def enqueue_many(
     # The call's shared values (and their validation: operationtype, queue, priority).
     template = _build(
         operationtype,
-        context=_Context(None, None),
+        context=_NO_CONTEXT,
         input_data=None,
         run_after=timezone.now(),
         started_by=started_by,
