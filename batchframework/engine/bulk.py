@@ -89,8 +89,9 @@ def _constructor(fields: Sequence[Field[Any, Any]]) -> Callable[[list[Any]], Bat
     ``Model.__init__`` sets each field through ``setattr`` and sends ``pre_init`` and
     ``post_init``: two thirds of building an instance, a tenth of storing it. With no receiver
     of those signals for the model, the values go straight into the instance's ``__dict__``,
-    which is all that ``__init__`` leaves there for positional values of concrete fields (no
-    field of the model has a descriptor that transforms what is assigned).
+    which is all that ``__init__`` leaves there for positional values of concrete fields (the
+    only descriptors it would go through, the foreign keys' ``*_id`` ones, just drop a cached
+    related object, which a new instance doesn't have).
     """
     if pre_init.has_listeners(BatchOperation) or post_init.has_listeners(BatchOperation):
         return lambda values: BatchOperation(*values)

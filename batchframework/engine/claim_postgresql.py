@@ -42,6 +42,8 @@ def claim_due_postgresql(
     meta = BatchOperation._meta
     quote = connections[alias].ops.quote_name
     table = quote(meta.db_table)
+    # Every concrete field, in field order: what ``_loaded`` expects.
+    returning = ", ".join(f"op.{quote(str(field.column))}" for field in meta.concrete_fields)
     clock = "%(now)s" if now is not None else "STATEMENT_TIMESTAMP()"
     conditions = ["status = %(unprocessed)s", f"run_after <= {clock}"]
     conditions.append("operationtype = ANY(%(types)s)")
@@ -77,7 +79,7 @@ def claim_due_postgresql(
         JOIN unnest(%(types)s::text[], %(leases)s::interval[]) AS leases(operationtype, lease)
             ON leases.operationtype = chosen.operationtype
         WHERE op.id = chosen.id
-        RETURNING op.*
+        RETURNING {returning}
     """
     params = {
         "unprocessed": BatchOperation.STATUS_UNPROCESSED,
@@ -102,35 +104,45 @@ def claim_due_postgresql(
     return operations
 
 
-#: For each column list a claim has returned: where each column goes among the model's
-#: fields, and its converters (a process's claims all return the same columns).
-_loaders: dict[tuple[str, ...], list[tuple[int, Any, list[Any]]]] = {}
-
-
 def _loaded(cursor: Any, alias: str, connection: Any) -> list[BatchOperation]:
-    """The returned rows as loaded instances, as ``Manager.raw()`` would make them, without
-    resolving the columns against the model anew for every claim (half a millisecond)."""
-    names = tuple(column.name for column in cursor.description)
-    loader = _loaders.get(names)
-    if loader is None:
-        fields = BatchOperation._meta.concrete_fields
-        position = {field.column: index for index, field in enumerate(fields)}
-        loader = []
-        for name in names:
-            field = fields[position[name]]
-            column = field.get_col(BatchOperation._meta.db_table)
-            converters = connection.ops.get_db_converters(column) + field.get_db_converters(
-                connection
-            )
-            loader.append((position[name], column, converters))
-        _loaders[names] = loader
-    attnames = [field.attname for field in BatchOperation._meta.concrete_fields]
-    operations = []
-    for row in cursor.fetchall():
-        values: list[Any] = [None] * len(attnames)
-        for value, (index, column, converters) in zip(row, loader, strict=True):
-            for converter in converters:
-                value = converter(value, column, connection)
-            values[index] = value
-        operations.append(BatchOperation.from_db(alias, attnames, values))
-    return operations
+    """The returned rows (one column per concrete field, in field order) as loaded instances,
+    as ``Manager.raw()`` would make them, without resolving the columns against the model anew
+    for every claim (half a millisecond)."""
+    fields = BatchOperation._meta.concrete_fields
+    attnames = [field.attname for field in fields]
+    converters = _converters(connection)
+    return [
+        BatchOperation.from_db(
+            alias,
+            attnames,
+            [
+                _converted(value, column, chain, connection)
+                for value, (column, chain) in zip(row, converters, strict=True)
+            ],
+        )
+        for row in cursor.fetchall()
+    ]
+
+
+def _converted(value: Any, column: Any, chain: list[Any], connection: Any) -> Any:
+    for converter in chain:
+        value = converter(value, column, connection)
+    return value
+
+
+#: Each concrete field's column and database converters, built on the first claim (they are
+#: the same on every PostgreSQL connection, so one build serves the whole process).
+_chains: list[tuple[Any, list[Any]]] = []
+
+
+def _converters(connection: Any) -> list[tuple[Any, list[Any]]]:
+    if not _chains:
+        table = BatchOperation._meta.db_table
+        columns = [field.get_col(table) for field in BatchOperation._meta.concrete_fields]
+        # Replaced whole, so that threads building at once never see a half-built list.
+        backend = connection.ops
+        _chains[:] = [
+            (column, backend.get_db_converters(column) + column.get_db_converters(connection))
+            for column in columns
+        ]
+    return _chains
