@@ -183,6 +183,9 @@ class BatchOperation(models.Model):
         on_delete=models.CASCADE,
         related_name="+",
         verbose_name=_("context object type"),
+        # ``batchop_context_idx`` (content type, object id) serves every lookup by content type;
+        # an index of its own would only cost a write per INSERT and per claim and finish.
+        db_index=False,
     )
     #: Text, so objects with integer, UUID and string primary keys all fit. NULL (not "") when
     #: there is no context object, as the generic foreign key expects.
@@ -191,7 +194,9 @@ class BatchOperation(models.Model):
     )
     #: The object this operation concerns (a generic foreign key).
     context_object = GenericForeignKey("context_content_type", "context_object_id")
-    #: What kind of operation this is; the key of its handler in the registry.
+    #: What kind of operation this is; the key of its handler in the registry. (On PostgreSQL,
+    #: migration 0003 drops the ``varchar_pattern_ops`` index Django adds beside this field's
+    #: index, and beside ``debounce_key``'s unique index: no query matches them by prefix.)
     operationtype = models.CharField(
         _("operation type"), max_length=255, blank=True, default="", db_index=True
     )

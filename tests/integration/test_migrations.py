@@ -1,0 +1,87 @@
+"""Migration 0003 drops the indexes no query uses, and ``migrate batchframework 0002`` puts
+them back as Django made them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from batchframework.models import BatchOperation
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TABLE = BatchOperation._meta.db_table
+BEFORE = ("batchframework", "0002_ready_index_orders_by_id")
+AFTER = ("batchframework", "0003_drop_unused_indexes")
+VENDOR = connection.vendor
+
+
+def _indexes() -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Every index of the table: name → (columns, unique)."""
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, TABLE)
+    return {
+        name: (tuple(info["columns"]), bool(info["unique"]))
+        for name, info in constraints.items()
+        if info["index"] or info["unique"]
+    }
+
+
+def _migrate(target: tuple[str, str]) -> None:
+    executor = MigrationExecutor(connection)
+    executor.migrate([target])
+
+
+@pytest.fixture
+def back_at_latest() -> Iterator[None]:
+    """Whatever the test does, leave the schema fully migrated for the tests after it."""
+    try:
+        yield
+    finally:
+        _migrate(AFTER)
+
+
+def test_the_latest_schema_has_no_index_the_engine_does_not_use():
+    indexes = _indexes()
+    by_columns = [columns for columns, _unique in indexes.values()]
+    # The content type alone is served by the (content type, object id) index.
+    assert ("context_content_type_id", "context_object_id") in by_columns
+    if VENDOR != "mysql":  # MySQL/MariaDB: InnoDB, not Django, indexes foreign keys
+        assert ("context_content_type_id",) not in by_columns
+    # The plain operationtype index and debounce_key's unique index stay.
+    assert ("operationtype",) in by_columns
+    assert (("debounce_key",), True) in indexes.values()
+    if VENDOR == "postgresql":
+        assert [name for name in indexes if name.endswith("_like")] == []
+
+
+def test_migrating_back_restores_exactly_the_dropped_indexes(back_at_latest):
+    latest = _indexes()
+
+    _migrate(BEFORE)
+    before = _indexes()
+
+    assert set(latest) <= set(before)
+    restored = {before[name] for name in set(before) - set(latest)}
+    expected = {
+        "postgresql": {
+            (("context_content_type_id",), False),
+            (("operationtype",), False),  # the _like ones
+            (("debounce_key",), False),
+        },
+        "sqlite": {(("context_content_type_id",), False)},
+        "mysql": set(),
+    }[VENDOR]
+    assert restored == expected
+    if VENDOR == "postgresql":
+        assert sorted(name for name in before if name.endswith("_like")) == [
+            f"{TABLE}_debounce_key_47f0e9ea_like",
+            f"{TABLE}_operationtype_eabd9cbe_like",
+        ]
+
+    _migrate(AFTER)
+    assert _indexes() == latest
+
