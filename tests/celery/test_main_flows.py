@@ -11,8 +11,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
+from tests.testapp.models import Execution
 
-from .helpers import all_finished, assert_never_early, assert_ran_once_each, executions, wait_for
+from .helpers import all_finished, assert_never_early, assert_ran_once_each, wait_for
 
 pytestmark = [
     pytest.mark.celery,
@@ -55,11 +56,9 @@ def test_rollback_after_enqueue_publishes_nothing_and_runs_nothing(
     broker, celery_dispatch, start_inprocess_worker
 ):
     with pytest.raises(RuntimeError), transaction.atomic():
-        rolled_back = [
-            enqueue("test-effect").pk,
-            enqueue("test-effect", delay=timedelta(seconds=1)).pk,
-            *(op.pk for op in enqueue_many("test-effect", [{}, {}])),
-        ]
+        enqueue("test-effect")
+        enqueue("test-effect", delay=timedelta(seconds=1))
+        enqueue_many("test-effect", [{}, {}])
         raise RuntimeError("the view failed after enqueueing")
     assert not BatchOperation.objects.exists()
     assert broker.total() == 0, "a rolled-back enqueue published a message"
@@ -72,5 +71,7 @@ def test_rollback_after_enqueue_publishes_nothing_and_runs_nothing(
     start_inprocess_worker()
     assert wait_for(all_finished([control.pk]), timeout=15)
     assert_ran_once_each([control.pk])
-    assert all(executions(pk) == 0 for pk in rolled_back)
+    # Only the control ran. (Not checked per rolled-back id: SQLite hands a rolled-back id
+    # to the next insert, here the control.)
+    assert Execution.objects.count() == 1
     assert wait_for(lambda: broker.total() == 0, timeout=5)
