@@ -36,6 +36,11 @@ class Dispatcher(abc.ABC):
 
     #: ``False`` lets ``enqueue`` skip registering an on-commit callback at all.
     dispatches_anything: ClassVar[bool] = True
+    #: Whether an operation put back for another attempt (a failed attempt with attempts left)
+    #: is dispatched again, with its new ``run_after``, once the failure is recorded. A retry
+    #: whose back-off is shorter than the poller's look-ahead would otherwise wait for the
+    #: poller's next drain.
+    dispatches_retries: ClassVar[bool] = True
 
     @abc.abstractmethod
     def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
@@ -82,7 +87,11 @@ class ImmediateDispatcher(Dispatcher):
 
     Used for ``ALWAYS_SYNCHRONOUS``. Operations that are not yet due are left for
     :func:`batchframework.testing.run_due` or a worker: never early, even in development.
+    Retries too: one due at once would otherwise run inside its failed attempt's finish, and
+    the attempts of a handler that keeps failing would nest.
     """
+
+    dispatches_retries = False
 
     def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
         from .engine import run

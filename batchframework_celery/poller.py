@@ -82,12 +82,15 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
 def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:
     """The operations nobody has published yet that come due before the tick after next.
 
-    Those were beyond the horizon when enqueued, or were put back for a retry. The window runs
-    from the watermark (where the previous tick's ended; now, if that has passed) to one and a
-    half intervals ahead, and the watermark moves to its end in the same transaction, under a
-    row lock: a concurrent poller waits, then finds the window taken. An operation that comes
-    due under the watermark after the window was taken (a retry with a short back-off) has no
-    message: the drain of the tick after it came due runs it.
+    Those were beyond the horizon when enqueued, or when a failed attempt put them back for a
+    retry: the worker that recorded the failure publishes a retry due within the horizon
+    itself. Its attempt started before it failed, so a retry due later than the horizon after
+    that start may have been beyond it (at worst it gets a second, harmless message); one due
+    sooner was not. The window runs from the watermark (where the previous tick's ended; now,
+    if that has passed) to one and a half intervals ahead, and the watermark moves to its end
+    in the same transaction, under a row lock: a concurrent poller waits, then finds the window
+    taken. An operation that comes due under the watermark without a message (its publish
+    failed) is run by the drain of the tick after it came due.
     """
     settings = get_settings()
     manager = BatchOperation.objects.db_manager(alias)
@@ -110,7 +113,10 @@ def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:
             .filter(operationtype__in=types, run_after__gt=start, run_after__lte=end)
             .filter(
                 Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON)
-                | Q(attempts__gt=0)
+                | Q(
+                    attempts__gt=0,
+                    run_after__gt=F("started_running_datetime") + settings.DISPATCH_HORIZON,
+                )
             )
             .only("pk", "run_after", "queue")
         )

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import enum
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
 
-from ..clock import now_expression
+from ..clock import database_now, now_expression
 from ..errors import ErrorDetails, describe_exception, format_error
 from ..exceptions import HandlerOutputError
 from ..jsondata import encode_json
@@ -81,6 +81,7 @@ def _finish_failure(
         operation_retry_scheduled.send(
             sender=BatchOperation, operation=operation, error=error, attempt=operation.attempts
         )
+        _dispatch_retry(operation, backoff, alias)
         return RunOutcome.RETRY_SCHEDULED
     output = {"error": dict(error)}
     if not _fenced(operation, alias).update(
@@ -100,6 +101,21 @@ def _finish_failure(
         sender=BatchOperation, operation=operation, succeeded=False, error=error
     )
     return RunOutcome.FAILED
+
+
+def _dispatch_retry(operation: BatchOperation, backoff: timedelta, alias: str) -> None:
+    """Hand the retry to the dispatcher once the failure is committed, as ``enqueue`` would a
+    delayed operation: with Celery it is published with an ETA instead of waiting for the
+    poller, whose look-ahead window may already have passed its due time."""
+    from ..dispatch import get_dispatcher
+
+    dispatcher = get_dispatcher()
+    if not (dispatcher.dispatches_anything and dispatcher.dispatches_retries):
+        return
+    # The row holds the database's own ``now + backoff``; this estimate only times the message
+    # (a message that arrives early claims nothing, and the poller's drain runs the retry).
+    operation.run_after = database_now(alias) + backoff
+    transaction.on_commit(lambda: dispatcher.dispatch_safely([operation], using=alias), using=alias)
 
 
 def _lost(operation: BatchOperation) -> RunOutcome:

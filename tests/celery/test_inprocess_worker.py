@@ -95,6 +95,44 @@ def test_a_message_delivered_twice_runs_the_operation_once(inprocess_worker, cap
     assert_ran_once_each([op.pk])
 
 
+def test_a_retry_is_published_by_the_worker_with_its_eta(inprocess_worker):
+    """The back-off (1 s) is shorter than the poller's look-ahead, and no poller runs here: only
+    the worker's own dispatch of the retry can run it, and it must run on time, never early."""
+    op = enqueue("test-fails-once-soon")
+    assert wait_for(all_finished([op.pk]), timeout=10)
+    op.refresh_from_db()
+    assert (op.result, op.attempts, executions(op.pk)) == (BatchOperation.RESULT_SUCCESSFUL, 2, 2)
+    assert op.started_running_datetime >= op.run_after  # the retry's due time
+    assert op.started_running_datetime - op.run_after < timedelta(seconds=1)
+
+
+def test_the_poller_publishes_only_retries_the_worker_could_not(celery_dispatch):
+    """A retry due within the horizon of its failed attempt was published by that attempt's
+    worker; the poller's window takes only those the back-off put beyond the horizon."""
+    now = timezone.now()
+    horizon = {**CELERY_DISPATCHER, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
+    failed = {
+        "operationtype": "test-noop",
+        "attempts": 1,
+        "last_error": "RuntimeError: first attempt fails",
+        "run_after": now + timedelta(seconds=0.5),
+    }
+    published_by_worker = BatchOperation.objects.create(
+        **failed, started_running_datetime=now - timedelta(seconds=0.1)
+    )
+    beyond_horizon = BatchOperation.objects.create(
+        **failed, started_running_datetime=now - timedelta(seconds=2)
+    )
+    with override_settings(BATCHFRAMEWORK=horizon):
+        scheduled = poll_once()["scheduled"]
+    assert scheduled == 1
+    assert celery_dispatch.total() == 1
+    raw = json.loads(celery_dispatch.redis.lindex("default", 0))
+    args, _kwargs, _embed = json.loads(base64.b64decode(raw["body"]))
+    assert args == [[beyond_horizon.pk]]
+    assert published_by_worker.pk != beyond_horizon.pk
+
+
 def test_an_early_message_does_not_run_the_operation_early(inprocess_worker, caplog):
     caplog.set_level(logging.INFO, logger="batchframework")
     op = enqueue("test-effect", delay=timedelta(seconds=60))  # beyond the horizon: no message

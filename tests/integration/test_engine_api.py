@@ -884,6 +884,19 @@ def test_always_synchronous_rollback_runs_nothing():
         assert fresh(op).result == BatchOperation.RESULT_SUCCESSFUL
 
 
+@pytest.mark.django_db(transaction=True)
+def test_always_synchronous_leaves_a_due_retry_to_run_due():
+    """A retry due at once is not run inside its failed attempt's finish (a handler that keeps
+    failing would nest its attempts); run_due() or a worker runs it."""
+    with override_settings(BATCHFRAMEWORK={"ALWAYS_SYNCHRONOUS": True}):
+        op = enqueue("test-always-fails")  # max_attempts=3, retry_backoff=0
+        stored = fresh(op)
+        assert (stored.status, stored.attempts) == (BatchOperation.STATUS_UNPROCESSED, 1)
+        assert Execution.objects.count() == 1
+        assert [o.pk for o in run_due()] == [op.pk]
+        assert (fresh(op).attempts, Execution.objects.count()) == (2, 2)
+
+
 def test_run_due_time_travel():
     op = enqueue("test-echo", input_data={"n": 1}, delay=timedelta(minutes=15))
     assert run_due() == []

@@ -42,6 +42,15 @@ def fails_once(operation):
     return {"attempt": operation.attempts}
 
 
+@handler("test-fails-once-soon", max_attempts=2, retry_backoff=1)
+def fails_once_soon(operation):
+    """Like ``test-fails-once``, with a back-off (1 s) shorter than the poller's look-ahead."""
+    Execution.objects.create(key=str(operation.pk))
+    if operation.attempts == 1:
+        raise RuntimeError("first attempt fails")
+    return {"attempt": operation.attempts}
+
+
 @handler("test-atomic", atomic=True, max_attempts=3, retry_backoff=0)
 def atomic_effect(operation):
     """Writes an effect, then optionally crashes; the write commits only with the finish."""
