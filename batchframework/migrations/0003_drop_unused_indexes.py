@@ -6,7 +6,8 @@ never update those rows in place (HOT). With 11 indexes, three of them unused, b
 the claim and finish UPDATEs spent about a fifth of their server time on the unused three.
 
 - ``context_content_type``'s own index: ``batchop_context_idx`` (content type, object id)
-  serves every lookup by content type, including ``ON DELETE CASCADE``. The field now has
+  serves every lookup by content type, including the cascade when a content type is deleted
+  (Django looks the operations up by ``context_content_type_id``). The field now has
   ``db_index=False``. MySQL/MariaDB never had this index from Django (InnoDB indexes foreign
   keys itself), so nothing is dropped there.
 - PostgreSQL only: the ``varchar_pattern_ops`` indexes (suffix ``_like``) that Django adds
