@@ -34,7 +34,6 @@ def always_fails(operation):
     raise ValueError(f"boom {operation.pk}")
 
 
-@handler("test-fails-once", max_attempts=2, retry_backoff=60)
 def fails_once(operation):
     Execution.objects.create(key=str(operation.pk))
     if operation.attempts == 1:
@@ -42,13 +41,9 @@ def fails_once(operation):
     return {"attempt": operation.attempts}
 
 
-@handler("test-fails-once-soon", max_attempts=2, retry_backoff=1)
-def fails_once_soon(operation):
-    """Like ``test-fails-once``, with a back-off (1 s) shorter than the poller's look-ahead."""
-    Execution.objects.create(key=str(operation.pk))
-    if operation.attempts == 1:
-        raise RuntimeError("first attempt fails")
-    return {"attempt": operation.attempts}
+handler("test-fails-once", max_attempts=2, retry_backoff=60)(fails_once)
+# The same, with a back-off (1 s) shorter than the poller's look-ahead.
+handler("test-fails-once-soon", max_attempts=2, retry_backoff=1)(fails_once)
 
 
 @handler("test-atomic", atomic=True, max_attempts=3, retry_backoff=0)
