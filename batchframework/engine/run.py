@@ -108,6 +108,7 @@ def _dispatch_retry(operation: BatchOperation, backoff: timedelta, alias: str) -
     delayed operation: with Celery it is published with an ETA instead of waiting for the
     poller, whose look-ahead window may already have passed its due time."""
     from ..dispatch import get_dispatcher
+    from .enqueue import dispatch_on_commit
 
     dispatcher = get_dispatcher()
     if not (dispatcher.dispatches_anything and dispatcher.dispatches_retries):
@@ -115,7 +116,7 @@ def _dispatch_retry(operation: BatchOperation, backoff: timedelta, alias: str) -
     # The row holds the database's own ``now + backoff``; this estimate only times the message
     # (a message that arrives early claims nothing, and the poller's drain runs the retry).
     operation.run_after = database_now(alias) + backoff
-    transaction.on_commit(lambda: dispatcher.dispatch_safely([operation], using=alias), using=alias)
+    dispatch_on_commit([operation], alias)
 
 
 def _lost(operation: BatchOperation) -> RunOutcome:
