@@ -12,7 +12,7 @@ DJANGO ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint typecheck migrations-check docs demo run bench clean
+.PHONY: venv mysql-driver test lint typecheck migrations-check docs demo run bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,18 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-test: venv
+# The MariaDB/MySQL driver (mysqlclient) has no wheels for Linux: it builds against the client
+# library's headers (Debian: libmariadb-dev and pkg-config). So it is installed only for a run
+# against such a database, and nothing else needs it.
+$(BIN)/.installed-mysql: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[mysql]' $(if $(DJANGO),'Django$(DJANGO)')
+	touch $@
+
+mysql-driver: $(BIN)/.installed-mysql
+
+DB_DRIVER := $(if $(filter mysql://% mysql2://%,$(DATABASE_URL)),mysql-driver)
+
+test: venv $(DB_DRIVER)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
