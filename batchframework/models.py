@@ -29,6 +29,7 @@ from .conf import get_settings
 from .errors import describe_exception
 from .exceptions import InvalidOperationError
 from .jsondata import encode_json
+from .registry import registry
 
 if TYPE_CHECKING:
     from .engine import CancelOutcome
@@ -92,6 +93,8 @@ class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)
 
     def _create_validated(self, input_data: Any, **kwargs: Any) -> BatchOperation:
         check_context_arguments(kwargs)
+        # Like enqueue's: workers that take only their queues must find it where they look.
+        kwargs.setdefault("queue", registry.queue_for(kwargs.get("operationtype", "")))
         if input_data is not None:
             encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
         operation = self.model(**kwargs)
@@ -104,7 +107,8 @@ class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)
         """Create an unprocessed operation for some asynchronous service to run.
 
         This only records the operation; to have a registered handler run it, use
-        :func:`batchframework.enqueue`.
+        :func:`batchframework.enqueue`. Unless ``queue`` is given, it stores the queue
+        ``enqueue`` would: the handler's as routed, else ``ROUTES``, else ``DEFAULT_QUEUE``.
         """
         kwargs.setdefault("status", BatchOperation.STATUS_UNPROCESSED)
         return self._create_validated(input_data, **kwargs)

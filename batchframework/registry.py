@@ -111,6 +111,15 @@ class HandlerRegistry:
             )
         return found
 
+    def queue_for(self, operationtype: str) -> str:
+        """The queue a new operation of ``operationtype`` goes to: its handler's (as routed),
+        or, with no handler registered, its ``ROUTES`` entry or ``DEFAULT_QUEUE``."""
+        found = self._handlers.get(operationtype)
+        if found is not None:
+            return found.resolved_queue()
+        settings = get_settings()
+        return settings.ROUTES.get(operationtype) or settings.DEFAULT_QUEUE
+
     def __contains__(self, operationtype: object) -> bool:
         return operationtype in self._handlers
 

@@ -313,6 +313,19 @@ def test_create_asynchronous_and_its_seed_spelling(method, django_user_model):
     assert loaded.input_data == {"to": ["a@example.com"]}
 
 
+@override_settings(BATCHFRAMEWORK={"DEFAULT_QUEUE": "dq", "ROUTES": {"test-noop": "routed"}})
+def test_create_asynchronous_stores_the_queue_enqueue_would():
+    """Workers that take only their queues find the original's manual-flow operations too."""
+    create = BatchOperation.objects.create_asyncronous
+    assert create(operationtype="no-handler").queue == "dq"
+    assert create(operationtype="test-noop").queue == "routed"
+    assert create(operationtype="test-other-queue").queue == "other"
+    assert create(operationtype="test-noop", queue="mine").queue == "mine"
+    with override_settings(BATCHFRAMEWORK={"ROUTES": {"no-handler": "r"}}):
+        assert create(operationtype="no-handler").queue == "r"
+        assert create().queue == "default"
+
+
 @pytest.mark.parametrize("method", ["create_synchronous", "create_syncronous"])
 def test_create_synchronous_is_running_in_exactly_one_query(method, django_assert_num_queries):
     game = Game.objects.create()
