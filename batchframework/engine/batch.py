@@ -8,11 +8,15 @@ Used by the DB-polling worker and by the Celery tasks, so both get the same guar
   run), so a healthy worker is not robbed while it works through a long batch;
 - a stop request gives the waiting operations back (:func:`.release`);
 - successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, at most
-  ``FINISH_WINDOW`` after the handler returned, instead of one UPDATE each.
+  ``FINISH_WINDOW`` after the handler returned (or, when the next handler runs longer, once it
+  returns), instead of one UPDATE each. Until then their leases are kept alive like a running
+  handler's, so however long the next handler runs, a success is never recovered and run
+  again.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +32,7 @@ from ..registry import registry
 from ..signals import operation_finished, operation_started
 from ._common import write_alias
 from .claim import release, renew_leases
+from .keeper import lease_keeper
 from .run import RunOutcome, _call, _finish_failure, _lost, run_claimed
 
 
@@ -39,6 +44,7 @@ class BatchRunner:
         self.window = get_settings().FINISH_WINDOW.total_seconds() if window is None else window
         self.outcomes: list[RunOutcome] = []
         self._successes: list[tuple[BatchOperation, Any]] = []
+        self._held: list[int] = []  # the lease keeper's keys of the pending successes
         self._last_flush = time.monotonic()
 
     def __enter__(self) -> BatchRunner:
@@ -91,6 +97,7 @@ class BatchRunner:
             )
         else:
             self._successes.append((operation, output))
+            self._held.append(lease_keeper.hold(operation, registered.resolved_lease(), alias))
         if self._successes and time.monotonic() - self._last_flush >= self.window:
             self.flush()
 
@@ -100,15 +107,29 @@ class BatchRunner:
         if not self._successes:
             return
         successes, self._successes = self._successes, []
+        held, self._held = self._held, []
         groups: dict[tuple[str, str], list[tuple[BatchOperation, Any]]] = {}
         for operation, output in successes:
             key = (self._alias(operation), operation.claimed_by)
             groups.setdefault(key, []).append((operation, output))
-        for (alias, token), group in groups.items():
-            self.outcomes.extend(_finish_successes(group, alias, token))
+        try:
+            for (alias, token), group in groups.items():
+                self.outcomes.extend(_finish_successes(group, alias, token))
+        finally:
+            for held_key in held:
+                lease_keeper.let_go(held_key)
 
     def _alias(self, operation: BatchOperation) -> str:
         return self.using or operation._state.db or write_alias()
+
+
+def _same_json(values: list[Any]) -> bool:
+    """Whether every value is stored as the same JSON. Not ``==``: ``True == 1 == 1.0``."""
+    first = values[0]
+    if all(value is first for value in values):  # the common case: every handler returned None
+        return True
+    text = json.dumps(first)
+    return all(json.dumps(value) == text for value in values)
 
 
 def _finish_successes(
@@ -117,7 +138,7 @@ def _finish_successes(
     """Finish successful operations of one claim in one UPDATE, fenced by the claim."""
     outputs = [output for _, output in group]
     output_value: Any = outputs[0]
-    if any(output != outputs[0] for output in outputs):
+    if not _same_json(outputs):
         output_value = Case(
             *[When(pk=op.pk, then=Value(out, output_field=JSONField())) for op, out in group],
             output_field=JSONField(),

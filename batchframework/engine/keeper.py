@@ -23,11 +23,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, InterfaceError, connections
 
 from ..models import BatchOperation
 from ..signals import log_event
 from ._common import time_after
+
+#: What a renewal may raise when the database is unreachable (``InterfaceError`` is not a
+#: ``DatabaseError``: psycopg raises it for a connection that is already closed).
+DatabaseErrors = (DatabaseError, InterfaceError)
 
 #: Never wake more often than this, whatever the lease.
 MIN_INTERVAL = 0.2
@@ -58,6 +62,15 @@ class LeaseKeeper:
     @contextlib.contextmanager
     def keep(self, operation: BatchOperation, lease: timedelta, alias: str) -> Iterator[None]:
         """Renew ``operation``'s lease while the block runs."""
+        key = self.hold(operation, lease, alias)
+        try:
+            yield
+        finally:
+            self.let_go(key)
+
+    def hold(self, operation: BatchOperation, lease: timedelta, alias: str) -> int:
+        """Renew ``operation``'s lease until :meth:`let_go` is called with the returned key
+        (for an operation whose success is recorded later, with others)."""
         with self._lock:
             self._ensure_thread()
             self._next_key += 1
@@ -65,17 +78,20 @@ class LeaseKeeper:
             self._kept[key] = _Kept(
                 operation.pk, operation.claimed_by, lease, alias, time.monotonic()
             )
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._kept.pop(key, None)
+        return key
+
+    def let_go(self, key: int) -> None:
+        with self._lock:
+            self._kept.pop(key, None)
 
     def _ensure_thread(self) -> None:
-        # A forked child (a prefork pool process) has no copy of the parent's thread.
-        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+        if self._pid != os.getpid():
+            # A forked child (a prefork pool process) has no copy of the parent's thread, and
+            # none of the parent's handlers run in it.
             self._pid = os.getpid()
             self._kept = {}
+            self._thread = None
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._loop, name="batchframework-lease-keeper", daemon=True
             )
@@ -83,21 +99,30 @@ class LeaseKeeper:
 
     def _loop(self) -> None:
         while True:
-            with self._lock:
-                kept = list(self._kept.values())
-            if not kept:
-                # Hold no database connection while idle (connections are per thread here).
-                connections.close_all()
-            now = time.monotonic()
-            due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
-            for item in due:
-                self._renew(item)
-            waits = [
-                item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
-            ]
-            # At least once a second: a new handler's first renewal, or letting go of the
-            # connection once idle, never waits long — without waking the thread per handler.
-            self._wake.wait(max(MIN_INTERVAL, min([*waits, MAX_INTERVAL])))
+            try:
+                self._tick()
+            except Exception as exc:
+                # Whatever went wrong, the handlers still running need their leases renewed:
+                # a dead keeper would let them be recovered, and run again, while they run.
+                log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
+                time.sleep(MIN_INTERVAL)
+
+    def _tick(self) -> None:
+        with self._lock:
+            kept = list(self._kept.values())
+        if not kept:
+            # Hold no database connection while idle (connections are per thread here).
+            connections.close_all()
+        now = time.monotonic()
+        due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
+        for item in due:
+            self._renew(item)
+        waits = [
+            item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
+        ]
+        # At least once a second: a new handler's first renewal, or letting go of the
+        # connection once idle, never waits long — without waking the thread per handler.
+        self._wake.wait(max(MIN_INTERVAL, min([*waits, MAX_INTERVAL])))
 
     def _renew(self, item: _Kept) -> None:
         try:
@@ -106,9 +131,9 @@ class LeaseKeeper:
                 .filter(pk=item.pk, status=BatchOperation.STATUS_RUNNING, claimed_by=item.token)
                 .update(lease_expires_at=time_after(item.lease))
             )
-        except DatabaseError as exc:
+        except DatabaseErrors as exc:  # the database is down or the connection broke
             log_event(logging.WARNING, "lease_renewal_failed", id=item.pk, error=repr(exc))
-            with contextlib.suppress(DatabaseError):
+            with contextlib.suppress(*DatabaseErrors):
                 connections[item.alias].close()
             return
         item.renewed_at = time.monotonic()

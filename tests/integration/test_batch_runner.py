@@ -1,0 +1,134 @@
+"""``BatchRunner``, which the DB worker and the Celery tasks run claimed batches with: successes
+recorded together (``FINISH_WINDOW``) stay claimed and kept alive until recorded, and each keeps
+its own output; the lease keeper outlives its own errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from django.db import connections
+
+from batchframework import BatchOperation, enqueue, handler
+from batchframework.engine import BatchRunner, RunOutcome, claim_due, recover_expired, run_claimed
+from batchframework.engine import keeper as keeper_module
+from batchframework.registry import registry
+from batchframework.testing import run_due
+from tests.testapp.models import Execution
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def registered():
+    """Registers handlers for one test and unregisters them afterwards."""
+    names: list[str] = []
+
+    def register(operationtype: str, **options):
+        def decorate(function):
+            names.append(operationtype)
+            return handler(operationtype, **options)(function)
+
+        return decorate
+
+    yield register
+    for name in names:
+        registry.unregister(name)
+
+
+def test_a_recorded_later_success_is_not_recovered_while_the_next_handler_outlives_its_lease(
+    registered,
+):
+    """A quick success waits for the batch's next flush; a next handler longer than the quick
+    one's lease must not let recovery take the quick one back and run it again."""
+    recovered: list[int] = []
+
+    @registered("runner-quick", lease=1)
+    def quick(operation):
+        Execution.objects.create(key=f"quick-{operation.pk}")
+
+    @registered("runner-long", lease=1)
+    def long(operation):
+        time.sleep(2.5)  # over two leases of the quick operation
+        recovered.append(recover_expired())  # what any poller does meanwhile
+        connections.close_all()  # this thread's (the test's) connection stays usable
+
+    first = enqueue("runner-quick", priority=1)
+    enqueue("runner-long")
+    claimed = claim_due(limit=2)
+    assert [op.operationtype for op in claimed] == ["runner-quick", "runner-long"]
+    with BatchRunner(window=60) as runner:  # flushed only when the batch ends
+        runner.run_batch(claimed)
+    run_due()  # nothing was put back, so nothing runs again
+
+    assert recovered == [0]
+    assert runner.outcomes == [RunOutcome.SUCCEEDED, RunOutcome.SUCCEEDED]
+    assert Execution.objects.filter(key=f"quick-{first.pk}").count() == 1
+    assert BatchOperation.objects.get(pk=first.pk).result == BatchOperation.RESULT_SUCCESSFUL
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [[1, True], [0, False], [1, 1.0], [{"a": 1}, {"a": True}], [None, {"sent": True}, None]],
+)
+def test_successes_recorded_together_keep_each_its_own_output(registered, outputs):
+    """Equal in Python (``1 == True == 1.0``) is not the same JSON."""
+
+    @registered("runner-echo")
+    def echo(operation):
+        return operation.input_data["value"]
+
+    operations = [enqueue("runner-echo", input_data={"value": value}) for value in outputs]
+    with BatchRunner(window=60) as runner:
+        runner.run_batch(claim_due(limit=10))
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * len(outputs)
+    stored = [BatchOperation.objects.get(pk=op.pk).output_data for op in operations]
+    assert json.dumps(stored) == json.dumps(outputs)
+
+
+def test_the_lease_keeper_goes_on_renewing_after_an_unexpected_error(registered, monkeypatch):
+    """An error the keeper did not foresee, in a renewal, must not end the renewals of the
+    handlers running then, or recovery would take them while they run."""
+    real_renew = keeper_module.LeaseKeeper._renew
+    failures = {"left": 1}
+
+    def failing_once(self, item):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("unexpected")
+        return real_renew(self, item)
+
+    monkeypatch.setattr(keeper_module.LeaseKeeper, "_renew", failing_once)
+    recovered: list[int] = []
+
+    @registered("runner-slow", lease=1)
+    def slow(operation):
+        time.sleep(operation.input_data["seconds"])
+
+    long = enqueue("runner-slow", input_data={"seconds": 3})
+    short = enqueue("runner-slow", input_data={"seconds": 0.5})
+    [long_claimed] = claim_due(operationtypes=["runner-slow"], limit=1)
+    [short_claimed] = claim_due(operationtypes=["runner-slow"], limit=1)
+
+    def run(operation):
+        try:
+            run_claimed(operation)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(op,)) for op in (long_claimed, short_claimed)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.2)  # over two leases: only renewals keep the long one
+    recovered.append(recover_expired())
+    for thread in threads:
+        thread.join(10)
+
+    assert failures["left"] == 0, "the injected error was not raised"
+    assert recovered == [0]
+    for operation in (long, short):
+        assert BatchOperation.objects.get(pk=operation.pk).result == (
+            BatchOperation.RESULT_SUCCESSFUL
+        )
