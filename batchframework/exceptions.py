@@ -5,6 +5,8 @@ Each class's docstring says when it is raised; the message says what to do about
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
+
 
 class BatchframeworkError(Exception):
     """Base class of every error raised by batchframework. Never raised itself."""
@@ -12,6 +14,22 @@ class BatchframeworkError(Exception):
 
 class InvalidOperationError(BatchframeworkError, ValueError):
     """Arguments that describe an operation are invalid; nothing was written."""
+
+
+class OperationFieldsError(InvalidOperationError, ValidationError):
+    """The manager's create methods were given field values the model refuses (a choice that
+    does not exist, text too long, a number out of range, a naive datetime, a finished
+    operation without a result...). Also a Django ``ValidationError``, with its
+    ``message_dict``."""
+
+    def __init__(self, error: ValidationError) -> None:
+        ValidationError.__init__(self, error.message_dict)
+
+    def __str__(self) -> str:
+        problems = "; ".join(
+            f"{field}: {' '.join(messages)}" for field, messages in self.message_dict.items()
+        )
+        return f"Invalid operation fields ({problems}); nothing was written."
 
 
 class UnknownOperationTypeError(InvalidOperationError):

@@ -27,7 +27,7 @@ from django.utils.translation import gettext_lazy as _
 from .clock import now_expression
 from .conf import get_settings
 from .errors import describe_exception
-from .exceptions import InvalidOperationError
+from .exceptions import InvalidOperationError, OperationFieldsError
 from .jsondata import encode_json
 from .registry import registry
 
@@ -35,15 +35,40 @@ if TYPE_CHECKING:
     from .engine import CancelOutcome
 
 
-def check_context_arguments(kwargs: dict[str, Any]) -> None:
-    """Refuse a model instance passed as ``context_object_id`` (a mistake the seed's own
-    example makes): on a text column it would silently be stored as ``str(instance)``."""
-    if isinstance(kwargs.get("context_object_id"), models.Model):
+def take_context_arguments(kwargs: dict[str, Any]) -> None:
+    """Check the context object in creation arguments, and take a model instance passed as
+    ``context_object_id`` (as the original's own example does) as the context object: what it
+    meant, where a text column would otherwise store ``str(instance)``."""
+    given = kwargs.get("context_object_id")
+    if isinstance(given, models.Model):
+        if kwargs.get("context_object") is not None:
+            raise InvalidOperationError("Pass either context_object or context_object_id.")
+        del kwargs["context_object_id"]
+        kwargs["context_object"] = given
+    if kwargs.get("context_object") is not None:
+        check_context_object(kwargs["context_object"])
+
+
+def check_context_object(context_object: Any) -> None:
+    if not isinstance(context_object, models.Model):
         raise InvalidOperationError(
-            "context_object_id got a model instance "
-            f"({type(kwargs['context_object_id']).__name__}); "
-            "pass the object as context_object=... instead."
+            f"context_object must be a saved model instance, not {type(context_object).__name__}."
         )
+    if context_object.pk is None:
+        raise InvalidOperationError("context_object must be saved (it has no primary key yet).")
+
+
+#: Fields whose value is checked by the database instead: validating a foreign key costs a
+#: query, and the INSERT fails on a missing row anyway.
+_NOT_CLEANED = ("started_by", "context_content_type")
+#: Datetimes a caller may pass to the create methods (a naive one is ambiguous).
+_DATETIME_FIELDS = (
+    "created_datetime",
+    "started_running_datetime",
+    "finished_datetime",
+    "run_after",
+    "lease_expires_at",
+)
 
 
 class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
@@ -92,14 +117,31 @@ class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)
     :class:`BatchOperationQuerySet` filter."""
 
     def _create_validated(self, input_data: Any, **kwargs: Any) -> BatchOperation:
-        check_context_arguments(kwargs)
+        take_context_arguments(kwargs)
         # Like enqueue's: workers that take only their queues must find it where they look.
         kwargs.setdefault("queue", registry.queue_for(kwargs.get("operationtype", "")))
         if input_data is not None:
             encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
         operation = self.model(**kwargs)
         operation.input_data = input_data
-        operation.clean()
+        try:
+            errors: dict[str, list[str]] = {}
+            for name in _DATETIME_FIELDS:
+                value = kwargs.get(name)
+                if isinstance(value, datetime) and timezone.is_naive(value):
+                    errors[name] = ["A naive datetime is ambiguous; pass a timezone-aware one."]
+            priority = kwargs.get("priority", 0)
+            if isinstance(priority, bool) or not isinstance(priority, int):
+                errors["priority"] = [f"Must be an integer, not {priority!r}."]
+            elif not -32768 <= priority <= 32767:
+                # A small integer column everywhere; SQLite would store any number.
+                errors["priority"] = [f"Must be from -32768 to 32767, not {priority}."]
+            if errors:
+                raise ValidationError(errors)
+            operation.clean_fields(exclude=_NOT_CLEANED)
+            operation.clean()
+        except ValidationError as exc:
+            raise OperationFieldsError(exc) from None
         operation.save(force_insert=True, using=self._db)
         return operation
 
@@ -299,7 +341,7 @@ class BatchOperation(models.Model):
 
     # --- Validation. --------------------------------------------------------------------------
     def save(self, *args: Any, **kwargs: Any) -> None:
-        check_context_arguments({"context_object_id": self.context_object_id})
+        self.take_context_object_id_instance()
         if self.status != self.STATUS_UNPROCESSED and self.started_running_datetime is None:
             # The original's manual flow (``status = STATUS_RUNNING; save()``, as in the seed's
             # example) never set the start time; record it so the row satisfies the
@@ -308,12 +350,21 @@ class BatchOperation(models.Model):
             self.started_running_datetime = timezone.now()
             if kwargs.get("update_fields") is not None:
                 kwargs["update_fields"] = {*kwargs["update_fields"], "started_running_datetime"}
+        update_fields = kwargs.get("update_fields")
+        if self.status != self.STATUS_UNPROCESSED and (
+            update_fields is None or "status" in update_fields
+        ):
+            # No longer pending: free the debounce key, as a claim does, or every later
+            # ``enqueue(replace=True)`` for this operationtype and object would collide with it.
+            self.debounce_key = None
+            if update_fields is not None:
+                kwargs["update_fields"] = {*update_fields, "debounce_key"}
         super().save(*args, **kwargs)
 
     def clean(self) -> None:
         """The original's two rules: a finished operation has a result; a running or finished
         operation has ``started_running_datetime``."""
-        check_context_arguments({"context_object_id": self.context_object_id})
+        self.take_context_object_id_instance()
         errors: dict[str, str] = {}
         if self.status == self.STATUS_FINISHED and self.result == self.RESULT_NOT_AVAILABLE:
             errors["result"] = "Must be specified when status is finished."
@@ -323,6 +374,15 @@ class BatchOperation(models.Model):
             )
         if errors:
             raise ValidationError(errors)
+
+    def take_context_object_id_instance(self) -> None:
+        """Take a model instance assigned to ``context_object_id`` (as the original's example
+        does) as the context object: its content type and primary key."""
+        given = self.context_object_id
+        if isinstance(given, models.Model):
+            check_context_object(given)
+            self.context_object = given
+            self.context_object_id = str(given.pk)
 
     # --- JSON text compatibility with the original's *_json fields. -------------------------
     @property
@@ -381,7 +441,7 @@ class BatchOperation(models.Model):
         return cancel(self)
 
     def postpone(
-        self, delay: timedelta | None = None, *, run_after: datetime | None = None
+        self, delay: timedelta | float | None = None, *, run_after: datetime | None = None
     ) -> bool:
         """Move a pending operation's due time; see :func:`batchframework.engine.postpone`."""
         from .engine import postpone

@@ -20,7 +20,7 @@ from ..clock import database_now
 from ..conf import get_settings
 from ..exceptions import InvalidOperationError, OperationStateError
 from ..jsondata import encode_json
-from ..models import BatchOperation
+from ..models import BatchOperation, check_context_object
 from ..registry import registry
 from ..signals import operations_enqueued
 from ._common import write_alias
@@ -93,12 +93,7 @@ _NO_CONTEXT = _Context(None, None)
 def _resolve_context(context_object: models.Model | None, alias: str) -> _Context:
     if context_object is None:
         return _NO_CONTEXT
-    if not isinstance(context_object, models.Model):
-        raise InvalidOperationError(
-            f"context_object must be a saved model instance, not {type(context_object).__name__}."
-        )
-    if context_object.pk is None:
-        raise InvalidOperationError("context_object must be saved (it has no primary key yet).")
+    check_context_object(context_object)
     content_type = ContentType.objects.db_manager(alias).get_for_model(context_object)
     return _Context(content_type, str(context_object.pk))
 

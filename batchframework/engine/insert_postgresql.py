@@ -20,7 +20,7 @@ from django.db import connections
 from django.db.models import Field, JSONField
 from django.db.models.signals import post_save, pre_save
 
-from ..models import BatchOperation, check_context_arguments
+from ..models import BatchOperation
 
 
 def insert(operation: BatchOperation, *, alias: str, notify: str | None = None) -> None:
@@ -35,7 +35,7 @@ def insert(operation: BatchOperation, *, alias: str, notify: str | None = None) 
             raise ValueError("NOTIFY needs PostgreSQL")
         operation.save(force_insert=True, using=alias)
         return
-    check_context_arguments({"context_object_id": operation.context_object_id})
+    operation.take_context_object_id_instance()
     pre_save.send(
         sender=BatchOperation, instance=operation, raw=False, using=alias, update_fields=None
     )

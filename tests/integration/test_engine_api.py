@@ -27,6 +27,7 @@ from django.utils import timezone
 
 import batchframework
 from batchframework import BatchOperation, enqueue, enqueue_many, handler
+from batchframework.clock import forget_clock_offsets
 from batchframework.dispatch import NULL_DISPATCHER
 from batchframework.engine import (
     CancelOutcome,
@@ -467,6 +468,23 @@ def test_replace_true_updates_the_pending_operation():
     assert echoes.count() == 2
 
 
+@pytest.mark.parametrize("flow", ["mark_as_running", "status_and_save", "finish"])
+def test_replace_true_after_the_originals_manual_flow_enqueues_a_new_operation(flow):
+    """The manual flow (the original's) frees the debounce key as a claim does."""
+    post = Post.objects.create(title="p")
+    first = enqueue("test-echo", context_object=post, replace=True)
+    if flow == "mark_as_running":
+        first.mark_as_running()
+    elif flow == "status_and_save":
+        first = BatchOperation.objects.get(pk=first.pk)
+        first.status = BatchOperation.STATUS_RUNNING
+        first.save()
+    first.finish()
+    again = enqueue("test-echo", context_object=post, replace=True)
+    assert again.pk != first.pk
+    assert enqueue("test-echo", context_object=post, replace=True).pk == again.pk
+
+
 def test_postpone_moves_a_pending_operation():
     now = timezone.now()
     op = enqueue("test-echo", delay=timedelta(minutes=1))
@@ -867,6 +885,29 @@ def test_always_synchronous_runs_due_operations_at_commit(django_capture_on_comm
         ran = run_due(now=timezone.now() + timedelta(minutes=16))
         assert [o.pk for o in ran] == [delayed.pk]
     assert Effect.objects.count() == 1
+
+
+def test_always_synchronous_judges_due_by_the_database_clock(
+    monkeypatch, django_capture_on_commit_callbacks
+):
+    """A process clock 10 s fast must not make an operation delayed by 5 s run at once."""
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(seconds=10))
+    forget_clock_offsets()
+    try:
+        with (
+            override_settings(BATCHFRAMEWORK={"ALWAYS_SYNCHRONOUS": True}),
+            django_capture_on_commit_callbacks(execute=True) as callbacks,
+        ):
+            delayed = enqueue("test-echo", delay=timedelta(seconds=5))
+            due = enqueue("test-echo")
+        assert len(callbacks) == 2
+    finally:
+        forget_clock_offsets()
+    assert fresh(delayed).status == BatchOperation.STATUS_UNPROCESSED
+    stored = fresh(due)
+    assert stored.status == BatchOperation.STATUS_FINISHED
+    assert_close(stored.started_running_datetime, real_now())
 
 
 @pytest.mark.django_db(transaction=True)

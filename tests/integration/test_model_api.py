@@ -634,17 +634,54 @@ def test_synchronous_block_that_finishes_itself_is_left_as_it_finished():
 
 
 @pytest.mark.parametrize("method", ["create_asynchronous", "create_synchronous"])
-def test_model_instance_as_context_object_id_is_refused(method):
+def test_a_model_instance_as_context_object_id_is_the_context_object(method):
+    """The original's example passes the object itself as ``context_object_id``."""
     post = Post.objects.create(title="p")
-    with pytest.raises(InvalidOperationError, match="context_object="):
-        getattr(BatchOperation.objects, method)(context_object_id=post, operationtype="x")
+    operation = getattr(BatchOperation.objects, method)(context_object_id=post, operationtype="x")
+    loaded = BatchOperation.objects.get(pk=operation.pk)
+    assert loaded.context_object == post
+    assert loaded.context_object_id == str(post.pk)
+    assert pks(BatchOperation.objects.for_context_object(post)) == {operation.pk}
+
+
+def test_a_model_instance_assigned_to_context_object_id_is_the_context_object_on_save():
+    thing = StringThing.objects.create(pk="a-key")
+    operation = BatchOperation(context_object_id=thing)
+    operation.save()
+    assert BatchOperation.objects.get(pk=operation.pk).context_object == thing
+
+
+def test_a_context_object_given_twice_or_unsaved_is_refused():
+    post = Post.objects.create(title="p")
+    create = BatchOperation.objects.create_asynchronous
+    with pytest.raises(InvalidOperationError, match="either context_object"):
+        create(operationtype="x", context_object_id=post, context_object=post)
+    for unsaved in ({"context_object_id": Post(title="u")}, {"context_object": Post(title="u")}):
+        with pytest.raises(InvalidOperationError, match="must be saved"):
+            create(operationtype="x", **unsaved)
     assert BatchOperation.objects.count() == 0
 
 
-def test_model_instance_as_context_object_id_is_refused_by_save():
-    post = Post.objects.create(title="p")
-    with pytest.raises(InvalidOperationError, match="context_object="):
-        BatchOperation(context_object_id=post).save()
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"run_after": datetime(2030, 1, 1)}, id="naive-run_after"),
+        pytest.param({"operationtype": "x" * 256}, id="operationtype-too-long"),
+        pytest.param({"queue": "q" * 101}, id="queue-too-long"),
+        pytest.param({"queue": ""}, id="queue-empty"),
+        pytest.param({"priority": 10**6}, id="priority-out-of-range"),
+        pytest.param({"result": "bogus"}, id="result-not-a-choice"),
+        pytest.param({"status": "bogus"}, id="status-not-a-choice"),
+        pytest.param({"attempts": -1}, id="attempts-negative"),
+        pytest.param({"status": "finished"}, id="finished-without-result"),
+    ],
+)
+@pytest.mark.parametrize("method", ["create_asynchronous", "create_synchronous"])
+def test_invalid_fields_to_the_create_methods_raise_before_writing(method, kwargs):
+    with pytest.raises(InvalidOperationError) as excinfo:
+        getattr(BatchOperation.objects, method)(**kwargs)
+    assert isinstance(excinfo.value, ValidationError)  # and Django's, for forms and admin code
+    assert next(iter(kwargs)) in str(excinfo.value) or "result" in str(excinfo.value)
     assert BatchOperation.objects.count() == 0
 
 
