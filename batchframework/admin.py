@@ -7,6 +7,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
@@ -54,7 +55,6 @@ class BatchOperationAdmin(admin.ModelAdmin):
         "=id",
         "operationtype",
         "context_object_id",
-        "started_by__username",
         "last_error",
     )
     list_select_related = ("started_by", "context_content_type")
@@ -89,6 +89,10 @@ class BatchOperationAdmin(admin.ModelAdmin):
     )
     # Everything shown is read-only: status belongs to the engine.
     readonly_fields = flatten_fieldsets(fieldsets)
+
+    def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
+        # The user model's own name field: a custom user model may have no ``username``.
+        return (*self.search_fields, f"started_by__{get_user_model().USERNAME_FIELD}")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

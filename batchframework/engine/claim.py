@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from ..clock import now_expression
 from ..conf import get_settings
+from ..exceptions import InvalidOperationError
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event
@@ -138,6 +139,11 @@ def claim_due(
     Operations marked to be claimed alone (see the module docstring) are: when the first
     candidate is one, only it is claimed; otherwise the batch stops before the first one.
     """
+    for name, names in (("queues", queues), ("operationtypes", operationtypes)):
+        if isinstance(names, str):  # a str is a sequence of str: its letters
+            raise InvalidOperationError(
+                f"{name} must be a list of names, not the string {names!r}."
+            )
     alias = write_alias(using)
     limit = limit or get_settings().BATCH_SIZE
     # The row's queue decides where it runs (it was routed when stored), not the handler's.

@@ -119,6 +119,16 @@ def test_changelist_search(admin_client, operations, term, expected):
     assert listed_pks(response) == {operations[name].pk for name in expected}
 
 
+def test_changelist_searches_the_user_models_own_name_field(
+    admin_client, operations, django_user_model, monkeypatch
+):
+    """A custom user model may name users by another field than ``username``."""
+    monkeypatch.setattr(django_user_model, "USERNAME_FIELD", "email")
+    response = admin_client.get(reverse(CHANGELIST), {"q": "admin@example"})
+    assert response.status_code == 200
+    assert listed_pks(response) == {operations["running"].pk}
+
+
 def test_changelist_search_by_id(admin_client, operations):
     wanted = operations["failed"]
     response = admin_client.get(reverse(CHANGELIST), {"q": str(wanted.pk)})

@@ -1039,6 +1039,16 @@ def test_claim_reads_only_its_batch_when_thousands_share_a_due_time():
     assert "Incremental Sort" not in plan, plan
 
 
+@pytest.mark.parametrize("argument", ["queues", "operationtypes"])
+def test_claim_due_refuses_a_bare_string_for_a_list_of_names(argument):
+    """``"test-echo"`` is a sequence of one-letter names, which would claim nothing."""
+    op = enqueue("test-echo")
+    name = {"queues": op.queue, "operationtypes": "test-echo"}[argument]
+    with pytest.raises(InvalidOperationError, match="list of names"):
+        claim_due(**{argument: name})
+    assert [claimed.pk for claimed in claim_due(**{argument: [name]})] == [op.pk]
+
+
 def test_claim_due_takes_only_what_is_due_in_priority_order():
     now = timezone.now()
     later = enqueue("test-noop", delay=timedelta(minutes=5))
