@@ -38,12 +38,14 @@ class DatabaseNow(Func):
         return self.as_sql(compiler, connection, template="UTC_TIMESTAMP(6)", **extra)
 
     def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
-        # The text format Django stores datetimes in, so comparisons sort correctly. The
+        # The text format Django stores datetimes in, with six fraction digits as Django
+        # writes them, so that text comparisons order them as times: '….314000' <= '….314' is
+        # false, which made an operation due in this very millisecond look not yet due. The
         # percent signs are doubled twice: once for this template, once for the driver.
         return self.as_sql(
             compiler,
             connection,
-            template="STRFTIME('%%%%Y-%%%%m-%%%%d %%%%H:%%%%M:%%%%f', 'NOW')",
+            template="(STRFTIME('%%%%Y-%%%%m-%%%%d %%%%H:%%%%M:%%%%f', 'NOW') || '000')",
             **extra,
         )
 

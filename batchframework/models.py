@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
@@ -112,9 +112,8 @@ class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
         return self.running().filter(lease_expires_at__lt=now_expression(now))
 
 
-class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)):  # type: ignore[misc]
-    """The original's creation API, a context manager for synchronous work, and every
-    :class:`BatchOperationQuerySet` filter."""
+class _CreationMethods(models.Manager["BatchOperation"]):
+    """The original's creation API and a context manager for synchronous work."""
 
     def _create_validated(self, input_data: Any, **kwargs: Any) -> BatchOperation:
         take_context_arguments(kwargs)
@@ -151,6 +150,8 @@ class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)
         This only records the operation; to have a registered handler run it, use
         :func:`batchframework.enqueue`. Unless ``queue`` is given, it stores the queue
         ``enqueue`` would: the handler's as routed, else ``ROUTES``, else ``DEFAULT_QUEUE``.
+        A field value the model refuses raises
+        :class:`~batchframework.exceptions.OperationFieldsError` and writes nothing.
         """
         kwargs.setdefault("status", BatchOperation.STATUS_UNPROCESSED)
         return self._create_validated(input_data, **kwargs)
@@ -158,7 +159,8 @@ class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)
     def create_synchronous(self, input_data: Any = None, **kwargs: Any) -> BatchOperation:
         """Create an operation that is already running, in one INSERT.
 
-        Its id can tag rows made with ``bulk_create`` so that they can be fetched back.
+        Its id can tag rows made with ``bulk_create`` so that they can be fetched back. Validated
+        like :meth:`create_asynchronous`.
         """
         kwargs.setdefault("status", BatchOperation.STATUS_RUNNING)
         kwargs.setdefault("started_running_datetime", timezone.now())
@@ -185,6 +187,14 @@ class BatchOperationManager(models.Manager.from_queryset(BatchOperationQuerySet)
             raise
         if operation.status != BatchOperation.STATUS_FINISHED:
             operation.finish()
+
+
+#: ``BatchOperation.objects``: the original's creation API, a context manager for synchronous
+#: work, and every :class:`BatchOperationQuerySet` filter. Built with ``from_queryset`` at module
+#: level, the form type checkers (django-stubs) understand.
+BatchOperationManager = _CreationMethods.from_queryset(
+    BatchOperationQuerySet, "BatchOperationManager"
+)
 
 
 class BatchOperation(models.Model):
@@ -281,7 +291,7 @@ class BatchOperation(models.Model):
     #: operation per operationtype and context object, enforced by the unique index.
     debounce_key = models.CharField(max_length=64, null=True, blank=True, unique=True)
 
-    objects: ClassVar[BatchOperationManager] = BatchOperationManager()
+    objects = BatchOperationManager()
 
     class Meta:
         verbose_name = _("batch operation")
