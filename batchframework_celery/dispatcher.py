@@ -12,11 +12,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from django.db import DEFAULT_DB_ALIAS
 from django.utils import timezone
 
 from batchframework.conf import get_settings
 from batchframework.dispatch import Dispatcher
+from batchframework.engine._common import write_alias
 from batchframework.models import BatchOperation
 
 from .publish import Publisher, bounded_publishing
@@ -88,11 +88,12 @@ def _publish(operations: Sequence[BatchOperation], using: str) -> Publisher:
 def publish_operations(
     operations: Sequence[BatchOperation],
     *,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     horizon: timedelta | None = None,
 ) -> Publisher:
-    """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``)."""
-    from .tasks import run_operations
+    """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``), which are
+    stored in ``using`` (default: the router's write database for operations)."""
+    from .tasks import MAX_IDS_PER_MESSAGE, run_operations
 
     settings = get_settings()
     now = timezone.now()
@@ -101,8 +102,11 @@ def publish_operations(
     for operation in operations:
         if operation.run_after <= limit:
             by_queue[operation.queue].append(operation)
-    kwargs = {} if using == DEFAULT_DB_ALIAS else {"using": using}
-    size = settings.BATCH_SIZE
+    # Always named: a message without it means the worker's router's choice, which need not be
+    # the database this operation was written to (``enqueue(using=...)``, or other settings).
+    kwargs = {"using": write_alias(using)}
+    # A chunk the size of a claim, but never larger than the tasks accept (BATCH_SIZE may be).
+    size = min(settings.BATCH_SIZE, MAX_IDS_PER_MESSAGE)
     with Publisher() as publisher:
         for queue, queued in by_queue.items():
             # Operations already due need no ETA: they share chunks whatever their due times.

@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 from datetime import datetime
 
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import transaction
 from django.db.models import Count, F, Q
 
 from batchframework.clock import database_now
 from batchframework.conf import get_settings
 from batchframework.engine import recover_expired
+from batchframework.engine._common import write_alias
 from batchframework.models import BatchOperation
 from batchframework.registry import registry
 
@@ -39,11 +40,14 @@ WATERMARK_NAME = "scheduled"
 
 
 def poll_once(*, using: str | None = None) -> dict[str, int]:
-    """One poller tick. Returns counts of what it did (for logs and tests)."""
+    """One poller tick on ``using`` (default: the router's write database for operations).
+    Returns counts of what it did (for logs and tests)."""
     from .tasks import drain
 
     settings = get_settings()
-    alias = using or DEFAULT_DB_ALIAS
+    # None means where operations are written (the router's choice), as for enqueue and the
+    # tasks: beat's PeriodicTask has no kwargs.
+    alias = write_alias(using)
     recovered = recover_expired(using=alias)
     manager = BatchOperation.objects.db_manager(alias)
     types = registry.operationtypes()
@@ -54,7 +58,7 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
         .annotate(n=Count("pk"))
         .values_list("queue", "n")
     )
-    kwargs = {} if alias == DEFAULT_DB_ALIAS else {"using": alias}
+    kwargs = {"using": alias}  # always: the worker's router need not agree with ours
     expires = settings.POLL_INTERVAL.total_seconds() * 2
     with Publisher() as publisher:
         for queue, count in due_by_queue.items():

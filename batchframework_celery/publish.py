@@ -24,10 +24,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from datetime import datetime
+from queue import SimpleQueue
 from typing import Any
 
 from celery import Task
@@ -191,6 +192,10 @@ def _connect(connection: Any) -> None:
     )
 
 
+#: A job of the publishing thread: its future, and a function with its arguments.
+_Job = tuple[Future[None], Callable[..., None], tuple[Any, ...]]
+
+
 class BoundedPublishing:
     """Runs publish rounds for callers who must not wait on the broker (web requests).
 
@@ -209,24 +214,34 @@ class BoundedPublishing:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._jobs: SimpleQueue[_Job] = SimpleQueue()
         self._pid = 0
         self._pending: deque[tuple[float, Future[None]]] = deque()
         self._skip_until = 0.0
         self._buffer: dict[str, list[Any]] = {}
         self._flush_scheduled = False
 
-    def _get_executor(self) -> ThreadPoolExecutor:
+    def _submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        """Run ``fn(*args)`` on the publishing thread, after the rounds submitted before it.
+
+        The thread is a daemon of our own, not a ``ThreadPoolExecutor``'s: Python joins those
+        at exit without a time limit, before ``atexit`` handlers run, so a process that
+        published to a frozen broker could never exit. Ours is waited for by :meth:`drain`
+        only, at most ``PUBLISH_TIMEOUT``. Call with ``_lock`` held.
+        """
         # A forked child (prefork worker) does not inherit the parent's thread.
-        if self._executor is None or self._pid != os.getpid():
-            self._executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="batchframework-publish"
-            )
+        if self._pid != os.getpid():
+            self._jobs = SimpleQueue()
+            threading.Thread(
+                target=_serve, args=(self._jobs,), name="batchframework-publish", daemon=True
+            ).start()
             self._pid = os.getpid()
             self._pending.clear()
             self._buffer, self._flush_scheduled = {}, False
             atexit.register(self.drain)
-        return self._executor
+        future: Future[None] = Future()
+        self._jobs.put((future, fn, args))
+        return future
 
     def _skip_reason(self, timeout: float) -> str | None:
         while self._pending and self._pending[0][1].done():
@@ -256,7 +271,6 @@ class BoundedPublishing:
         timeout = settings.PUBLISH_TIMEOUT.total_seconds()
         count = len(operations)
         with self._lock:
-            executor = self._get_executor()
             reason = self._skip_reason(timeout)
             if reason is not None:
                 log_event(
@@ -271,10 +285,10 @@ class BoundedPublishing:
                 self._buffer.setdefault(using, []).extend(operations)
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
-                    flush = executor.submit(self._flush_buffer, publish)
+                    flush = self._submit(self._flush_buffer, publish)
                     self._pending.append((time.monotonic(), flush))
                 return
-            future = executor.submit(self._publish_round, publish, list(operations), using)
+            future = self._submit(self._publish_round, publish, list(operations), using)
             self._pending.append((time.monotonic(), future))
         try:
             future.result(timeout=timeout)
@@ -330,6 +344,18 @@ class BoundedPublishing:
         """Forget past failures (tests that bring a broker back call this)."""
         with self._lock:
             self._skip_until = 0.0
+
+
+def _serve(jobs: SimpleQueue[_Job]) -> None:
+    """The publishing thread: run the jobs in order, forever (it dies with the process)."""
+    while True:
+        future, fn, args = jobs.get()
+        try:
+            fn(*args)
+        except BaseException as exc:  # rounds catch their own errors; this is a bug
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
 
 
 #: The process-wide instance used by the Celery dispatcher.

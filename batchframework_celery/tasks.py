@@ -9,19 +9,25 @@ nothing but log (invariants 1 and 8).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import shared_task
 from django.conf import settings as django_settings
+from django.db import InterfaceError, OperationalError, connections
 
 from batchframework.engine import BatchRunner, claim_due
+from batchframework.engine._common import write_alias
 from batchframework.signals import log_event
+
+T = TypeVar("T")
 
 RUN_OPERATIONS_TASK = "batchframework.run_operations"
 DRAIN_TASK = "batchframework.drain"
 POLL_TASK = "batchframework.poll"
 
-#: Most ids one message may name; larger messages are refused as malformed.
+#: Most ids one message may name; larger messages are refused as malformed, so the dispatcher
+#: never sends more in one, whatever ``BATCH_SIZE`` says.
 MAX_IDS_PER_MESSAGE = 10_000
 
 
@@ -35,10 +41,40 @@ def _valid_alias(using: Any) -> str | None:
 
 def _valid_ids(ids: Any) -> list[int]:
     if not isinstance(ids, list) or not 0 < len(ids) <= MAX_IDS_PER_MESSAGE:
-        raise ValueError("ids must be a non-empty list of at most 10000 integers")
+        raise ValueError(f"ids must be a non-empty list of at most {MAX_IDS_PER_MESSAGE} integers")
     if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
         raise ValueError("ids must be positive integers")
     return ids
+
+
+def reconnecting(using: str | None, first_use: Callable[[], T]) -> T:
+    """Run a task's first database work, on a working connection even after a database restart.
+
+    Celery's Django fix-up replaces broken connections only every ``2 * CELERY_DB_REUSE_MAX``
+    tasks when that is set (as recommended), so a session lost to a restart or failover would
+    fail every task until then. A connection Django saw fail is checked (and closed if broken)
+    before the task uses it; checking every time would cost a round trip per task, so one that
+    broke unseen is found by the first use failing, which is then run once more on a new
+    connection. ``first_use`` must be safe to repeat: a claim is (one atomic statement; if it
+    committed before the session died, those rows are recovered when their lease expires).
+    """
+    connection = connections[write_alias(using)]
+    if connection.errors_occurred:
+        connection.close_if_unusable_or_obsolete()
+    session = connection.connection  # None: the first use connects afresh
+    try:
+        return first_use()
+    except (OperationalError, InterfaceError) as exc:
+        # A failure inside ``atomic`` drops the session and the block's exit reconnects, so
+        # "lost" is: not the session we started with, or one that no longer answers.
+        lost = session is not None and (
+            connection.connection is not session or not connection.is_usable()
+        )
+        if connection.in_atomic_block or not lost:
+            raise  # a fresh session failed, or the caller's transaction: not ours to redo
+        log_event(logging.WARNING, "database_reconnect", alias=connection.alias, error=repr(exc))
+        connection.close()
+        return first_use()
 
 
 def run_claimed_batch(operations: list[Any], using: str | None) -> int:
@@ -55,7 +91,7 @@ def run_operations(ids: Any, using: Any = None) -> int:
     except ValueError as exc:
         log_event(logging.ERROR, "message_rejected", task=RUN_OPERATIONS_TASK, reason=str(exc))
         return 0
-    claimed = claim_due(ids=ids, limit=len(ids), using=using)
+    claimed = reconnecting(using, lambda: claim_due(ids=ids, limit=len(ids), using=using))
     if len(claimed) < len(ids):
         won = {op.pk for op in claimed}
         log_event(
@@ -81,7 +117,7 @@ def drain(queue: Any, using: Any = None) -> int:
     except ValueError as exc:
         log_event(logging.ERROR, "message_rejected", task=DRAIN_TASK, reason=str(exc))
         return 0
-    claimed = claim_due(queues=[queue], using=using)
+    claimed = reconnecting(using, lambda: claim_due(queues=[queue], using=using))
     if not claimed:
         log_event(
             logging.INFO,
@@ -104,4 +140,5 @@ def poll(using: Any = None) -> dict[str, int]:
     except ValueError as exc:
         log_event(logging.ERROR, "message_rejected", task=POLL_TASK, reason=str(exc))
         return {}
-    return poll_once(using=using)
+    # A tick may be repeated: it recovers, wakes workers and takes a window under a row lock.
+    return reconnecting(using, lambda: poll_once(using=using))

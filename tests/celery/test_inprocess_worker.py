@@ -17,7 +17,13 @@ from django.utils import timezone
 from batchframework import BatchOperation, CancelOutcome, cancel, enqueue, enqueue_many
 from batchframework.testing import run_due
 from batchframework_celery.poller import poll_once
-from batchframework_celery.tasks import DRAIN_TASK, POLL_TASK, RUN_OPERATIONS_TASK, run_operations
+from batchframework_celery.tasks import (
+    DRAIN_TASK,
+    MAX_IDS_PER_MESSAGE,
+    POLL_TASK,
+    RUN_OPERATIONS_TASK,
+    run_operations,
+)
 from tests.celery_app import app as celery_app
 
 from .conftest import CELERY_DISPATCHER, NO_DISPATCH
@@ -62,7 +68,10 @@ def test_messages_are_routed_by_operationtype_and_carry_only_ids(
     assert raw["content-type"] == "application/json"
     assert raw["headers"]["task"] == RUN_OPERATIONS_TASK
     args, kwargs, _embed = json.loads(base64.b64decode(raw["body"]))
-    assert (args, kwargs) == ([[echo.pk]], {}), "a message carries the operation's id, nothing else"
+    # The database is named even when it is "default": a worker's router may say otherwise.
+    assert (args, kwargs) == ([[echo.pk]], {"using": "default"}), (
+        "a message carries the operation's id and its database alias, nothing else"
+    )
 
     start_inprocess_worker()
     ids = [other.pk, noop.pk, echo.pk]
@@ -82,6 +91,23 @@ def test_bulk_enqueue_publishes_chunk_messages(celery_dispatch, start_inprocess_
     ids = [op.pk for op in ops]
     assert wait_for(all_finished(ids), timeout=20)
     assert_ran_once_each(ids)
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_size_above_what_a_message_may_carry_still_runs_everything(
+    celery_dispatch, start_inprocess_worker, caplog
+):
+    """``BATCH_SIZE`` may exceed the most ids a task accepts in one message: the chunks are
+    then cut at that limit, instead of being refused by the worker."""
+    caplog.set_level(logging.ERROR, logger="batchframework")
+    big = {**CELERY_DISPATCHER, "BATCH_SIZE": 2 * MAX_IDS_PER_MESSAGE}
+    with override_settings(BATCHFRAMEWORK=big):
+        ops = enqueue_many("test-noop", [{} for _ in range(MAX_IDS_PER_MESSAGE + 1)])
+        assert celery_dispatch.waiting("default") == 2
+        start_inprocess_worker()
+        ids = [op.pk for op in ops]
+        assert wait_for(all_finished(ids), timeout=90, interval=0.5)
+    assert not events(caplog, "message_rejected")
 
 
 def test_a_message_delivered_twice_runs_the_operation_once(inprocess_worker, caplog):

@@ -5,7 +5,8 @@ environment, so a test gives its subprocesses the same timings it uses itself:
 
 ``BF_POLL_INTERVAL``, ``BF_DEFAULT_LEASE``, ``BF_DISPATCH_HORIZON`` (seconds) and
 ``BF_VISIBILITY_TIMEOUT``, ``BF_RESTORE_INTERVAL`` (the Redis transport's visibility timeout
-and how often a worker sweeps for messages that outlived it). ``DATABASE_URL`` must name the
+and how often a worker sweeps for messages that outlived it), ``BF_DB_REUSE_MAX`` (set: the
+connection reuse docs/celery.rst recommends for workers). ``DATABASE_URL`` must name the
 test database pytest-django created; ``CELERY_BROKER_URL`` names the test's private Redis.
 """
 
@@ -34,6 +35,14 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "unacked_restore_interval": _seconds("BF_RESTORE_INTERVAL", 10),
     "unacked_restore_throttle": 1,
 }
+if os.environ.get("BF_DB_REUSE_MAX"):
+    CELERY_DB_REUSE_MAX = int(float(os.environ["BF_DB_REUSE_MAX"]))
+    DATABASES["default"] = {  # noqa: F405
+        **DATABASES["default"],  # noqa: F405
+        "CONN_MAX_AGE": 600,
+        "CONN_HEALTH_CHECKS": True,
+    }
+
 # Workers reconnect quickly after a broker restart.
 CELERY_BROKER_CONNECTION_RETRY = True
 CELERY_BROKER_CONNECTION_MAX_RETRIES = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -19,6 +21,7 @@ from django.http import HttpResponse
 from django.test import RequestFactory
 
 from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework.conf import get_settings
 from batchframework_celery.publish import Publisher
 from batchframework_celery.tasks import drain, run_operations
 from tests.integration.helpers import wait_for as wait_until
@@ -116,6 +119,39 @@ def test_broker_down_at_commit(fault, private_redis, processes, reliability_repo
     assert response_seconds < 2.0, f"enqueue blocked the view for {response_seconds:.2f}s"
     assert runs == 1
     assert 0 <= late <= POLL + GRACE, f"ran {late:.2f}s after it was due"
+
+
+ENQUEUE_AND_EXIT = """
+import time, django
+django.setup()
+from tests.celery_app import app
+# Celery's defaults (no socket timeout): a read from a frozen broker then blocks for good.
+app.conf.broker_transport_options = {}
+from batchframework import enqueue
+started = time.monotonic()
+enqueue("test-effect")
+print(f"enqueue returned after {time.monotonic() - started:.2f}s", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_enqueued_to_a_frozen_broker_exits(private_redis, processes):
+    """A management command or script enqueues while the broker is frozen: ``enqueue``
+    returns within ``PUBLISH_TIMEOUT``, and the process exits within it again (the wait at
+    exit for a round still publishing), not when the broker answers (never, here)."""
+    private_redis.freeze()
+    proc = processes(private_redis.url()).start("enqueue", [sys.executable, "-c", ENQUEUE_AND_EXIT])
+    proc.wait_log("enqueue returned", timeout=30)
+    returned = time.monotonic()
+    try:
+        code = proc.popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 10 s after enqueue returned:\n{proc.log()}") from None
+    exited_after = time.monotonic() - returned
+    assert code == 0, proc.log()
+    bound = get_settings().PUBLISH_TIMEOUT.total_seconds() + 2.0  # the same in the child
+    assert exited_after < bound, f"exited {exited_after:.1f}s after enqueue returned"
+    assert BatchOperation.objects.unprocessed().count() == 1  # committed, left to the poller
 
 
 @pytest.mark.timeout(60)

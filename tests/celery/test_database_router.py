@@ -1,0 +1,92 @@
+"""The Celery transport with a database router that stores operations in a second database.
+
+``using=None`` means the router's write database for ``BatchOperation`` everywhere: in
+``enqueue``, in the tasks, in the beat poller (whose ``PeriodicTask`` has no kwargs). And a
+message names the database its operations were written to, even ``"default"``, since the
+worker resolves a message without one through its router. PostgreSQL only: the second alias
+is a second test database on the same server.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from django.conf import settings
+from django.db import connections
+from django.test import override_settings
+
+from batchframework import BatchOperation, enqueue
+from batchframework_celery.tasks import poll
+
+from .conftest import NO_DISPATCH
+from .helpers import wait_for
+
+#: Where the router stores batchframework's tables (its own test database).
+ELSEWHERE = "celery_router_elsewhere"
+
+
+def _add_alias() -> bool:
+    default = settings.DATABASES["default"]
+    if not default["ENGINE"].endswith("postgresql"):
+        return False
+    if ELSEWHERE not in settings.DATABASES:
+        other = copy.deepcopy(default)
+        test_name = (default.get("TEST") or {}).get("NAME") or f"test_{default['NAME']}"
+        other["TEST"] = {**(default.get("TEST") or {}), "NAME": f"{test_name}_elsewhere"}
+        settings.DATABASES[ELSEWHERE] = other
+        connections.configure_settings(settings.DATABASES)
+    return True
+
+
+pytestmark = [
+    pytest.mark.celery,
+    pytest.mark.skipif(not _add_alias(), reason="a second PostgreSQL test database is needed"),
+    pytest.mark.django_db(transaction=True, databases=["default", ELSEWHERE]),
+    pytest.mark.timeout(60),
+]
+
+
+class OperationsElsewhere:
+    """Reads and writes batchframework's tables in :data:`ELSEWHERE`; migrates everywhere."""
+
+    labels = frozenset({"batchframework", "batchframework_celery"})
+
+    def db_for_read(self, model, **hints):
+        return ELSEWHERE if model._meta.app_label in self.labels else None
+
+    db_for_write = db_for_read
+
+
+ROUTED = override_settings(DATABASE_ROUTERS=[f"{__name__}.OperationsElsewhere"])
+
+
+def finished(alias: str, pk: int) -> bool:
+    return BatchOperation.objects.using(alias).finished().filter(pk=pk).exists()
+
+
+@ROUTED
+def test_the_beat_poller_without_kwargs_polls_the_routers_database(inprocess_worker):
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):  # its message was lost
+        operation = enqueue("test-noop")
+    assert operation._state.db == ELSEWHERE
+    poll.apply_async(queue="default")  # what beat sends: no kwargs
+    assert wait_for(lambda: finished(ELSEWHERE, operation.pk), timeout=15)
+
+
+@ROUTED
+def test_an_operation_enqueued_on_default_runs_from_its_message(inprocess_worker):
+    """``using="default"`` is named in the message: the worker's router says otherwise."""
+    operation = enqueue("test-noop", using="default")
+    assert wait_for(lambda: finished("default", operation.pk), timeout=15)
+
+
+@ROUTED
+def test_a_message_without_using_still_runs_on_the_routers_database(inprocess_worker):
+    """Messages published before ``using`` was always named keep working."""
+    from batchframework_celery.tasks import run_operations
+
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        operation = enqueue("test-noop")
+    run_operations.apply_async(args=[[operation.pk]], queue="default")
+    assert wait_for(lambda: finished(ELSEWHERE, operation.pk), timeout=15)
