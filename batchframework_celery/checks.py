@@ -88,9 +88,15 @@ def check_worker_connections(app_configs: Any = None, **kwargs: Any) -> list[che
     ]
 
 
+#: The oldest psycopg whose ``notifies()`` keeps notifications that arrive during a query.
+RELAY_PSYCOPG = (3, 2, 4)
+
+
 @checks.register()  # reads settings and the driver only, so plain ``manage.py check`` runs it
 def check_relay(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """``RelayDispatcher`` announces with NOTIFY on PostgreSQL; its relay needs psycopg 3.2+."""
+    """``RelayDispatcher`` announces with NOTIFY on PostgreSQL; its relay needs psycopg 3.2.4+:
+    its ``notifies()`` (3.2) with the backlog (3.2.4) that keeps the notifications arriving
+    while the relay's connection runs a query, which earlier versions dropped."""
     from django.db import connections
     from django.utils.module_loading import import_string
 
@@ -117,13 +123,13 @@ def check_relay(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
             )
         ]
     driver = connection.Database  # type: ignore[attr-defined]  # the driver module
-    version = tuple(int(part) for part in re.findall(r"\d+", driver.__version__)[:2])
-    if driver.__name__ != "psycopg" or version < (3, 2):
+    version = tuple(int(part) for part in re.findall(r"\d+", driver.__version__)[:3])
+    if driver.__name__ != "psycopg" or version < RELAY_PSYCOPG:
         return [
             checks.Error(
-                f"RelayDispatcher's relay needs psycopg 3.2 or newer; database {alias!r} uses "
-                f"{driver.__name__} {driver.__version__}.",
-                hint="pip install 'psycopg[binary]>=3.2', or use CeleryDispatcher.",
+                f"RelayDispatcher's relay needs psycopg 3.2.4 or newer; database {alias!r} "
+                f"uses {driver.__name__} {driver.__version__}.",
+                hint="pip install 'psycopg[binary]>=3.2.4', or use CeleryDispatcher.",
                 id="batchframework_celery.E001",
             )
         ]

@@ -70,13 +70,22 @@ class Relay(threading.Thread):
             self._close()
 
     def _close(self) -> None:
-        # The connection may be broken already; closing it must not end the thread.
+        connection = connections[self.alias]
+        # With Django's connection pool (``OPTIONS["pool"]``), close() hands the session back
+        # to the pool, still holding the lock and listening: the relay's next session could
+        # never take the lock, nor could another worker's. So let go of both first. (The
+        # connection may be broken already; closing it must not end the thread.)
         with contextlib.suppress(Exception):
-            connections[self.alias].close()
+            if connection.connection is not None and connection.is_usable():
+                with connection.cursor() as cursor:
+                    cursor.execute("UNLISTEN *")
+                    cursor.execute("SELECT pg_advisory_unlock_all()")
+        with contextlib.suppress(Exception):
+            connection.close()
 
     def _serve(self) -> None:
         connection = connections[self.alias]
-        connection.close()  # start from a fresh session: an advisory lock lives as long as it
+        self._close()  # start from a fresh session: an advisory lock lives as long as it
         connection.ensure_connection()
         if not self._wait_for_lock(connection):
             return
