@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 from urllib.parse import quote
 
 from celery import Celery
@@ -82,6 +83,10 @@ def use_broker(app: Celery, url: str) -> Iterator[None]:
     """Point the app (publishing and workers started meanwhile) at ``url``, then back."""
     old_url, old_heartbeat = app.conf.broker_url, app.conf.broker_heartbeat
     app.conf.broker_url = url
+    # Celery's ``conf.broker_url`` answers the environment's CELERY_BROKER_URL first (the
+    # variable the suite reads for its own broker), whatever was assigned to it.
+    environment = mock.patch.dict(os.environ, {"CELERY_BROKER_URL": url})
+    environment.start()
     if url.startswith(("amqp", "pyamqp")):
         # The worker's event loop wakes for its AMQP heartbeat timer; with the default (120 s)
         # it sleeps up to 10 s between wake-ups, which delays the test worker's shutdown.
@@ -90,6 +95,7 @@ def use_broker(app: Celery, url: str) -> Iterator[None]:
     try:
         yield
     finally:
+        environment.stop()
         app.conf.broker_url, app.conf.broker_heartbeat = old_url, old_heartbeat
         reset_producer_pool(app)
 

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.celery, pytest.mark.django_db(transaction=True), pytes
 
 
 @pytest.fixture
-def celery_conf():
+def celery_conf(monkeypatch):
     """Change the tests' Celery app configuration for one test."""
     saved = {}
 
@@ -38,6 +38,9 @@ def celery_conf():
         for key, value in values.items():
             saved.setdefault(key, celery_app.conf[key])
             celery_app.conf[key] = value
+        if "broker_url" in values:
+            # Celery answers the environment's CELERY_BROKER_URL first, whatever is assigned.
+            monkeypatch.setenv("CELERY_BROKER_URL", values["broker_url"])
 
     yield change
     for key, value in saved.items():

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 from django.conf import settings
@@ -105,6 +107,9 @@ def celery_on(
     conf = celery_app.conf
     old = conf.broker_url, conf.broker_transport_options
     conf.broker_url = broker_url
+    # Celery's ``conf.broker_url`` answers the environment's CELERY_BROKER_URL first.
+    environment = mock.patch.dict(os.environ, {"CELERY_BROKER_URL": broker_url})
+    environment.start()
     conf.broker_transport_options = {**(old[1] or {}), **(transport_options or {})}
     reset_producer_pool(celery_app)
     wanted = {**settings.BATCHFRAMEWORK, "DISPATCHER": CELERY_DISPATCHER, **batchframework}
@@ -112,6 +117,7 @@ def celery_on(
         with override_settings(BATCHFRAMEWORK=wanted):
             yield celery_app
     finally:
+        environment.stop()
         conf.broker_url, conf.broker_transport_options = old
         reset_producer_pool(celery_app)
 
