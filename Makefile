@@ -41,7 +41,7 @@ lint: venv
 	$(BIN)/ruff format --check batchframework batchframework_celery
 
 typecheck: venv
-	$(BIN)/mypy batchframework batchframework_celery
+	$(BIN)/mypy batchframework batchframework_celery tests/typecheck
 
 migrations-check: venv
 	DJANGO_SETTINGS_MODULE=tests.settings PYTHONPATH=. $(BIN)/django-admin makemigrations --check --dry-run
