@@ -16,7 +16,7 @@ from datetime import timedelta
 from types import FrameType
 from typing import Any
 
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import DatabaseError, InterfaceError, close_old_connections, connections
 from django.db.models import Min
 
 from .clock import database_now
@@ -26,6 +26,9 @@ from .models import BatchOperation
 from .registry import registry
 from .signals import log_event
 
+#: What the database raises while it is unreachable (``InterfaceError`` is not a
+#: ``DatabaseError``: a driver raises it for a connection that is already closed).
+DATABASE_ERRORS = (DatabaseError, InterfaceError)
 #: Wait this long after a database error before trying again (the server may be restarting).
 DATABASE_ERROR_BACKOFF = 1.0
 #: Never sleep less than this between empty polls.
@@ -48,11 +51,15 @@ class Worker:
         log: Callable[[str], Any] | None = None,
     ) -> None:
         settings = get_settings()
+        if poll_interval is not None and not poll_interval > timedelta(0):
+            raise ValueError(f"poll_interval must be positive, not {poll_interval!r}.")
         self.queues = list(queues) if queues else None
         self.batch_size = batch_size or settings.BATCH_SIZE
         self.max_operations = max_operations
         self.once = once
-        self.poll_interval = (poll_interval or settings.POLL_INTERVAL).total_seconds()
+        self.poll_interval = (
+            settings.POLL_INTERVAL if poll_interval is None else poll_interval
+        ).total_seconds()
         self.name = name
         self.using = using
         self.log = log or (lambda message: None)
@@ -103,14 +110,18 @@ class Worker:
                 if ran == 0 and self.once:
                     break
                 sleep = self._sleep_seconds() if ran == 0 else 0.0
-            except DatabaseError as exc:
+            except DATABASE_ERRORS as exc:
                 log_event(
                     logging.ERROR,
                     "worker_database_error",
                     error=repr(exc),
-                    retry_in=DATABASE_ERROR_BACKOFF,
+                    retry_in="never (--once)" if self.once else DATABASE_ERROR_BACKOFF,
                 )
                 self._reset_connections()
+                if self.once:
+                    # A cron job or script: fail where someone sees it, instead of retrying
+                    # until the database comes back (never, if it is not migrated).
+                    raise
                 self._stop.wait(DATABASE_ERROR_BACKOFF)
                 continue
             if sleep:
@@ -156,6 +167,6 @@ class Worker:
 
     def _reset_connections(self) -> None:
         for connection in connections.all(initialized_only=True):
-            with contextlib.suppress(DatabaseError):
+            with contextlib.suppress(*DATABASE_ERRORS):
                 connection.close()
         close_old_connections()

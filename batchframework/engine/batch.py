@@ -16,6 +16,7 @@ Used by the DB-polling worker and by the Celery tasks, so both get the same guar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -58,19 +59,29 @@ class BatchRunner:
     ) -> int:
         """Run ``operations`` in order; returns how many were run here.
 
-        When ``stop()`` becomes true, the operations not yet started are released.
+        When ``stop()`` becomes true, or anything is raised through it, the operations not yet
+        started are released.
         """
         pending = list(operations)
         ran = 0
-        while pending:
-            if stop is not None and stop():
+        try:
+            while pending:
+                if stop is not None and stop():
+                    release(pending, using=self.using)
+                    pending = []
+                    break
+                pending = self._keep_leases(pending)
+                if not pending:
+                    break
+                self.run(pending.pop(0))
+                ran += 1
+        except BaseException:
+            # Leaving early (a second stop signal, KeyboardInterrupt, an error between
+            # handlers): give back what never started, or it would wait for its lease to expire
+            # and then, as part of a lost batch, be claimed alone from then on.
+            with contextlib.suppress(Exception):
                 release(pending, using=self.using)
-                break
-            pending = self._keep_leases(pending)
-            if not pending:
-                break
-            self.run(pending.pop(0))
-            ran += 1
+            raise
         self.flush()
         return ran
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -23,7 +25,7 @@ from batchframework.engine import CancelOutcome, RunOutcome, cancel, recover_exp
 from batchframework.testing import run_due
 from tests.testapp.models import Effect, Execution, Post
 
-from .helpers import run_python, wait_exit, wait_for
+from .helpers import ROOT, run_python, subprocess_env, wait_exit, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 
@@ -334,6 +336,49 @@ def test_second_sigterm_exits_at_once(reaper):
     stopped = fresh(op)
     assert stopped.status == BatchOperation.STATUS_RUNNING and stopped.attempts == 1
     assert not Effect.objects.exists()
+
+
+def test_second_sigterm_gives_back_the_rest_of_the_batch(reaper):
+    """Exiting at once leaves the operation in hand to lease recovery, but the rest of the
+    claimed batch never started: it goes back at once, its attempt not counted."""
+    operations = enqueue_many("test-sleep", [{"input_data": {"seconds": 30}} for _ in range(3)])
+    worker, log = reaper.worker("--batch-size", "10", label="impatient-batch")
+    wait_for(lambda: Execution.objects.exists(), timeout=30, what="the first handler to start")
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    worker.send_signal(signal.SIGTERM)
+    assert wait_exit(worker, timeout=10, log_path=log) == 128 + signal.SIGTERM, log.read_text()
+    started = Execution.objects.get().key
+    by_pk = {str(op.pk): fresh(op) for op in operations}
+    in_hand = by_pk.pop(started)
+    assert in_hand.status == BatchOperation.STATUS_RUNNING  # left to lease recovery
+    for rest in by_pk.values():
+        assert rest.status == BatchOperation.STATUS_UNPROCESSED
+        assert rest.attempts == 0 and rest.claimed_by == "" and rest.lease_expires_at is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_a_poll_interval_that_is_not_positive_is_refused(reaper, value):
+    worker, log = reaper.worker("--once", "--poll-interval", value, label="bad-interval")
+    assert wait_exit(worker, timeout=30, log_path=log) == 2
+    assert "--poll-interval must be a positive number of seconds" in log.read_text()
+
+
+def test_once_fails_on_a_database_error_instead_of_retrying_forever(reaper, tmp_path):
+    """``--once`` runs from cron and scripts: an unusable database is an error to report."""
+    env = {**subprocess_env(), "DATABASE_URL": f"sqlite:///{tmp_path / 'never-migrated.sqlite3'}"}
+    log = tmp_path / "once.log"
+    with log.open("wb") as out:
+        code = subprocess.run(
+            [sys.executable, "-m", "django", "batchframework_worker", "--once"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+        ).returncode
+    assert code == 1, log.read_text()
+    assert "CommandError: database error" in log.read_text()
 
 
 # --- atomic=True: exactly once across a hard crash --------------------------------------------

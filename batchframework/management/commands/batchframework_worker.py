@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from batchframework.worker import Worker
+from batchframework.worker import DATABASE_ERRORS, Worker
 
 
 class Command(BaseCommand):
@@ -51,17 +52,22 @@ class Command(BaseCommand):
             if options[option] is not None and options[option] < 1:
                 self.stderr.write(f"--{option.replace('_', '-')} must be at least 1")
                 raise SystemExit(2)
+        poll_interval = options["poll_interval"]
+        if poll_interval is not None and not 0 < poll_interval < math.inf:
+            self.stderr.write("--poll-interval must be a positive number of seconds")
+            raise SystemExit(2)
         worker = Worker(
             queues=options["queues"],
             batch_size=options["batch_size"],
             max_operations=options["max_operations"],
             once=options["once"],
-            poll_interval=(
-                timedelta(seconds=options["poll_interval"]) if options["poll_interval"] else None
-            ),
+            poll_interval=None if poll_interval is None else timedelta(seconds=poll_interval),
             name=options["name"],
             using=options["database"],
             log=lambda message: self.stdout.write(message),
         )
         worker.install_signal_handlers()
-        worker.run()
+        try:
+            worker.run()
+        except DATABASE_ERRORS as exc:  # only with --once: a loop retries
+            raise CommandError(f"database error: {exc}") from exc
