@@ -36,23 +36,33 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
     }
 
 
-def register_poller(*, using: str = DEFAULT_DB_ALIAS, queue: str | None = None) -> tuple[Any, bool]:
+def register_poller(
+    *, using: str | None = None, queue: str | None = None, keep_choices: bool = False
+) -> tuple[Any, bool]:
     """Create or update the poller's ``PeriodicTask``. Returns ``(task, changed)``.
 
     Running it again with the same settings changes nothing; a changed ``POLL_INTERVAL``
     updates the existing row instead of adding a second one. The poll task goes to ``queue``,
     by default ``DEFAULT_QUEUE`` (which every deployment's workers consume): Celery's own default
-    queue, ``celery``, is not consumed by workers started with ``-Q default,…``.
+    queue, ``celery``, is not consumed by workers started with ``-Q default,…``; and it is
+    enabled. With ``keep_choices`` (as after ``migrate``), an existing task keeps its queue and
+    whether it is enabled: only its schedule follows ``POLL_INTERVAL``. ``using`` defaults to
+    the database the router picks for ``PeriodicTask``.
     """
+    from django.db import router
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
     settings = get_settings()
+    using = using or router.db_for_write(PeriodicTask) or DEFAULT_DB_ALIAS
     queue = queue or settings.DEFAULT_QUEUE
     seconds = max(1, round(settings.POLL_INTERVAL.total_seconds()))
     with transaction.atomic(using=using):
-        schedule, _ = IntervalSchedule.objects.using(using).get_or_create(
-            every=seconds, period=IntervalSchedule.SECONDS
-        )
+        schedules = IntervalSchedule.objects.using(using)
+        # Not get_or_create: nothing makes these rows unique (the admin, or two deployments'
+        # migrate at once, can add a twin), and a twin would make it raise on every migrate.
+        schedule = schedules.filter(every=seconds, period=IntervalSchedule.SECONDS).order_by(
+            "pk"
+        ).first() or schedules.create(every=seconds, period=IntervalSchedule.SECONDS)
         wanted = {
             "task": POLL_TASK,
             "interval": schedule,
@@ -70,6 +80,8 @@ def register_poller(*, using: str = DEFAULT_DB_ALIAS, queue: str | None = None) 
         if task is None:
             task = PeriodicTask.objects.using(using).create(name=PERIODIC_TASK_NAME, **wanted)
             return task, True
+        if keep_choices:  # an operator's: a queue of their choice, a poller they disabled
+            wanted.update(queue=task.queue, enabled=task.enabled)
         changed = [name for name, value in wanted.items() if getattr(task, name) != value]
         if changed:
             for name in changed:
@@ -96,4 +108,4 @@ def register_poller_after_migrate(
     tables = connections[using].introspection.table_names()
     if "django_celery_beat_periodictask" not in tables:
         return
-    register_poller(using=using)
+    register_poller(using=using, keep_choices=True)

@@ -91,6 +91,27 @@ def test_register_poller_is_idempotent_and_follows_the_poll_interval():
     assert (task.enabled, task.queue, task.interval.every) == (True, "ops", 1)
 
 
+def test_migrate_keeps_an_operators_queue_and_disabled_poller():
+    """``migrate`` (every deploy) only keeps the schedule in step with POLL_INTERVAL."""
+    call_command("batchframework_register_poller", "--queue", "polling", stdout=io.StringIO())
+    PeriodicTask.objects.filter(task=POLL_TASK).update(enabled=False)
+    with override_settings(BATCHFRAMEWORK={**NO_DISPATCH, "POLL_INTERVAL": 4}):
+        call_command("migrate", verbosity=0)
+    task = PeriodicTask.objects.get(task=POLL_TASK)
+    assert (task.queue, task.enabled, task.interval.every) == ("polling", False, 4)
+
+
+def test_register_poller_survives_twin_interval_schedules():
+    """Nothing makes IntervalSchedule rows unique; a twin must not break every migrate."""
+    seconds = 1  # the tests' POLL_INTERVAL
+    for _ in range(2):
+        IntervalSchedule.objects.create(every=seconds, period=IntervalSchedule.SECONDS)
+    call_command("migrate", verbosity=0)
+    task, _ = register_poller()
+    assert task.interval.every == seconds
+    assert PeriodicTask.objects.filter(task=POLL_TASK).count() == 1
+
+
 def test_beat_schedule_is_the_plain_alternative():
     entry = beat_schedule()["batchframework-poll"]
     assert entry["task"] == POLL_TASK and entry["schedule"] == 1

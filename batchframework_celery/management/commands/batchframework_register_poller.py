@@ -12,7 +12,11 @@ class Command(BaseCommand):
     help = "Create or update the django-celery-beat PeriodicTask that runs batchframework.poll."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--database", default="default")
+        parser.add_argument(
+            "--database",
+            default=None,
+            help="Database alias (default: the one the router picks for PeriodicTask).",
+        )
         parser.add_argument(
             "--queue", default=None, help="Celery queue for the poll task (default: DEFAULT_QUEUE)."
         )
