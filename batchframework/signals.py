@@ -25,13 +25,28 @@ operation_retry_scheduled = Signal()
 operation_cancelled = Signal()
 
 
+#: Control characters written as escapes, so that no value (a queue name from a hostile
+#: message, an error text) can start a line of its own and pass for another event.
+_ESCAPES = {i: f"\\x{i:02x}" for i in [*range(32), 127, 0x85]} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+    0x2028: "\\u2028",  # line and paragraph separators: line breaks to some log viewers
+    0x2029: "\\u2029",
+}
+#: Characters that make a value quoted.
+_QUOTED = frozenset('="\\') | {chr(i) for i in _ESCAPES}
+
+
 def kv(**fields: Any) -> str:
-    """Format fields as ``key=value`` pairs, quoting values that contain spaces."""
+    """Format fields as ``key=value`` pairs, quoting values that contain spaces, and escaping
+    quotes, backslashes and control characters inside quotes: one event is one line."""
     parts = []
     for key, value in fields.items():
         text = str(value)
-        if not text or any(c.isspace() or c in '="' for c in text):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if not text or any(c.isspace() or c in _QUOTED for c in text):
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"').translate(_ESCAPES)
+            text = f'"{escaped}"'
         parts.append(f"{key}={text}")
     return " ".join(parts)
 

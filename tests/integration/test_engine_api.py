@@ -47,6 +47,7 @@ from batchframework.exceptions import (
 )
 from batchframework.registry import registry
 from batchframework.signals import (
+    kv,
     operation_cancelled,
     operation_finished,
     operation_retry_scheduled,
@@ -786,6 +787,27 @@ def test_logging_in_key_value_form(caplog):
     caplog.clear()
     claim(failing.pk)
     assert f"event=claim_skipped id={failing.pk} reason=already_finished" in caplog.text
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("x\nevent=finished id=7", '"x\\nevent=finished id=7"'),
+        ("a\rb\tc", '"a\\rb\\tc"'),
+        ("\x1b[31mred", '"\\x1b[31mred"'),
+        ("line\u2028break", '"line\\u2028break"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("C:\\dir", '"C:\\\\dir"'),
+        ("plain", "plain"),
+        ("", '""'),
+    ],
+)
+def test_a_logged_value_can_never_start_a_line_of_its_own(value, written):
+    """A hostile message's queue name, say, must not forge another event's line."""
+    line = kv(event="message_noop", queue=value)
+    assert line == f"event=message_noop queue={written}"
+    assert len(line.splitlines()) == 1
 
 
 # --- Running ---------------------------------------------------------------------------------
