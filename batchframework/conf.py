@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -20,14 +21,52 @@ from django.dispatch import receiver
 SETTING_NAME = "BATCHFRAMEWORK"
 
 
+def _invalid(name: str, wanted: str, value: Any) -> ImproperlyConfigured:
+    return ImproperlyConfigured(f"{SETTING_NAME}[{name!r}] must be {wanted}, got {value!r}.")
+
+
 def _as_timedelta(name: str, value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    raise ImproperlyConfigured(
-        f"{SETTING_NAME}[{name!r}] must be a number of seconds or a timedelta, got {value!r}."
-    )
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        try:
+            return timedelta(seconds=value)
+        except OverflowError:
+            pass
+    raise _invalid(name, "a number of seconds or a timedelta", value)
+
+
+def _as_names(name: str, value: Any) -> tuple[str, ...]:
+    # A bare string is a sequence of one-letter names: refused, not split.
+    if isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise _invalid(name, "a list of module names", value)
+
+
+def _as_routes(name: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and 0 < len(v) <= MAX_QUEUE_LENGTH
+        for k, v in value.items()
+    ):
+        return dict(value)
+    raise _invalid(name, "a dict of operationtype to queue name (1-100 characters)", value)
+
+
+def _check_value(name: str, value: Any) -> None:
+    if name in _FLAGS and not isinstance(value, bool):
+        raise _invalid(name, "True or False", value)
+    if name == "DEFAULT_QUEUE" and not (
+        isinstance(value, str) and 0 < len(value) <= MAX_QUEUE_LENGTH
+    ):
+        raise _invalid(name, "a queue name of 1-100 characters", value)
+    if name == "DISPATCHER" and not (value is None or (isinstance(value, str) and value)):
+        raise _invalid(name, "a dotted path or None", value)
+
+
+#: Settings that are True or False (a string such as "False" would be truthy).
+_FLAGS = frozenset({"ALWAYS_SYNCHRONOUS", "CORRECT_CLOCK_SKEW", "PUBLISH_IN_BACKGROUND"})
+#: The ``queue`` column's length.
+MAX_QUEUE_LENGTH = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +134,11 @@ class BatchframeworkSettings:
             if isinstance(default, timedelta):
                 value = _as_timedelta(name, value)
             elif name == "HANDLER_MODULES":
-                value = tuple(value)
+                value = _as_names(name, value)
             elif name == "ROUTES":
-                value = dict(value)
+                value = _as_routes(name, value)
+            else:
+                _check_value(name, value)
             kwargs[name] = value
         return cls(**kwargs)
 

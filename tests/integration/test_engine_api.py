@@ -1272,7 +1272,21 @@ def test_check_requires_use_tz():
 
 @pytest.mark.parametrize(
     ("bad", "needle"),
-    [({"NO_SUCH_KEY": 1}, "NO_SUCH_KEY"), ({"DEFAULT_LEASE": "long"}, "DEFAULT_LEASE")],
+    [
+        ({"NO_SUCH_KEY": 1}, "NO_SUCH_KEY"),
+        ({"DEFAULT_LEASE": "long"}, "DEFAULT_LEASE"),
+        ({"POLL_INTERVAL": float("nan")}, "POLL_INTERVAL"),
+        ({"DEFAULT_LEASE": 1e300}, "DEFAULT_LEASE"),
+        # A bare string would be a list of one-letter modules: no handler found, no error.
+        ({"HANDLER_MODULES": "batch_handlers"}, "HANDLER_MODULES"),
+        ({"ROUTES": "x"}, "ROUTES"),
+        ({"ROUTES": {"test-noop": ""}}, "ROUTES"),
+        ({"ALWAYS_SYNCHRONOUS": "False"}, "ALWAYS_SYNCHRONOUS"),  # a truthy string
+        ({"PUBLISH_IN_BACKGROUND": 1}, "PUBLISH_IN_BACKGROUND"),
+        ({"DEFAULT_QUEUE": None}, "DEFAULT_QUEUE"),
+        ({"DEFAULT_QUEUE": "q" * 101}, "DEFAULT_QUEUE"),
+        ({"DISPATCHER": ""}, "DISPATCHER"),
+    ],
 )
 def test_unreadable_settings_are_reported_as_e002(bad, needle):
     from batchframework.checks import check_settings
