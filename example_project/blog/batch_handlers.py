@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.mail import send_mail
+from django.core.mail import EmailMessage
 
 from batchframework import BatchOperation, handler
 
@@ -13,8 +13,10 @@ from .services import NOTIFICATION
 
 
 def notification_subject(post: Any) -> str:
-    """The subject names the post's id, so the demo can count the emails of each post."""
-    return f"New blog post: {post.title} [post #{post.pk}]"
+    """The subject names the post's id, so the demo can count the emails of each post. A title
+    is one line here whatever was posted: a line break in a header is refused by Django."""
+    title = " ".join(post.title.split())
+    return f"New blog post: {title} [post #{post.pk}]"
 
 
 @handler(NOTIFICATION)
@@ -31,10 +33,8 @@ def send_new_blogpost_email(operation: BatchOperation) -> dict[str, Any]:
         .values_list("email", flat=True)
     )
     if recipients:
-        send_mail(
-            notification_subject(post),
-            f"{post.author} wrote:\n\n{post.body}",
-            None,
-            recipients,
-        )
+        # One message, the readers in Bcc: no reader learns the others' addresses.
+        EmailMessage(
+            notification_subject(post), f"{post.author} wrote:\n\n{post.body}", bcc=recipients
+        ).send()
     return {"sent_to": recipients}

@@ -52,11 +52,29 @@ class BlogNotificationTests(TestCase):
         ran = run_due(now=later)
         self.assertEqual(len(ran), 1)
         self.assertEqual(len(mail.outbox), 1)
-        self.assertEqual(mail.outbox[0].to, ["reader@example.com"])
+        self.assertEqual(mail.outbox[0].to, [])
+        self.assertEqual(mail.outbox[0].bcc, ["reader@example.com"])
         self.assertIn(f"[post #{post.pk}]", mail.outbox[0].subject)
         self.assertEqual(self.notification(post).output_data, {"sent_to": ["reader@example.com"]})
         self.assertEqual(run_due(now=later), [])
         self.assertEqual(len(mail.outbox), 1)
+
+    def test_no_reader_sees_another_readers_address(self):
+        get_user_model().objects.create_user("second", "second@example.com", "pw")
+        self.create_post()
+        run_due(now=timezone.now() + timedelta(minutes=16))
+        [message] = mail.outbox
+        self.assertEqual(sorted(message.bcc), ["reader@example.com", "second@example.com"])
+        headers = message.message().as_string().split("\n\n", 1)[0]
+        self.assertNotIn("reader@example.com", headers)
+        self.assertNotIn("second@example.com", headers)
+
+    def test_a_title_with_a_line_break_still_gets_its_email(self):
+        """A crafted POST can put a line break in the title; the subject is one line."""
+        post = self.create_post(title="Two\r\nlines")
+        run_due(now=timezone.now() + timedelta(minutes=16))
+        self.assertEqual(self.notification(post).result, BatchOperation.RESULT_SUCCESSFUL)
+        self.assertEqual(mail.outbox[0].subject, f"New blog post: Two lines [post #{post.pk}]")
 
     def test_editing_postpones_the_pending_email(self):
         post = self.create_post()
