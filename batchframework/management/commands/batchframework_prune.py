@@ -10,6 +10,9 @@ from django.utils import timezone
 
 from batchframework.models import BatchOperation
 
+#: Older than any datetime Django stores (year 1): a larger age has nothing to delete.
+MAX_DAYS = 700_000
+
 
 class Command(BaseCommand):
     help = "Delete finished batch operations that finished more than --days days ago."
@@ -33,8 +36,9 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["days"] < 0 or options["batch_size"] < 1:
-            raise CommandError("--days must be >= 0 and --batch-size >= 1")
+        # Not ``days < 0``: NaN compares false with everything, and would pass.
+        if not 0 <= options["days"] < MAX_DAYS or options["batch_size"] < 1:
+            raise CommandError(f"--days must be from 0 to {MAX_DAYS} and --batch-size >= 1")
         cutoff = timezone.now() - timedelta(days=options["days"])
         old = (
             BatchOperation.objects.db_manager(options["database"])
@@ -55,9 +59,9 @@ class Command(BaseCommand):
             )
             if not pks:
                 break
-            deleted += (
-                BatchOperation.objects.db_manager(options["database"])
-                .filter(pk__in=pks)
-                .delete()[0]
+            _, by_model = (
+                BatchOperation.objects.db_manager(options["database"]).filter(pk__in=pks).delete()
             )
-        self.stdout.write(f"deleted {deleted} row(s) finished before {cutoff.isoformat()}")
+            # Operations only: rows of other models that cascaded with them are not counted.
+            deleted += by_model.get(BatchOperation._meta.label, 0)
+        self.stdout.write(f"deleted {deleted} operation(s) finished before {cutoff.isoformat()}")
