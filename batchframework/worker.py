@@ -66,6 +66,7 @@ class Worker:
         self.processed = 0
         self._stop = threading.Event()
         self._signals_received = 0
+        self._fruitless_polls = 0  # in a row: operations due, yet none could be claimed
 
     # --- Signals -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -109,6 +110,8 @@ class Worker:
                 ran = self._tick()
                 if ran == 0 and self.once:
                     break
+                if ran:
+                    self._fruitless_polls = 0
                 sleep = self._sleep_seconds() if ran == 0 else 0.0
             except DATABASE_ERRORS as exc:
                 log_event(
@@ -159,11 +162,19 @@ class Worker:
             upcoming = upcoming.filter(queue__in=self.queues)
         next_due = upcoming.aggregate(next_due=Min("run_after"))["next_due"]
         if next_due is None:
+            self._fruitless_polls = 0
             return self.poll_interval
         # On the database's clock, which decides when it is due: a worker whose own clock
         # runs fast would otherwise spin, polling for operations that are not due yet.
         wait = (next_due - database_now(self.using)).total_seconds()
-        return max(MIN_SLEEP, min(self.poll_interval, wait))
+        if wait > MIN_SLEEP:
+            self._fruitless_polls = 0
+            return min(self.poll_interval, wait)
+        # Due, yet the claim found nothing: their rows are locked (another worker's claim, or
+        # a long transaction of the application's). Back off instead of polling 100 times a
+        # second until they are let go.
+        self._fruitless_polls += 1
+        return min(self.poll_interval, MIN_SLEEP * 2 ** min(self._fruitless_polls, 16))
 
     def _reset_connections(self) -> None:
         for connection in connections.all(initialized_only=True):

@@ -17,12 +17,14 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework import worker as worker_module
 from batchframework.engine import CancelOutcome, RunOutcome, cancel, recover_expired, run
 from batchframework.testing import run_due
+from batchframework.worker import Worker
 from tests.testapp.models import Effect, Execution, Post
 
 from .helpers import ROOT, run_python, subprocess_env, wait_exit, wait_for
@@ -355,6 +357,48 @@ def test_second_sigterm_gives_back_the_rest_of_the_batch(reaper):
     for rest in by_pk.values():
         assert rest.status == BatchOperation.STATUS_UNPROCESSED
         assert rest.attempts == 0 and rest.claimed_by == "" and rest.lease_expires_at is None
+
+
+def test_a_worker_backs_off_while_the_due_operations_are_locked(monkeypatch):
+    """Due rows another transaction holds are skipped by the claim (SKIP LOCKED); the worker
+    must not poll for them 100 times a second until they are let go."""
+    if not connection.features.has_select_for_update_skip_locked:
+        pytest.skip("SQLite has no row locks to skip")
+    op = enqueue("test-noop")
+    locked, let_go = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        try:
+            with transaction.atomic():
+                BatchOperation.objects.select_for_update().get(pk=op.pk)
+                locked.set()
+                let_go.wait(10)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    assert locked.wait(10)
+    claims: list[int] = []
+    real_claim_due = worker_module.claim_due
+
+    def counting_claim_due(**kwargs):
+        claimed = real_claim_due(**kwargs)
+        claims.append(len(claimed))
+        return claimed
+
+    monkeypatch.setattr(worker_module, "claim_due", counting_claim_due)
+    worker = Worker(poll_interval=timedelta(seconds=5))
+    stopper = threading.Timer(1.5, worker.stop)
+    stopper.start()
+    try:
+        worker.run()
+    finally:
+        let_go.set()
+        holder.join(10)
+        stopper.cancel()
+    assert sum(claims) == 0
+    assert 2 <= len(claims) <= 12, f"{len(claims)} claims in 1.5 s while the row was locked"
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
