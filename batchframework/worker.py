@@ -53,7 +53,11 @@ class Worker:
         settings = get_settings()
         if poll_interval is not None and not poll_interval > timedelta(0):
             raise ValueError(f"poll_interval must be positive, not {poll_interval!r}.")
-        self.queues = list(queues) if queues else None
+        if isinstance(queues, str) or (queues is not None and not list(queues)):
+            raise ValueError(
+                f"queues must be a non-empty list of names, or None for all: {queues!r}."
+            )
+        self.queues = None if queues is None else list(queues)
         self.batch_size = batch_size or settings.BATCH_SIZE
         self.max_operations = max_operations
         self.once = once

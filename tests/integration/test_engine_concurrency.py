@@ -401,6 +401,20 @@ def test_a_worker_backs_off_while_the_due_operations_are_locked(monkeypatch):
     assert 2 <= len(claims) <= 12, f"{len(claims)} claims in 1.5 s while the row was locked"
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"queues": []},  # would have meant every queue
+        {"queues": "emails"},  # a sequence of one-letter queues
+        {"poll_interval": timedelta(0)},
+        {"poll_interval": timedelta(seconds=-1)},
+    ],
+)
+def test_a_worker_refuses_arguments_that_would_mean_something_else(arguments):
+    with pytest.raises(ValueError, match="must be"):
+        Worker(**arguments)
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_a_poll_interval_that_is_not_positive_is_refused(reaper, value):
     worker, log = reaper.worker("--once", "--poll-interval", value, label="bad-interval")
