@@ -4,6 +4,7 @@ the tests' Celery app to another broker, and the environment of worker/beat subp
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,8 @@ from unittest import mock
 from urllib.parse import quote
 
 from celery import Celery
-from django.db import connection
+from django.conf import settings
+from django.db import connection, connections
 
 from batchframework import BatchOperation
 from tests.testapp.models import Effect, Execution
@@ -188,3 +190,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+def add_postgresql_alias(alias: str, change: Callable[[dict[str, Any]], None]) -> bool:
+    """Add ``alias`` to ``DATABASES`` as a copy of ``default`` that ``change`` adjusts (its own
+    test database, a mirror of default's, other options), when default is PostgreSQL. Done at
+    import, before pytest-django sets up the test databases. Returns whether it could."""
+    default = settings.DATABASES["default"]
+    if not default["ENGINE"].endswith("postgresql"):
+        return False
+    if alias not in settings.DATABASES:
+        copied = copy.deepcopy(default)
+        copied["TEST"] = dict(default.get("TEST") or {})
+        change(copied)
+        settings.DATABASES[alias] = copied
+        connections.configure_settings(settings.DATABASES)
+    return True

@@ -9,39 +9,30 @@ is a second test database on the same server.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-from django.conf import settings
-from django.db import connections
 from django.test import override_settings
 
 from batchframework import BatchOperation, enqueue
 from batchframework_celery.tasks import poll
 
 from .conftest import NO_DISPATCH
-from .helpers import wait_for
+from .helpers import add_postgresql_alias, wait_for
 
 #: Where the router stores batchframework's tables (its own test database).
 ELSEWHERE = "celery_router_elsewhere"
 
 
-def _add_alias() -> bool:
-    default = settings.DATABASES["default"]
-    if not default["ENGINE"].endswith("postgresql"):
-        return False
-    if ELSEWHERE not in settings.DATABASES:
-        other = copy.deepcopy(default)
-        test_name = (default.get("TEST") or {}).get("NAME") or f"test_{default['NAME']}"
-        other["TEST"] = {**(default.get("TEST") or {}), "NAME": f"{test_name}_elsewhere"}
-        settings.DATABASES[ELSEWHERE] = other
-        connections.configure_settings(settings.DATABASES)
-    return True
+def _own_test_database(database: dict) -> None:
+    test_name = database["TEST"].get("NAME") or f"test_{database['NAME']}"
+    database["TEST"]["NAME"] = f"{test_name}_elsewhere"
 
 
 pytestmark = [
     pytest.mark.celery,
-    pytest.mark.skipif(not _add_alias(), reason="a second PostgreSQL test database is needed"),
+    pytest.mark.skipif(
+        not add_postgresql_alias(ELSEWHERE, _own_test_database),
+        reason="a second PostgreSQL test database is needed",
+    ),
     pytest.mark.django_db(transaction=True, databases=["default", ELSEWHERE]),
     pytest.mark.timeout(60),
 ]

@@ -5,7 +5,6 @@ LISTEN) before it closes. PostgreSQL only; the relay runs as a thread of the tes
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -15,29 +14,24 @@ from django.test import override_settings
 
 from batchframework_celery.relay import Relay
 
-from .helpers import wait_for
+from .helpers import add_postgresql_alias, wait_for
 
 #: An alias of the test database whose connections come from a pool.
 POOLED = "relay_pooled"
 
 
-def _add_alias() -> bool:
-    default = settings.DATABASES["default"]
-    if not default["ENGINE"].endswith("postgresql"):
-        return False
-    if POOLED not in settings.DATABASES:
-        pooled = copy.deepcopy(default)
-        pooled["OPTIONS"] = {**pooled.get("OPTIONS", {}), "pool": {"min_size": 2, "max_size": 4}}
-        pooled["CONN_MAX_AGE"] = 0  # Django's pool replaces persistent connections
-        pooled["TEST"] = {**(default.get("TEST") or {}), "MIRROR": "default"}
-        settings.DATABASES[POOLED] = pooled
-        connections.configure_settings(settings.DATABASES)
-    return True
+def _pooled_mirror(database: dict) -> None:
+    database["OPTIONS"] = {**database.get("OPTIONS", {}), "pool": {"min_size": 2, "max_size": 4}}
+    database["CONN_MAX_AGE"] = 0  # Django's pool replaces persistent connections
+    database["TEST"]["MIRROR"] = "default"
 
 
 pytestmark = [
     pytest.mark.celery,
-    pytest.mark.skipif(not _add_alias(), reason="NOTIFY and the pool are PostgreSQL's"),
+    pytest.mark.skipif(
+        not add_postgresql_alias(POOLED, _pooled_mirror),
+        reason="NOTIFY and the pool are PostgreSQL's",
+    ),
     pytest.mark.django_db(transaction=True, databases=["default", POOLED]),
     pytest.mark.timeout(60),
 ]
