@@ -35,6 +35,31 @@ DATABASE_ERROR_BACKOFF = 1.0
 MIN_SLEEP = 0.01
 
 
+class StopFlag:
+    """A stop request that a signal handler may make: like ``threading.Event``, but on a
+    re-entrant lock. A handler runs in the main thread between two bytecodes, possibly while
+    that thread holds the flag's lock inside :meth:`wait`; with ``Event``'s plain lock, setting
+    the flag there would wait for itself forever."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.RLock())
+        self._set = False
+
+    def set(self) -> None:
+        with self._condition:
+            self._set = True
+            self._condition.notify_all()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        with self._condition:
+            if not self._set:
+                self._condition.wait(timeout)
+            return self._set
+
+
 class Worker:
     """A loop over the engine. Construct it, then call :meth:`run`."""
 
@@ -68,7 +93,7 @@ class Worker:
         self.using = using
         self.log = log or (lambda message: None)
         self.processed = 0
-        self._stop = threading.Event()
+        self._stop = StopFlag()
         self._signals_received = 0
         self._fruitless_polls = 0  # in a row: operations due, yet none could be claimed
 

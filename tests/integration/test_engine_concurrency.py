@@ -401,6 +401,17 @@ def test_a_worker_backs_off_while_the_due_operations_are_locked(monkeypatch):
     assert 2 <= len(claims) <= 12, f"{len(claims)} claims in 1.5 s while the row was locked"
 
 
+@pytest.mark.timeout(10)
+def test_a_stop_signal_landing_while_the_worker_waits_is_taken():
+    """A signal handler runs between two bytecodes of the main thread, possibly while it holds
+    the stop flag's lock inside ``wait()``: taking the request there must not deadlock."""
+    worker = Worker()
+    with worker._stop._condition:  # where wait() holds it, around its check of the flag
+        worker._on_signal(signal.SIGTERM, None)
+    assert worker.stopping
+    assert worker._stop.wait(5) is True  # and a wait returns at once
+
+
 @pytest.mark.parametrize(
     "arguments",
     [
