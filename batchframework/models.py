@@ -195,6 +195,8 @@ class _CreationMethods(models.Manager["BatchOperation"]):
 BatchOperationManager = _CreationMethods.from_queryset(
     BatchOperationQuerySet, "BatchOperationManager"
 )
+# Found here, where deconstruct() (a subclass with ``use_in_migrations``) looks for it.
+BatchOperationManager.__module__ = __name__
 
 
 class BatchOperation(models.Model):

@@ -95,30 +95,28 @@ def _log_finished(operation: Any, succeeded: bool, error: Any = None, **kwargs: 
             result="successful",
         )
     else:
-        logger.error(
-            "%s\n%s",
-            kv(
-                event="finished",
-                id=operation.pk,
-                operationtype=operation.operationtype,
-                result="failed",
-                error_type=(error or {}).get("type", ""),
-            ),
-            (error or {}).get("traceback", ""),
+        # The traceback is a field like any other, escaped into the event's one line: it ends
+        # with the error's message, which may come from outside.
+        log_event(
+            logging.ERROR,
+            "finished",
+            id=operation.pk,
+            operationtype=operation.operationtype,
+            result="failed",
+            error_type=(error or {}).get("type", ""),
+            traceback=(error or {}).get("traceback", ""),
         )
 
 
 def _log_retry(operation: Any, error: Any, attempt: int, **kwargs: Any) -> None:
-    logger.warning(
-        "%s\n%s",
-        kv(
-            event="retry_scheduled",
-            id=operation.pk,
-            operationtype=operation.operationtype,
-            attempt=attempt,
-            error_type=error.get("type", ""),
-        ),
-        error.get("traceback", ""),
+    log_event(
+        logging.WARNING,
+        "retry_scheduled",
+        id=operation.pk,
+        operationtype=operation.operationtype,
+        attempt=attempt,
+        error_type=error.get("type", ""),
+        traceback=error.get("traceback", ""),
     )
 
 

@@ -78,11 +78,11 @@ class Worker:
         settings = get_settings()
         if poll_interval is not None and not poll_interval > timedelta(0):
             raise ValueError(f"poll_interval must be positive, not {poll_interval!r}.")
-        if isinstance(queues, str) or (queues is not None and not list(queues)):
-            raise ValueError(
-                f"queues must be a non-empty list of names, or None for all: {queues!r}."
-            )
-        self.queues = None if queues is None else list(queues)
+        if isinstance(queues, str):
+            raise ValueError(f"queues must be a list of names, not the string {queues!r}.")
+        self.queues = None if queues is None else list(queues)  # once: it may be an iterator
+        if self.queues == []:
+            raise ValueError("queues must be a non-empty list of names, or None for all.")
         self.batch_size = batch_size or settings.BATCH_SIZE
         self.max_operations = max_operations
         self.once = once

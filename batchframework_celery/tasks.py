@@ -59,7 +59,9 @@ def reconnecting(using: str | None, first_use: Callable[[], T]) -> T:
     committed before the session died, those rows are recovered when their lease expires).
     """
     connection = connections[write_alias(using)]
-    if connection.errors_occurred:
+    if connection.errors_occurred and not connection.in_atomic_block:
+        # Never inside the caller's transaction (an eager task in a test's atomic block):
+        # Django would close the connection under it.
         connection.close_if_unusable_or_obsolete()
     session = connection.connection  # None: the first use connects afresh
     try:

@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, connections
+from django.utils import timezone
 
 from ..models import BatchOperation
 from ..signals import log_event
@@ -71,13 +72,23 @@ class LeaseKeeper:
     def hold(self, operation: BatchOperation, lease: timedelta, alias: str) -> int:
         """Renew ``operation``'s lease until :meth:`let_go` is called with the returned key
         (for an operation whose success is recorded later, with others)."""
+        # Counted from when its lease was set as far as this process knows (the claim, or the
+        # batch's last renewal; the keeper may have renewed it since, which only makes the next
+        # renewal early): a lease that is already half gone is renewed in time.
+        expires = operation.lease_expires_at
+        age = 0.0 if expires is None else (lease - (expires - timezone.now())).total_seconds()
+        age = min(max(age, 0.0), lease.total_seconds())
         with self._lock:
             self._ensure_thread()
             self._next_key += 1
             key = self._next_key
             self._kept[key] = _Kept(
-                operation.pk, operation.claimed_by, lease, alias, time.monotonic()
+                operation.pk, operation.claimed_by, lease, alias, time.monotonic() - age
             )
+        if lease.total_seconds() / 3 - age < MAX_INTERVAL:
+            # Due before the keeper's next tick may come: wake it (only ever for short leases,
+            # or leases already partly gone).
+            self._wake.set()
         return key
 
     def let_go(self, key: int) -> None:
@@ -108,6 +119,7 @@ class LeaseKeeper:
                 time.sleep(MIN_INTERVAL)
 
     def _tick(self) -> None:
+        self._wake.clear()  # before the snapshot: a hold() after it wakes the next wait
         with self._lock:
             kept = list(self._kept.values())
         if not kept:
@@ -116,7 +128,10 @@ class LeaseKeeper:
         now = time.monotonic()
         due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
         for item in due:
-            self._renew(item)
+            try:
+                self._renew(item)
+            except Exception as exc:  # one operation's trouble must not starve the others
+                log_event(logging.ERROR, "lease_keeper_error", id=item.pk, error=repr(exc))
         waits = [
             item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
         ]

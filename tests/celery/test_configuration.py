@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
@@ -20,7 +21,7 @@ from batchframework.testing import run_due
 from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
 from batchframework_celery.checks import check_celery, check_worker_connections
 from batchframework_celery.dispatcher import CeleryDispatcher
-from batchframework_celery.tasks import POLL_TASK
+from batchframework_celery.tasks import POLL_TASK, reconnecting
 from tests.celery_app import app as celery_app
 
 from .conftest import CELERY_DISPATCHER, NO_DISPATCH
@@ -110,6 +111,17 @@ def test_register_poller_survives_twin_interval_schedules():
     task, _ = register_poller()
     assert task.interval.every == seconds
     assert PeriodicTask.objects.filter(task=POLL_TASK).count() == 1
+
+
+def test_a_task_run_eagerly_inside_a_transaction_leaves_its_connection_alone():
+    """An eager task runs in the caller's transaction (a test's atomic block): even after an
+    earlier database error, its check of the connection must not close it there."""
+    with transaction.atomic():
+        connection.errors_occurred = True  # as after any DatabaseError the caller caught
+        assert reconnecting(None, lambda: BatchOperation.objects.count()) == 0
+        assert not connection.needs_rollback
+        assert BatchOperation.objects.count() == 0  # the transaction still works
+    connection.errors_occurred = False
 
 
 def test_beat_schedule_is_the_plain_alternative():

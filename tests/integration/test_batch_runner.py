@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connections
+from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, handler
 from batchframework.engine import BatchRunner, RunOutcome, claim_due, recover_expired, run_claimed
 from batchframework.engine import keeper as keeper_module
+from batchframework.engine.keeper import lease_keeper
 from batchframework.registry import registry
 from batchframework.testing import run_due
 from tests.testapp.models import Execution
@@ -132,3 +135,53 @@ def test_the_lease_keeper_goes_on_renewing_after_an_unexpected_error(registered,
         assert BatchOperation.objects.get(pk=operation.pk).result == (
             BatchOperation.RESULT_SUCCESSFUL
         )
+
+
+def test_a_held_lease_already_partly_gone_is_renewed_in_time(registered):
+    """A success is held from wherever its lease stands (claimed before earlier handlers of the
+    batch ran): the keeper renews it before it lapses, not a third of a lease after the hold."""
+
+    @registered("runner-held", lease=3)
+    def held(operation):
+        return None
+
+    operation = enqueue("runner-held")
+    [claimed] = claim_due(operationtypes=["runner-held"])
+    # As if 2.6 s of its 3 s lease had gone by in the batch before its turn.
+    claimed.lease_expires_at = timezone.now() + timedelta(milliseconds=400)
+    BatchOperation.objects.filter(pk=claimed.pk).update(lease_expires_at=claimed.lease_expires_at)
+    key = lease_keeper.hold(claimed, timedelta(seconds=3), "default")
+    try:
+        time.sleep(0.7)  # past the lease it had; a renewal a third of a lease on comes at 1 s
+        assert recover_expired() == 0
+        assert BatchOperation.objects.get(pk=operation.pk).lease_expires_at > timezone.now()
+    finally:
+        lease_keeper.let_go(key)
+
+
+def test_one_operations_renewal_error_does_not_starve_the_others(registered, monkeypatch):
+    real_renew = keeper_module.LeaseKeeper._renew
+    broken: set[int] = set()
+
+    def renew(self, item):
+        if item.pk in broken:
+            raise RuntimeError("this one keeps failing")
+        return real_renew(self, item)
+
+    monkeypatch.setattr(keeper_module.LeaseKeeper, "_renew", renew)
+
+    @registered("runner-kept", lease=1)
+    def kept(operation):
+        return None
+
+    first, second = enqueue("runner-kept"), enqueue("runner-kept")
+    claimed = claim_due(operationtypes=["runner-kept"])
+    broken.add(first.pk)
+    keys = [lease_keeper.hold(op, timedelta(seconds=1), "default") for op in claimed]
+    try:
+        time.sleep(2.2)  # over two leases: only renewals keep the second one
+        lease = BatchOperation.objects.get(pk=second.pk).lease_expires_at
+        assert lease > timezone.now(), "the second operation's lease was not renewed"
+    finally:
+        for key in keys:
+            lease_keeper.let_go(key)

@@ -784,10 +784,12 @@ def test_logging_in_key_value_form(caplog):
     assert "Traceback (most recent call last)" in message
     assert f"ValueError: boom {failing.pk}" in message
 
+    # One line each, the traceback (and the error message at its end) escaped into it.
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+
     caplog.clear()
     claim(failing.pk)
     assert f"event=claim_skipped id={failing.pk} reason=already_finished" in caplog.text
-    assert all("\n" not in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize(

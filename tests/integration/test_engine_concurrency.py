@@ -416,6 +416,7 @@ def test_a_stop_signal_landing_while_the_worker_waits_is_taken():
     "arguments",
     [
         {"queues": []},  # would have meant every queue
+        {"queues": iter([])},
         {"queues": "emails"},  # a sequence of one-letter queues
         {"poll_interval": timedelta(0)},
         {"poll_interval": timedelta(seconds=-1)},
@@ -424,6 +425,11 @@ def test_a_stop_signal_landing_while_the_worker_waits_is_taken():
 def test_a_worker_refuses_arguments_that_would_mean_something_else(arguments):
     with pytest.raises(ValueError, match="must be"):
         Worker(**arguments)
+
+
+def test_a_worker_takes_its_queues_from_any_iterable():
+    queues = (name for name in ("mail", "default"))  # a generator: read once
+    assert Worker(queues=queues).queues == ["mail", "default"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])

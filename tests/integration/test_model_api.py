@@ -326,6 +326,12 @@ def test_create_asynchronous_stores_the_queue_enqueue_would():
         assert create().queue == "default"
 
 
+def test_the_manager_deconstructs_like_any_manager():
+    """As a subclass with ``use_in_migrations`` needs: found where it is defined."""
+    _as_manager, path, _queryset, _args, _kwargs = BatchOperation.objects.deconstruct()
+    assert path == "batchframework.models.BatchOperationManager"
+
+
 @pytest.mark.parametrize("method", ["create_synchronous", "create_syncronous"])
 def test_create_synchronous_is_running_in_exactly_one_query(method, django_assert_num_queries):
     game = Game.objects.create()

@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from batchframework.models import BatchOperation
-from tests.testapp.models import Game, Player
+from tests.testapp.models import Game, OperationLine, Player
 
 pytestmark = pytest.mark.django_db
 
@@ -65,11 +65,13 @@ def test_dry_run_counts_and_deletes_nothing():
 
 def test_the_count_is_of_operations_not_of_the_rows_that_went_with_them():
     operation = finished(40)
+    OperationLine.objects.bulk_create([OperationLine(batchoperation=operation) for _ in range(4)])
     game = Game.objects.create()
     Player.objects.bulk_create(
         [Player(game=game, name=f"p{i}", batchoperation=operation) for i in range(5)]
     )
     assert prune("--days", "30").startswith("deleted 1 operation(s)")
+    assert not OperationLine.objects.exists()  # CASCADE: deleted with it, not counted
     assert Player.objects.filter(batchoperation__isnull=True).count() == 5  # SET_NULL
 
 

@@ -47,3 +47,9 @@ class Execution(models.Model):
     """One row per handler call, duplicates allowed: counts how often a handler ran."""
 
     key = models.CharField(max_length=100, db_index=True)
+
+
+class OperationLine(models.Model):
+    """A row that belongs to its operation (``CASCADE``): deleting the operation deletes it."""
+
+    batchoperation = models.ForeignKey(BatchOperation, on_delete=models.CASCADE, related_name="+")
