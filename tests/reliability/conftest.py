@@ -19,6 +19,7 @@ import contextlib
 import copy
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -53,10 +54,19 @@ def _add_other_alias() -> None:
 _add_other_alias()
 
 
-@pytest.fixture(autouse=True)
-def _postgresql_only(request: pytest.FixtureRequest) -> None:
-    if "django_db_setup" in request.fixturenames and connection.vendor != "postgresql":
-        pytest.skip("the reliability suite runs on PostgreSQL (set DATABASE_URL=postgres://…)")
+POSTGRESQL_ONLY = "the reliability suite runs on PostgreSQL (set DATABASE_URL=postgres://…)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip this folder's database tests elsewhere than on PostgreSQL, at collection: a skip
+    from a fixture came after pytest-django had set up their databases, and a test using the
+    second alias (which exists only on PostgreSQL) then failed with an error instead."""
+    if connection.vendor == "postgresql":
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents and item.get_closest_marker("django_db"):
+            item.add_marker(pytest.mark.skip(reason=POSTGRESQL_ONLY))
 
 
 @pytest.fixture
