@@ -135,8 +135,8 @@ class LeaseKeeper:
         waits = [
             item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
         ]
-        # At least once a second: a new handler's first renewal, or letting go of the
-        # connection once idle, never waits long — without waking the thread per handler.
+        # At least once a second: letting go of the connection once idle never waits long,
+        # and hold() wakes the thread only for a renewal due sooner than that.
         self._wake.wait(max(MIN_INTERVAL, min([*waits, MAX_INTERVAL])))
 
     def _renew(self, item: _Kept) -> None:
