@@ -10,6 +10,7 @@ from django.urls import reverse
 from batchframework import BatchOperation
 from batchframework.testing import run_due
 
+from .batch_handlers import DEAL_IN_BACKGROUND
 from .models import Card, Game, Player
 from .services import measure_deal
 
@@ -56,3 +57,15 @@ class DealTests(TestCase):
         self.assertEqual((operation.progress_done, operation.progress_total), (120, 120))
         self.assertEqual(operation.output_data, {"players": 120, "cards": 120})
         self.assertEqual(game.players.count(), 140)
+
+    def test_an_invalid_background_deal_shows_the_game_again_with_its_errors(self):
+        user = get_user_model().objects.create_user("player", password="pw")
+        self.client.force_login(user)
+        self.client.post(reverse("game:game_create"), {"name": "G", "players": 20})
+        game = Game.objects.get(name="G")
+        response = self.client.post(
+            reverse("game:deal_in_background", args=[game.pk]), {"players": -1}
+        )
+        self.assertEqual(response.status_code, 400)
+        self.assertContains(response, "20 players.", status_code=400)
+        self.assertFalse(BatchOperation.objects.filter(operationtype=DEAL_IN_BACKGROUND).exists())

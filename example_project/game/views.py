@@ -41,12 +41,14 @@ def game_create(request: HttpRequest) -> HttpResponse:
 
 
 def game_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    game = get_object_or_404(Game, pk=pk)
-    return render(
-        request,
-        "game/game_detail.html",
-        {"game": game, "player_count": game.players.count(), "form": BackgroundDealForm()},
-    )
+    return _detail(request, get_object_or_404(Game, pk=pk), BackgroundDealForm())
+
+
+def _detail(
+    request: HttpRequest, game: Game, form: BackgroundDealForm, status: int = 200
+) -> HttpResponse:
+    context = {"game": game, "player_count": game.players.count(), "form": form}
+    return render(request, "game/game_detail.html", context, status=status)
 
 
 @login_required
@@ -55,7 +57,7 @@ def deal_in_background(request: HttpRequest, pk: int) -> HttpResponse:
     game = get_object_or_404(Game, pk=pk)
     form = BackgroundDealForm(request.POST)
     if not form.is_valid():
-        return render(request, "game/game_detail.html", {"game": game, "form": form}, status=400)
+        return _detail(request, game, form, status=400)
     data = form.cleaned_data
     operation = enqueue(
         DEAL_IN_BACKGROUND,
