@@ -101,9 +101,9 @@ def check_relay(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
     from django.utils.module_loading import import_string
 
     from batchframework.dispatch import dispatcher_path
+    from batchframework.engine import write_alias
 
     from .dispatcher import RelayDispatcher
-    from .relay import relay_alias
 
     try:
         dispatcher = import_string(dispatcher_path())
@@ -111,7 +111,7 @@ def check_relay(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
         return []  # reported by batchframework's own checks
     if not (isinstance(dispatcher, type) and issubclass(dispatcher, RelayDispatcher)):
         return []
-    alias = relay_alias()
+    alias = write_alias()
     connection = connections[alias]
     if connection.vendor != "postgresql":
         return [

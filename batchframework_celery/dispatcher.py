@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from batchframework.conf import get_settings
 from batchframework.dispatch import Dispatcher
-from batchframework.engine._common import write_alias
+from batchframework.engine import write_alias
 from batchframework.models import BatchOperation
 
 from .publish import Publisher, bounded_publishing
@@ -73,10 +73,10 @@ class RelayDispatcher(CeleryDispatcher):
     """
 
     def notify_channel(self, using: str) -> str | None:
-        from .relay import CHANNEL, relay_alias
+        from .relay import CHANNEL
         from .tasks import run_operations
 
-        if using != relay_alias() or run_operations.app.conf.task_always_eager:
+        if using != write_alias() or run_operations.app.conf.task_always_eager:
             return None  # no relay listens there; eager mode runs in the caller
         return CHANNEL
 

@@ -23,8 +23,7 @@ from django.db.models import Count, F, Q
 
 from batchframework.clock import database_now
 from batchframework.conf import get_settings
-from batchframework.engine import recover_expired
-from batchframework.engine._common import write_alias
+from batchframework.engine import recover_expired, write_alias
 from batchframework.models import BatchOperation
 from batchframework.registry import registry
 

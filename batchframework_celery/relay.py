@@ -20,10 +20,11 @@ import logging
 import threading
 from typing import Any
 
-from django.db import connections, router
+from django.db import connections
 
 from batchframework.conf import get_settings
 from batchframework.dispatch import get_dispatcher
+from batchframework.engine import write_alias
 from batchframework.models import BatchOperation
 from batchframework.signals import log_event
 
@@ -37,17 +38,12 @@ WAIT_SECONDS = 1.0
 MAX_BURST = 1000
 
 
-def relay_alias() -> str:
-    """The database the relay listens on: where operations are written."""
-    return router.db_for_write(BatchOperation)
-
-
 class Relay(threading.Thread):
-    """Listens for announced operations on :func:`relay_alias` and publishes them."""
+    """Listens for announced operations on the operations' database and publishes them."""
 
     def __init__(self) -> None:
         super().__init__(name="batchframework-relay", daemon=True)
-        self.alias = relay_alias()
+        self.alias = write_alias()
         self._stopping = threading.Event()
 
     def stop(self, timeout: float) -> None:
@@ -145,7 +141,7 @@ def start_relay(**kwargs: Any) -> None:
 
     if not isinstance(get_dispatcher(), RelayDispatcher):
         return
-    if connections[relay_alias()].vendor != "postgresql":
+    if connections[write_alias()].vendor != "postgresql":
         return  # nothing announces there: RelayDispatcher publishes after commit instead
     with _relay_lock:
         if _relay is None or not _relay.is_alive():

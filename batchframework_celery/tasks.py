@@ -16,8 +16,7 @@ from celery import shared_task
 from django.conf import settings as django_settings
 from django.db import InterfaceError, OperationalError, connections
 
-from batchframework.engine import BatchRunner, claim_due
-from batchframework.engine._common import write_alias
+from batchframework.engine import BatchRunner, claim_due, write_alias
 from batchframework.signals import log_event
 
 T = TypeVar("T")

@@ -11,6 +11,7 @@ DB-polling worker, ``batchframework_celery``) only decide *when and where* to ca
 - :mod:`.control`  cancel, postpone and report progress
 """
 
+from ._common import write_alias
 from .batch import BatchRunner
 from .claim import claim, claim_due, release, renew_leases
 from .control import CancelOutcome, cancel, postpone, set_progress
@@ -34,4 +35,5 @@ __all__ = [
     "run",
     "run_claimed",
     "set_progress",
+    "write_alias",
 ]

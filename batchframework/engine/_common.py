@@ -17,6 +17,8 @@ _HOSTNAME = socket.gethostname()
 
 
 def write_alias(using: str | None = None) -> str:
+    """The database operations are written to: ``using`` if given, else the router's choice
+    for :class:`~batchframework.models.BatchOperation` (``default`` without a router)."""
     return using or router.db_for_write(BatchOperation)
 
 
