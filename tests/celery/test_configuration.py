@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
@@ -122,6 +122,25 @@ def test_a_task_run_eagerly_inside_a_transaction_leaves_its_connection_alone():
         assert not connection.needs_rollback
         assert BatchOperation.objects.count() == 0  # the transaction still works
     connection.errors_occurred = False
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="pg_terminate_backend")
+def test_a_task_after_a_database_error_it_saw_starts_on_a_new_session(caplog):
+    """Django marks a connection whose query failed; the task's check replaces it if its session
+    is gone, so the first use runs once, on a new session, with no failed attempt."""
+    with pytest.raises(OperationalError), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    assert connection.errors_occurred
+    calls = []
+
+    def first_use():
+        calls.append(connection.connection)
+        return BatchOperation.objects.count()
+
+    with caplog.at_level(logging.INFO, logger="batchframework"):
+        assert reconnecting(None, first_use) == 0
+    assert len(calls) == 1
+    assert "database_reconnect" not in caplog.text
 
 
 def test_beat_schedule_is_the_plain_alternative():
