@@ -175,7 +175,11 @@ def _run_atomic(operation: BatchOperation, registered: Handler, alias: str) -> R
         except Exception as exc:
             # The savepoint rolled back the handler's writes; record the failure.
             return _finish_failure(operation, registered, describe_exception(exc), alias)
-        return _finish_success(operation, output, alias)
+        outcome = _finish_success(operation, output, alias)
+        if outcome is RunOutcome.LOST_CLAIM:
+            # The row lock makes this unlikely, but the writes must never outlive the finish.
+            transaction.set_rollback(True, using=alias)
+        return outcome
 
 
 def run(

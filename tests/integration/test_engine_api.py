@@ -1226,6 +1226,25 @@ def test_fenced_failure_of_a_stale_atomic_claim_writes_nothing():
     assert Effect.objects.count() == 1
 
 
+def test_an_atomic_handler_whose_finish_is_lost_commits_none_of_its_writes():
+    """An atomic handler's writes commit with its finish or not at all: here the claim is lost
+    inside the handler's own transaction (as a row lock would normally prevent), and the finish
+    that matches nothing must take the handler's writes with it."""
+
+    def loses_its_claim(operation):
+        Effect.objects.create(key="written-by-the-lost-attempt")
+        BatchOperation.objects.filter(pk=operation.pk).update(claimed_by="someone-else")
+
+    handler("test-api-lost-atomic", atomic=True)(loses_its_claim)
+    try:
+        op = enqueue("test-api-lost-atomic")
+        assert run(op.pk) is RunOutcome.LOST_CLAIM
+        assert Effect.objects.count() == 0
+        assert fresh(op).claimed_by != "someone-else"  # the handler's update went too
+    finally:
+        registry.unregister("test-api-lost-atomic")
+
+
 # --- System checks ---------------------------------------------------------------------------
 def _batchframework_messages(**setting):
     with override_settings(**setting):
