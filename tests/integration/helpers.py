@@ -96,26 +96,27 @@ def run_python(code: str, *, timeout: float = 30) -> subprocess.CompletedProcess
 
 def start_python(code: str, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``code`` (after ``django.setup()``) in a fresh interpreter, output to ``log_path``."""
-    log = open(log_path, "wb")  # noqa: SIM115 (closed with the process by the caller's fixture)
-    return subprocess.Popen(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    # The child keeps its own copy of the file descriptor; ours can close at once.
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def start_worker(*args: str, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``python -m django batchframework_worker *args`` on the test database."""
-    log = open(log_path, "wb")  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "django", "batchframework_worker", *args],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "django", "batchframework_worker", *args],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_for(
