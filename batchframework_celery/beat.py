@@ -3,7 +3,8 @@
 With django-celery-beat's ``DatabaseScheduler``, :func:`register_poller` creates or updates one
 ``PeriodicTask`` (named :data:`PERIODIC_TASK_NAME`) running ``batchframework.poll`` every
 ``POLL_INTERVAL``; it runs after ``migrate`` and from ``manage.py batchframework_register_poller``.
-Without the database scheduler, put :func:`beat_schedule` into Celery's ``beat_schedule``.
+Without the database scheduler, put :func:`beat_schedule` into Celery's ``beat_schedule``; this
+module can be imported from a project's ``celery.py``, before Django's apps are loaded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from django.db import DEFAULT_DB_ALIAS, transaction
 
 from batchframework.conf import get_settings
 
-from .tasks import POLL_TASK
+from .names import POLL_TASK
 
 PERIODIC_TASK_NAME = "batchframework: poll for due operations"
 

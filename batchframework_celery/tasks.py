@@ -19,11 +19,9 @@ from django.db import InterfaceError, OperationalError, connections
 from batchframework.engine import BatchRunner, claim_due, write_alias
 from batchframework.signals import log_event
 
-T = TypeVar("T")
+from .names import DRAIN_TASK, POLL_TASK, RUN_OPERATIONS_TASK
 
-RUN_OPERATIONS_TASK = "batchframework.run_operations"
-DRAIN_TASK = "batchframework.drain"
-POLL_TASK = "batchframework.poll"
+T = TypeVar("T")
 
 #: Most ids one message may name; larger messages are refused as malformed, so the dispatcher
 #: never sends more in one, whatever ``BATCH_SIZE`` says.

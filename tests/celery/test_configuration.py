@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -23,6 +25,7 @@ from batchframework_celery.checks import check_celery, check_worker_connections
 from batchframework_celery.dispatcher import CeleryDispatcher
 from batchframework_celery.tasks import POLL_TASK, reconnecting
 from tests.celery_app import app as celery_app
+from tests.integration.helpers import ROOT, subprocess_env
 
 from .conftest import CELERY_DISPATCHER, NO_DISPATCH
 from .helpers import assert_ran_once_each, executions
@@ -147,6 +150,29 @@ def test_beat_schedule_is_the_plain_alternative():
     entry = beat_schedule()["batchframework-poll"]
     assert entry["task"] == POLL_TASK and entry["schedule"] == 1
     assert entry["options"] == {"expires": 2, "queue": "default"}
+
+
+def test_beat_schedule_works_in_a_celery_module_before_django_is_set_up():
+    """As docs/celery.rst shows it: in ``proj/celery.py``, which Django imports from
+    ``proj/__init__.py`` before its apps are loaded."""
+    code = """
+from celery import Celery
+from batchframework_celery.beat import beat_schedule
+app = Celery("proj")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.beat_schedule = {**app.conf.beat_schedule, **beat_schedule()}
+print(app.conf.beat_schedule["batchframework-poll"]["task"])
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == POLL_TASK
 
 
 def _ids(messages):
