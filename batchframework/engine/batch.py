@@ -119,16 +119,16 @@ class BatchRunner:
             return
         successes, self._successes = self._successes, []
         held, self._held = self._held, []
+        # Let go before the UPDATE (the keeper renews at a third of the lease, so two thirds
+        # remain): a renewal that then finds the operation finished is one let go of.
+        for held_key in held:
+            lease_keeper.let_go(held_key)
         groups: dict[tuple[str, str], list[tuple[BatchOperation, Any]]] = {}
         for operation, output in successes:
             key = (self._alias(operation), operation.claimed_by)
             groups.setdefault(key, []).append((operation, output))
-        try:
-            for (alias, token), group in groups.items():
-                self.outcomes.extend(_finish_successes(group, alias, token))
-        finally:
-            for held_key in held:
-                lease_keeper.let_go(held_key)
+        for (alias, token), group in groups.items():
+            self.outcomes.extend(_finish_successes(group, alias, token))
 
     def _alias(self, operation: BatchOperation) -> str:
         return self.using or operation._state.db or write_alias()

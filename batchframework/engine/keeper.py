@@ -42,6 +42,7 @@ MAX_INTERVAL = 1.0
 
 @dataclass
 class _Kept:
+    key: int
     pk: Any
     token: str
     lease: timedelta
@@ -83,7 +84,7 @@ class LeaseKeeper:
             self._next_key += 1
             key = self._next_key
             self._kept[key] = _Kept(
-                operation.pk, operation.claimed_by, lease, alias, time.monotonic() - age
+                key, operation.pk, operation.claimed_by, lease, alias, time.monotonic() - age
             )
         if lease.total_seconds() / 3 - age < MAX_INTERVAL:
             # Due before the keeper's next tick may come: wake it (only ever for short leases,
@@ -152,7 +153,13 @@ class LeaseKeeper:
                 connections[item.alias].close()
             return
         item.renewed_at = time.monotonic()
-        if not renewed:
+        if renewed:
+            return
+        with self._lock:
+            # Let go of meanwhile: its own worker finished it while this renewal ran, which is
+            # no lost claim. Still held: the claim is lost for good; say so once.
+            still_held = self._kept.pop(item.key, None) is item
+        if still_held:
             log_event(logging.WARNING, "lease_renewal_refused", id=item.pk, reason="claim_lost")
 
 

@@ -185,3 +185,36 @@ def test_one_operations_renewal_error_does_not_starve_the_others(registered, mon
     finally:
         for key in keys:
             lease_keeper.let_go(key)
+
+
+def test_a_success_recorded_while_its_lease_is_renewed_raises_no_false_alarm(registered, caplog):
+    """A renewal that meets the operation already finished by its own batch is not a lost
+    claim: ``lease_renewal_refused`` means another worker may be running it, so it must not be
+    logged for a success (here each success is due a renewal just as the batch records it)."""
+
+    @registered("runner-third-of-lease", lease=1.5)
+    def third_of_lease(operation):
+        time.sleep(0.55)  # over a third of the lease: the keeper renews as the success is held
+
+    for _ in range(6):
+        enqueue("runner-third-of-lease")
+    with caplog.at_level("WARNING", logger="batchframework"), BatchRunner(window=0.01) as runner:
+        runner.run_batch(claim_due(limit=6))
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 6
+    assert "lease_renewal_refused" not in caplog.text
+
+
+def test_a_claim_lost_while_its_handler_runs_is_logged_once(registered, caplog):
+    """The keeper's renewals of a running handler whose claim was taken (here, as if a poller
+    had wrongly presumed the worker dead) are refused: that is said once, not every renewal."""
+
+    @registered("runner-loses-claim", lease=0.6)
+    def loses_claim(operation):
+        BatchOperation.objects.filter(pk=operation.pk).update(claimed_by="someone-else")
+        time.sleep(1.2)  # several renewal times (every 0.2 s)
+
+    enqueue("runner-loses-claim")
+    [claimed] = claim_due(limit=1)
+    with caplog.at_level("WARNING", logger="batchframework"):
+        assert run_claimed(claimed) is RunOutcome.LOST_CLAIM
+    assert caplog.text.count("lease_renewal_refused") == 1
