@@ -1,6 +1,6 @@
 """System checks for the Celery transport: horizon vs visibility timeout, secure serializers,
-the relay's database and driver, and (with ``--deploy``) workers that reconnect to the
-database around every task."""
+a loaded Celery app and a scheduled poller, the relay's database and driver, and (with
+``--deploy``) workers that reconnect to the database around every task."""
 
 from __future__ import annotations
 
@@ -66,6 +66,55 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
                 hint="The poller publishes operations due before its next tick; a horizon shorter "
                 "than that leaves gaps in which operations are late by up to a poll interval.",
                 id="batchframework_celery.W003",
+            )
+        )
+    return messages
+
+
+def _is_celerys_fallback_app(app: Any) -> bool:
+    """Whether ``app`` is the app Celery makes up when no app was loaded in this process
+    (it publishes to ``amqp://guest@localhost//``, whatever the project's settings say)."""
+    from celery import _state
+
+    fallback = getattr(_state, "default_app", None)  # not in celery-types' stubs
+    return fallback is not None and app is fallback and app.main == "default"
+
+
+@checks.register()
+def check_wiring(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The two mistakes that leave operations silently unrun: no Celery app loaded in this
+    process, and nothing that schedules the poller."""
+    from celery import _state
+    from django.apps import apps
+
+    from .names import POLL_TASK
+
+    messages: list[checks.CheckMessage] = []
+    app = _state.get_current_app()
+    if _is_celerys_fallback_app(app):
+        messages.append(
+            checks.Warning(
+                "No Celery app is loaded in this process: enqueue would publish with Celery's "
+                "defaults (amqp://guest@localhost//), not with your CELERY_* settings.",
+                hint="Import your Celery app when Django starts: in proj/__init__.py, "
+                "'from .celery import app as celery_app'.",
+                id="batchframework_celery.W006",
+            )
+        )
+        return messages  # the app's beat_schedule below would be the fallback's
+    scheduled = any(
+        isinstance(entry, dict) and entry.get("task") == POLL_TASK
+        for entry in (app.conf.beat_schedule or {}).values()
+    )
+    if not scheduled and not apps.is_installed("django_celery_beat"):
+        messages.append(
+            checks.Warning(
+                "Nothing schedules batchframework.poll: operations due beyond "
+                "DISPATCH_HORIZON, and those whose message was lost, would never run.",
+                hint="Add 'django_celery_beat' to INSTALLED_APPS (migrate registers the poller) "
+                "and run beat with its DatabaseScheduler, or add "
+                "batchframework_celery.beat.beat_schedule() to Celery's beat_schedule.",
+                id="batchframework_celery.W007",
             )
         )
     return messages

@@ -21,7 +21,7 @@ from batchframework import BatchOperation, enqueue
 from batchframework.dispatch import ImmediateDispatcher, get_dispatcher
 from batchframework.testing import run_due
 from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
-from batchframework_celery.checks import check_celery, check_worker_connections
+from batchframework_celery.checks import check_celery, check_wiring, check_worker_connections
 from batchframework_celery.dispatcher import CeleryDispatcher
 from batchframework_celery.tasks import POLL_TASK, reconnecting
 from tests.celery_app import app as celery_app
@@ -193,6 +193,30 @@ def test_check_warns_when_the_horizon_nears_the_visibility_timeout(celery_conf):
         broker_transport_options={"visibility_timeout": 15},
     )
     assert "batchframework_celery.W001" not in _ids(check_celery())
+
+
+def test_check_warns_when_no_celery_app_is_loaded(monkeypatch):
+    """A web process whose project never imports its Celery app (no ``proj/__init__.py``
+    import) would publish through Celery's made-up default app, to another broker."""
+    import celery._state
+
+    assert "batchframework_celery.W006" not in _ids(check_wiring())
+    monkeypatch.setattr(celery._state._tls, "current_app", None)
+    monkeypatch.setattr(celery._state, "default_app", None)
+    assert "batchframework_celery.W006" in _ids(check_wiring())
+
+
+def test_check_warns_when_nothing_schedules_the_poller(celery_conf, monkeypatch):
+    from django.apps import apps
+
+    assert "batchframework_celery.W007" not in _ids(check_wiring())
+    installed = apps.is_installed
+    monkeypatch.setattr(
+        apps, "is_installed", lambda name: name != "django_celery_beat" and installed(name)
+    )
+    assert "batchframework_celery.W007" in _ids(check_wiring())
+    celery_conf(beat_schedule=beat_schedule())  # the docs' way without the database scheduler
+    assert "batchframework_celery.W007" not in _ids(check_wiring())
 
 
 def test_check_warns_when_celery_accepts_pickle(celery_conf):

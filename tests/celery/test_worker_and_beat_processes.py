@@ -163,3 +163,33 @@ def test_worker_and_beat_subprocesses_run_a_mix_end_to_end(celery_dispatch, tmp_
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+@pytest.mark.parametrize(("queues", "warned"), [("celery", True), ("celery,other", False)])
+def test_a_worker_that_consumes_none_of_batchframeworks_queues_says_so(
+    purge_broker, tmp_path, queues, warned
+):
+    """``celery worker`` without ``-Q`` consumes only ``celery``; operations go to "default"
+    (and the tests' "other"), so such a worker idles beside them: it must say why."""
+    log = tmp_path / "worker.log"
+    env = subprocess_env(CELERY_BROKER_URL=purge_broker.url)
+    name = f"bf-{uuid.uuid4().hex[:8]}@%h"
+    args = ["celery", "-A", "tests.celery_app", "worker", "-l", "info", "-P", "solo"]
+    args += [
+        "-Q",
+        queues,
+        "-n",
+        name,
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
+    worker = start(args, log, env)
+    try:
+        assert wait_for(lambda: b" ready." in log.read_bytes(), timeout=30), log.read_text()
+    finally:
+        assert stop(worker, 20) is not None, log.read_text()
+    text = log.read_text()
+    assert ("event=worker_consumes_no_batchframework_queue" in text) is warned, text
+    if warned:
+        assert "consumes=celery" in text and "-Q default,other" in text
