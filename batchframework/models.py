@@ -147,8 +147,11 @@ class _CreationMethods(models.Manager["BatchOperation"]):
     def create_asynchronous(self, input_data: Any = None, **kwargs: Any) -> BatchOperation:
         """Create an unprocessed operation for some asynchronous service to run.
 
-        This only records the operation; to have a registered handler run it, use
-        :func:`batchframework.enqueue`. Unless ``queue`` is given, it stores the queue
+        It is not dispatched, and nothing checks it is due or debounced as
+        :func:`batchframework.enqueue` does. But a stored unprocessed operation is the database's
+        word: if its ``operationtype`` has a registered handler, workers and the poller run it
+        once its ``run_after`` has come (by default at once, within a poll interval). Without a
+        handler it is left entirely to you. Unless ``queue`` is given, it stores the queue
         ``enqueue`` would: the handler's as routed, else ``ROUTES``, else ``DEFAULT_QUEUE``.
         A field value the model refuses raises
         :class:`~batchframework.exceptions.OperationFieldsError` and writes nothing.
