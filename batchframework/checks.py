@@ -69,14 +69,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                     id="batchframework.E004",
                 )
             )
-    if timedelta(0) > conf.DEFAULT_RETRY_BACKOFF:
-        messages.append(
-            checks.Error(
-                "BATCHFRAMEWORK['DEFAULT_RETRY_BACKOFF'] must not be negative.",
-                hint=_hint_settings(),
-                id="batchframework.E004",
+    for name in ("DEFAULT_RETRY_BACKOFF", "FINISH_WINDOW"):
+        if timedelta(0) > getattr(conf, name):
+            messages.append(
+                checks.Error(
+                    f"BATCHFRAMEWORK[{name!r}] must not be negative.",
+                    hint=_hint_settings(),
+                    id="batchframework.E004",
+                )
             )
-        )
     if conf.DISPATCHER:
         try:
             import_string(conf.DISPATCHER)

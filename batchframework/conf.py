@@ -146,7 +146,12 @@ class BatchframeworkSettings:
 @functools.cache
 def get_settings() -> BatchframeworkSettings:
     """Return the resolved settings (cached until a ``setting_changed`` signal)."""
-    return BatchframeworkSettings.from_dict(getattr(django_settings, SETTING_NAME, {}) or {})
+    values = getattr(django_settings, SETTING_NAME, None)
+    if values is None:
+        return BatchframeworkSettings()
+    if not isinstance(values, dict):
+        raise ImproperlyConfigured(f"{SETTING_NAME} must be a dict, got {values!r}.")
+    return BatchframeworkSettings.from_dict(values)
 
 
 @receiver(setting_changed)

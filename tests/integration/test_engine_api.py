@@ -1264,6 +1264,7 @@ def test_default_settings_pass_the_checks():
         ({"DEFAULT_LEASE": -5}, "batchframework.E004", "DEFAULT_LEASE"),
         ({"POLL_INTERVAL": 0}, "batchframework.E004", "POLL_INTERVAL"),
         ({"DEFAULT_RETRY_BACKOFF": -1}, "batchframework.E004", "DEFAULT_RETRY_BACKOFF"),
+        ({"FINISH_WINDOW": -0.1}, "batchframework.E004", "FINISH_WINDOW"),
         ({"DISPATCHER": "no.such.Dispatcher"}, "batchframework.E005", "no.such.Dispatcher"),
         ({"POLL_INTERVAL": 600}, "batchframework.W001", "POLL_INTERVAL"),
         ({"ROUTES": {"no-such-type": "q"}}, "batchframework.W002", "no-such-type"),
@@ -1307,6 +1308,8 @@ def test_check_requires_use_tz():
         ({"DEFAULT_QUEUE": None}, "DEFAULT_QUEUE"),
         ({"DEFAULT_QUEUE": "q" * 101}, "DEFAULT_QUEUE"),
         ({"DISPATCHER": ""}, "DISPATCHER"),
+        ([], "must be a dict"),  # falsy, but not "no settings"
+        ([("BATCH_SIZE", 10)], "must be a dict"),
     ],
 )
 def test_unreadable_settings_are_reported_as_e002(bad, needle):
