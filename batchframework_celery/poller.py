@@ -61,9 +61,14 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
     expires = settings.POLL_INTERVAL.total_seconds() * 2
     with Publisher() as publisher:
         for queue, count in due_by_queue.items():
-            for _ in range(min(MAX_DRAINS_PER_QUEUE, math.ceil(count / settings.BATCH_SIZE))):
+            wanted = min(MAX_DRAINS_PER_QUEUE, math.ceil(count / settings.BATCH_SIZE))
+            # Messages still waiting in the queue will wake workers anyway; more would only
+            # pile up while no worker consumes it (Redis keeps expired messages until one
+            # does). A queue the broker can't count gets them all.
+            waiting = publisher.waiting(drain, queue)
+            for _ in range(wanted if waiting is None else max(0, wanted - waiting)):
                 # A drain that waited longer than two ticks is stale (a later tick sent fresh
-                # ones): expiring it keeps a backlog of drains from piling up without workers.
+                # ones): workers discard it unrun.
                 publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires)
     drains = publisher.published
     soon = _take_window(alias, types)

@@ -26,16 +26,21 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from datetime import datetime
 from queue import SimpleQueue
 from typing import Any
 
+from amqp.exceptions import NotFound
 from celery import Task
-from kombu.exceptions import KombuError, OperationalError
+from kombu.exceptions import ChannelError, KombuError, OperationalError
 
 from batchframework.conf import get_settings
 from batchframework.signals import log_event
+
+#: What a passive declare of a queue that does not exist raises: py-amqp's ``NotFound``
+#: (RabbitMQ), kombu's ``ChannelError`` (virtual transports such as Redis, for an empty queue).
+_NO_SUCH_QUEUE: tuple[type[BaseException], ...] = (NotFound, ChannelError)
 
 # Errors that mean "the broker can't be reached now": stop publishing this round.
 BROKER_DOWN_ERRORS: tuple[type[BaseException], ...] = (
@@ -135,6 +140,29 @@ class Publisher:
             return False
         self.published += 1
         return True
+
+    def waiting(self, task: Task, queue: str) -> int | None:
+        """How many messages wait in ``queue`` on the broker (not yet delivered to a worker),
+        or ``None`` when that is not known (eager mode, the broker down or unable to say)."""
+        if self.broker_down or self._eager(task):
+            return None
+        try:
+            connection = self._round_producer(task).connection
+            # A channel of its own: AMQP closes a channel whose passive declare fails.
+            channel = connection.channel()
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            finally:
+                with suppress(Exception):
+                    channel.close()
+        except _NO_SUCH_QUEUE:
+            return 0  # never declared, or (Redis) emptied: nothing waits in it
+        except BROKER_DOWN_ERRORS as exc:
+            self._broker_failed(exc, 0, task=task.name, queue=queue)  # the round publishes no more
+            return None
+        except Exception as exc:
+            log_event(logging.DEBUG, "queue_size_unknown", queue=queue, error=repr(exc))
+            return None
 
     def _eager(self, task: Task) -> bool:
         # Read once per round: a lookup in Celery's configuration costs tens of microseconds.
