@@ -58,8 +58,19 @@ def log_event(level: int, event: str, /, **fields: Any) -> None:
 
 
 def _log_enqueued(operations: list[Any], **kwargs: Any) -> None:
-    if not logger.isEnabledFor(logging.INFO):
+    if not logger.isEnabledFor(logging.INFO) or not operations:
         return
+    from django.db import connections, transaction
+
+    alias = operations[0]._state.db
+    if alias and connections[alias].in_atomic_block:
+        # Logged when the rows are there for everyone: a rolled-back enqueue logs nothing.
+        transaction.on_commit(lambda: _emit_enqueued(operations), using=alias)
+    else:
+        _emit_enqueued(operations)
+
+
+def _emit_enqueued(operations: list[Any]) -> None:
     if len(operations) == 1:
         op = operations[0]
         log_event(

@@ -759,9 +759,10 @@ def test_signals_are_sent(received):
     assert [e["operation_id"] for e in received["cancelled"]] == [pending.pk]
 
 
-def test_logging_in_key_value_form(caplog):
+def test_logging_in_key_value_form(caplog, django_capture_on_commit_callbacks):
     caplog.set_level(logging.DEBUG, logger="batchframework")
-    op = enqueue("test-echo")
+    with django_capture_on_commit_callbacks(execute=True):  # logged once committed
+        op = enqueue("test-echo")
     assert f"event=enqueued id={op.pk} operationtype=test-echo queue=default" in caplog.text
     run_due(operationtype="test-echo")
     assert f"event=started id={op.pk} operationtype=test-echo attempt=1" in caplog.text
@@ -790,6 +791,25 @@ def test_logging_in_key_value_form(caplog):
     caplog.clear()
     claim(failing.pk)
     assert f"event=claim_skipped id={failing.pk} reason=already_finished" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_enqueue_is_logged_once_committed_and_a_rolled_back_one_not_at_all(caplog):
+    caplog.set_level(logging.INFO, logger="batchframework")
+    with pytest.raises(ZeroDivisionError), transaction.atomic():
+        enqueue("test-echo")
+        assert "event=enqueued" not in caplog.text  # not yet: it may be rolled back
+        1 / 0  # noqa: B018
+    with transaction.atomic():
+        enqueue_many("test-echo", [{}] * 2)
+        with pytest.raises(ZeroDivisionError), transaction.atomic():  # a savepoint
+            enqueue("test-echo")
+            1 / 0  # noqa: B018
+    assert BatchOperation.objects.count() == 2
+    assert "event=enqueued_many count=2" in caplog.text
+    assert "event=enqueued " not in caplog.text
+    committed = enqueue("test-echo")  # autocommit: logged at once
+    assert f"event=enqueued id={committed.pk} " in caplog.text
 
 
 @pytest.mark.parametrize(
