@@ -153,11 +153,11 @@ def handler(
 ) -> Callable[[F], F]:
     """Register the decorated function as the handler of ``operationtype``.
 
-    The function is called as ``fn(operation)`` with the claimed :class:`BatchOperation`. What
-    it returns (JSON-serializable) becomes ``output_data`` and the operation finishes as
-    successful; if it raises, the attempt fails and is retried with backoff until
-    ``max_attempts``. With ``atomic=True`` the handler's database writes and the finish commit
-    in one transaction, so they happen exactly once.
+    The function is called as ``fn(operation)`` with the claimed
+    :class:`~batchframework.models.BatchOperation`. What it returns (JSON-serializable) becomes
+    ``output_data`` and the operation finishes as successful; if it raises, the attempt fails
+    and is retried with backoff until ``max_attempts``. With ``atomic=True`` the handler's
+    database writes and the finish commit in one transaction, so they happen exactly once.
     """
     if not isinstance(operationtype, str) or not _OPERATIONTYPE_RE.match(operationtype):
         raise HandlerRegistrationError(

@@ -64,6 +64,7 @@ def resolve_run_after(
 
 
 def _as_delay(delay: Any) -> timedelta:
+    given = delay  # for messages: as the caller wrote it, not timedelta(days=-1, ...)
     if isinstance(delay, bool) or not isinstance(delay, timedelta | int | float):
         raise InvalidOperationError(
             f"delay must be a timedelta or a number of seconds, not {delay!r}."
@@ -76,7 +77,7 @@ def _as_delay(delay: Any) -> timedelta:
         except OverflowError as exc:
             raise InvalidOperationError(f"delay {delay!r} seconds is too large.") from exc
     if delay < timedelta(0):
-        raise InvalidOperationError(f"delay must not be negative, got {delay!r}.")
+        raise InvalidOperationError(f"delay must not be negative, got {given!r}.")
     return delay
 
 

@@ -265,7 +265,7 @@ def test_enqueue_with_delay_and_run_after():
         ({"input_data": {"x": float("nan")}}, InputDataError, "JSON"),
         ({"delay": timedelta(minutes=1), "run_after": "now"}, InvalidOperationError, "not both"),
         ({"delay": timedelta(seconds=-1)}, InvalidOperationError, "negative"),
-        ({"delay": -5}, InvalidOperationError, "negative"),
+        ({"delay": -5}, InvalidOperationError, "negative, got -5"),
         ({"delay": "soon"}, InvalidOperationError, "delay"),
         ({"run_after": "naive"}, InvalidOperationError, "timezone-aware"),
         ({"priority": "high"}, InvalidOperationError, "priority"),

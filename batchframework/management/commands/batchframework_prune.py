@@ -10,6 +10,8 @@ from django.utils import timezone
 
 from batchframework.models import BatchOperation
 
+from ..arguments import add_database_argument
+
 #: Older than any datetime Django stores (year 1): a larger age has nothing to delete.
 MAX_DAYS = 700_000
 
@@ -32,7 +34,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--batch-size", type=int, default=5000, help="Rows deleted per statement."
         )
-        parser.add_argument("--database", default=None)
+        add_database_argument(parser, "Database alias to prune (default: the router's).")
         parser.add_argument("--dry-run", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:

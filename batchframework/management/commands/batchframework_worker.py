@@ -10,6 +10,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from batchframework.worker import DATABASE_ERRORS, Worker
 
+from ..arguments import add_database_argument, queue_name
+
 
 class Command(BaseCommand):
     help = (
@@ -23,6 +25,7 @@ class Command(BaseCommand):
             action="append",
             dest="queues",
             metavar="QUEUE",
+            type=queue_name,
             help="Only take operations from this queue (repeatable).",
         )
         parser.add_argument(
@@ -45,7 +48,7 @@ class Command(BaseCommand):
             help="Seconds between polls when idle (default: POLL_INTERVAL).",
         )
         parser.add_argument("--name", default=None, help="Worker name shown in claimed_by.")
-        parser.add_argument("--database", default=None, help="Database alias to work on.")
+        add_database_argument(parser, "Database alias to work on (default: the router's).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         for option in ("batch_size", "max_operations"):

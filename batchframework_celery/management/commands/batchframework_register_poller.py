@@ -7,18 +7,21 @@ from typing import Any
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from batchframework.management.arguments import add_database_argument, queue_name
+
 
 class Command(BaseCommand):
     help = "Create or update the django-celery-beat PeriodicTask that runs batchframework.poll."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--database",
-            default=None,
-            help="Database alias (default: the one the router picks for PeriodicTask).",
+        add_database_argument(
+            parser, "Database alias (default: the one the router picks for PeriodicTask)."
         )
         parser.add_argument(
-            "--queue", default=None, help="Celery queue for the poll task (default: DEFAULT_QUEUE)."
+            "--queue",
+            default=None,
+            type=queue_name,
+            help="Celery queue for the poll task (default: DEFAULT_QUEUE).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
