@@ -90,7 +90,7 @@ def _read_database_time(using: str) -> datetime:
 def clock_offset(using: str | None = None) -> timedelta:
     """How far the database clock is ahead of this process's clock (cached for a minute).
 
-    Measured against the midpoint of the query's round trip; offsets within :data:`NOISE` are
+    Measured against the midpoint of the query's round trip; offsets within ``NOISE`` (10 ms) are
     zero.
     """
     if not get_settings().CORRECT_CLOCK_SKEW:

@@ -67,7 +67,7 @@ class RelayDispatcher(CeleryDispatcher):
 
     The web process then never talks to the broker for a single ``enqueue``: its INSERT
     carries a ``pg_notify`` (delivered on commit) and the relay thread of one Celery worker
-    (:mod:`batchframework_celery.relay`) publishes the messages. That saves the caller a publish
+    (``batchframework_celery.relay``) publishes the messages. That saves the caller a publish
     per operation. Everything else is :class:`CeleryDispatcher`'s: ``enqueue_many`` and
     ``replace=True`` enqueues, other databases, and eager mode publish after commit.
     """

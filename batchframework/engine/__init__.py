@@ -3,12 +3,12 @@
 Everything that decides *whether* an operation may run lives here, once; transports (the
 DB-polling worker, ``batchframework_celery``) only decide *when and where* to call it.
 
-- :mod:`.enqueue`  store operations and dispatch them after commit
-- :mod:`.claim`    the atomic compare-and-set from unprocessed to running
-- :mod:`.run`      run a claimed operation's handler and finish it, fenced by the claim
-- :mod:`.batch`    run a claimed batch: keep its leases, finish quick successes together
-- :mod:`.recover`  put back (or fail) operations whose worker's lease expired
-- :mod:`.control`  cancel, postpone and report progress
+- ``enqueue``  store operations and dispatch them after commit
+- ``claim``    the atomic compare-and-set from unprocessed to running
+- ``run``      run a claimed operation's handler and finish it, fenced by the claim
+- ``batch``    run a claimed batch: keep its leases, finish quick successes together
+- ``recover``  put back (or fail) operations whose worker's lease expired
+- ``control``  cancel, postpone and report progress
 """
 
 from ._common import write_alias

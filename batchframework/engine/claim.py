@@ -134,7 +134,7 @@ def claim_due(
     Rows are locked with ``SELECT … FOR UPDATE SKIP LOCKED`` where the database supports it, so
     concurrent claimers take disjoint batches; elsewhere (SQLite) the conditional UPDATE still
     guarantees one winner per row. A constant number of statements per batch: one on
-    PostgreSQL (see :mod:`.claim_postgresql`), a transaction of two elsewhere.
+    PostgreSQL (see ``claim_postgresql``), a transaction of two elsewhere.
 
     Operations marked to be claimed alone (see the module docstring) are: when the first
     candidate is one, only it is claimed; otherwise the batch stops before the first one.
