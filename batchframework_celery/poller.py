@@ -15,15 +15,14 @@ Running two pollers at once (two beats) is harmless: claims decide, messages onl
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Count, F, Q
+from django.db.models import F, Q
 
 from batchframework.clock import database_now
 from batchframework.conf import get_settings
-from batchframework.engine import recover_expired, write_alias
+from batchframework.engine import claims_needed, recover_expired, write_alias
 from batchframework.models import BatchOperation
 from batchframework.registry import registry
 
@@ -48,20 +47,13 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
     # tasks: beat's PeriodicTask has no kwargs.
     alias = write_alias(using)
     recovered = recover_expired(using=alias)
-    manager = BatchOperation.objects.db_manager(alias)
     types = registry.operationtypes()
-    due_by_queue = dict(
-        manager.due()
-        .filter(operationtype__in=types)
-        .values_list("queue")
-        .annotate(n=Count("pk"))
-        .values_list("queue", "n")
-    )
+    due_by_queue = claims_needed(operationtypes=types, batch_size=settings.BATCH_SIZE, using=alias)
     kwargs = {"using": alias}  # always: the worker's router need not agree with ours
     expires = settings.POLL_INTERVAL.total_seconds() * 2
     with Publisher() as publisher:
-        for queue, count in due_by_queue.items():
-            wanted = min(MAX_DRAINS_PER_QUEUE, math.ceil(count / settings.BATCH_SIZE))
+        for queue, (_, claims) in due_by_queue.items():
+            wanted = min(MAX_DRAINS_PER_QUEUE, claims)  # one claim_due per drain
             # Messages still waiting in the queue will wake workers anyway; more would only
             # pile up while no worker consumes it (Redis keeps expired messages until one
             # does). A queue the broker can't count gets them all.
@@ -79,7 +71,7 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
     )
     return {
         "recovered": recovered,
-        "due": sum(due_by_queue.values()),
+        "due": sum(due for due, _ in due_by_queue.values()),
         "drain_messages": drains,
         "scheduled": len(soon),
         "scheduled_messages": scheduled,

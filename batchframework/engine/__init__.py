@@ -13,7 +13,7 @@ DB-polling worker, ``batchframework_celery``) only decide *when and where* to ca
 
 from ._common import write_alias
 from .batch import BatchRunner
-from .claim import claim, claim_due, release, renew_leases
+from .claim import claim, claim_due, claims_needed, release, renew_leases
 from .control import CancelOutcome, cancel, postpone, set_progress
 from .enqueue import enqueue, enqueue_many
 from .recover import recover_expired
@@ -26,6 +26,7 @@ __all__ = [
     "cancel",
     "claim",
     "claim_due",
+    "claims_needed",
     "enqueue",
     "enqueue_many",
     "postpone",

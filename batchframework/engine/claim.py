@@ -116,6 +116,26 @@ def claim(
     return operation
 
 
+def claims_needed(
+    *, operationtypes: Sequence[str], batch_size: int, using: str | None = None
+) -> dict[str, tuple[int, int]]:
+    """For each queue with due operations of ``operationtypes``: how many are due, and how many
+    :func:`claim_due` calls of ``batch_size`` take them all, counting that an operation to be
+    claimed alone takes a claim of its own and may cut the batch before it short (so two
+    claims each, at most). One aggregate query."""
+    from django.db.models import Count, Q
+
+    rows = (
+        BatchOperation.objects.db_manager(write_alias(using))
+        .due()
+        .filter(operationtype__in=list(operationtypes))
+        .values_list("queue")
+        .annotate(due=Count("pk"), alone=Count("pk", filter=Q(claimed_by=ISOLATED)))
+        .values_list("queue", "due", "alone")
+    )
+    return {queue: (due, -(-(due - alone) // batch_size) + 2 * alone) for queue, due, alone in rows}
+
+
 def claim_due(
     *,
     ids: Sequence[Any] | None = None,

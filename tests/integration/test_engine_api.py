@@ -34,6 +34,7 @@ from batchframework.engine import (
     RunOutcome,
     claim,
     claim_due,
+    claims_needed,
     recover_expired,
     run,
     set_progress,
@@ -1169,6 +1170,18 @@ def test_recovery_of_a_batch_does_not_count_the_attempt_and_isolates_each_operat
     first = claim_due(limit=10, now=future)
     assert len(first) == 1 and first[0].attempts == 1
     assert not first[0].claimed_by.endswith("/batch")
+
+
+def test_claims_needed_are_enough_to_take_every_due_operation():
+    """What the poller sends drains by: operations to be claimed alone cut batches short."""
+    ops = [enqueue("test-noop", priority=-index) for index in range(9)]  # claimed in this order
+    isolated = [ops[2].pk, ops[5].pk]  # as recovery of a dead worker's batch marks them
+    BatchOperation.objects.filter(pk__in=isolated).update(claimed_by="!isolated")
+    due, claims = claims_needed(operationtypes=["test-noop"], batch_size=3)["default"]
+    assert due == 9
+    taken = [claim_due(operationtypes=["test-noop"], limit=3) for _ in range(claims)]
+    assert sorted(op.pk for batch in taken for op in batch) == [op.pk for op in ops]
+    assert [len(batch) for batch in taken[:5]] == [2, 1, 2, 1, 3]
 
 
 def test_recover_expired_fails_when_attempts_are_spent():
