@@ -36,6 +36,8 @@ from batchframework.engine import (
     claim_due,
     claims_needed,
     recover_expired,
+    release,
+    renew_leases,
     run,
     set_progress,
 )
@@ -1182,6 +1184,24 @@ def test_claims_needed_are_enough_to_take_every_due_operation():
     taken = [claim_due(operationtypes=["test-noop"], limit=3) for _ in range(claims)]
     assert sorted(op.pk for batch in taken for op in batch) == [op.pk for op in ops]
     assert [len(batch) for batch in taken[:5]] == [2, 1, 2, 1, 3]
+
+
+def test_a_stale_claim_can_neither_release_nor_renew_its_successors_claim():
+    """A worker whose batch was recovered (it looked dead) and claimed again by another must
+    not, when it wakes, give the operations back or keep their leases alive: both belong to
+    the new claim now (invariant 2)."""
+    ops = [enqueue("test-noop") for _ in range(2)]
+    stale = claim_due(limit=2)
+    future = timezone.now() + timedelta(minutes=10)
+    assert recover_expired(now=future) == 2
+    current = [claim(op.pk, now=future) for op in ops]
+    assert all(op is not None for op in current)
+    before = [row_values(op) for op in ops]
+
+    assert renew_leases(stale) == []
+    assert release(stale) == 0
+    assert [row_values(op) for op in ops] == before  # still running under the new claim
+    assert [op.pk for op in renew_leases(current)] == [op.pk for op in ops]
 
 
 def test_recover_expired_fails_when_attempts_are_spent():
