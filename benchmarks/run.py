@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         # W1 runs inside W5: long enough (about a second) that start-up jitter doesn't decide
         # the with/without-history ratio.
         "w5_w1_n": 5_000 if quick else 10_000,
-        "w5_repeats": 3,
+        "w5_repeats": 3 if quick else 5,
         "celery_db_reuse_max": args.celery_db_reuse_max or None,
         # The W1 variant with CELERY_DB_REUSE_MAX is skipped in quick mode (time); W2's is not.
         "w1_reuse_variant": bool(args.celery_db_reuse_max) and not quick,

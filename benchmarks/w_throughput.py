@@ -12,13 +12,15 @@ W1 again with those finished rows left in the table.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Max, Min
 
 from batchframework import enqueue_many
@@ -258,28 +260,64 @@ def w1_throughput(bench: Bench, *, n: int, repeats: int, reuse_max: int | None) 
     return result
 
 
+TABLE = BatchOperation._meta.db_table
+#: An empty copy of the operations table (columns, indexes, constraints but foreign keys: the
+#: benchmark's operations reference no user or object), swapped in for the empty-table runs.
+_EMPTY_TWIN = f"{TABLE}_empty_twin"
+_HISTORY_ASIDE = f"{TABLE}_history_aside"
+
+
+@contextlib.contextmanager
+def _empty_table_in_place() -> Iterator[None]:
+    """Swap the empty twin in for the operations table, and back (emptied) afterwards.
+
+    Renames keep both tables' physical state, so the runs with history measure the very table
+    the history run left behind, and runs on an empty table can alternate with them.
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {TABLE} RENAME TO {_HISTORY_ASIDE}")
+        cursor.execute(f"ALTER TABLE {_EMPTY_TWIN} RENAME TO {TABLE}")
+    try:
+        yield
+    finally:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(f"TRUNCATE {TABLE}")
+            cursor.execute(f"ALTER TABLE {TABLE} RENAME TO {_EMPTY_TWIN}")
+            cursor.execute(f"ALTER TABLE {_HISTORY_ASIDE} RENAME TO {TABLE}")
+
+
 def w5_memory_and_scale(
     bench: Bench, *, n_history: int, n_w1: int, repeats: int = 3
 ) -> dict[str, Any]:
-    """For each path: W1 on an empty table, RSS over ``n_history`` operations, then W1 with
-    those rows present. Both W1 figures are medians of ``repeats`` runs made in this step, so
-    the ratio compares runs minutes, not a whole suite, apart."""
+    """For each path: RSS over ``n_history`` operations, then W1 with those rows present and
+    W1 on an empty table, ``repeats`` times each, alternating (empty first in even rounds), so
+    that both medians share the machine's drift. The rows each W1 run adds are deleted (and
+    vacuumed) before the next, so every run with history sees the same ``n_history`` rows."""
     result: dict[str, Any] = {}
     for transport, label in (("celery", "Celery node"), ("db", "DB workers x2")):
-        empty_runs = []
-        for _ in range(repeats):
-            bench.reset()
-            empty_runs.append(run_tracked(bench, transport=transport, n=n_w1))
         bench.reset()
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS {_EMPTY_TWIN}")
+            cursor.execute(f"CREATE TABLE {_EMPTY_TWIN} (LIKE {TABLE} INCLUDING ALL)")
         memory = run_tracked(bench, transport=transport, n=n_history, sample_rss=True)
         # Each operation left a dead row version per update (claim, finish): measure the
         # steady state that autovacuum keeps, not the minute after a burst.
         with connection.cursor() as cursor:
-            cursor.execute("VACUUM ANALYZE batchframework_batchoperation")
-        history_runs = []
-        for _ in range(repeats):
-            bench.redis.flushdb()
-            history_runs.append(run_tracked(bench, transport=transport, n=n_w1))
+            cursor.execute(f"VACUUM ANALYZE {TABLE}")
+        history_end = BatchOperation.objects.aggregate(end=Max("pk"))["end"]
+        empty_runs: list[dict[str, Any]] = []
+        history_runs: list[dict[str, Any]] = []
+        for round_ in range(repeats):
+            for empty in (True, False) if round_ % 2 == 0 else (False, True):
+                bench.redis.flushdb()
+                if empty:
+                    with _empty_table_in_place():
+                        empty_runs.append(run_tracked(bench, transport=transport, n=n_w1))
+                    continue
+                history_runs.append(run_tracked(bench, transport=transport, n=n_w1))
+                with connection.cursor() as cursor:
+                    cursor.execute(f"DELETE FROM {TABLE} WHERE id > %s", [history_end])
+                    cursor.execute(f"VACUUM ANALYZE {TABLE}")
         empty, scaled = _median_run(empty_runs), _median_run(history_runs)
         result[transport] = {
             "memory_run": memory,
