@@ -5,6 +5,8 @@ With the Celery dispatcher, the tracked figure includes the INSERT, the commit a
 after commit; the "DB only" row (NullDispatcher, a DB-polling deployment) separates the two.
 With RelayDispatcher the INSERT carries a NOTIFY and a worker's relay publishes: the caller's
 cost is what is measured here (no worker runs, so nobody hears the announcements).
+A last pair puts both in a view that writes a row of its own: ``delay()`` on commit against
+``enqueue`` in the view's transaction, i.e. what tracking adds where a view already commits.
 No worker runs: messages pile up in Redis DB 13 and are flushed afterwards. Rounds alternate
 between the variants so that they share the machine's noise.
 """
@@ -59,6 +61,32 @@ def _plain_delays(n: int) -> float:
     return t.seconds
 
 
+def _views_delaying(n: int) -> float:
+    """An untracked view: it writes a row and sends a plain task once that commits (sent any
+    earlier, the task could run before the row exists, or for a row a rollback removed)."""
+    from .benchapp.models import Game
+    from .benchapp.tasks import bench_incr
+
+    with Timer() as t:
+        for _ in range(n):
+            with transaction.atomic():
+                Game.objects.create(name="view")
+                transaction.on_commit(lambda: bench_incr.delay("bench:w3:view", n))
+    return t.seconds
+
+
+def _views_enqueuing(n: int) -> float:
+    """The same view, tracked: it writes the row and enqueues in the same transaction."""
+    from .benchapp.models import Game
+
+    with Timer() as t:
+        for _ in range(n):
+            with transaction.atomic():
+                Game.objects.create(name="view")
+                enqueue("bench-noop")
+    return t.seconds
+
+
 def _drain_background_publishing() -> None:
     from batchframework_celery.publish import bounded_publishing
 
@@ -70,6 +98,8 @@ def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
     # Warm up: connections to PostgreSQL and Redis, the producer pool, ContentType cache.
     _plain_delays(20)
     _single_enqueues(20)
+    _views_delaying(20)
+    _views_enqueuing(20)
     totals = {
         "delay": 0.0,
         "enqueue": 0.0,
@@ -77,6 +107,10 @@ def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
         "enqueue_relay": 0.0,
         "enqueue_db_only": 0.0,
         "bare_insert_commit": 0.0,
+        "view_delay": 0.0,
+        "view_enqueue": 0.0,
+        "view_enqueue_background": 0.0,
+        "view_enqueue_relay": 0.0,
     }
     background = {**settings.BATCHFRAMEWORK, "PUBLISH_IN_BACKGROUND": True}
     per_round = n_single // ROUNDS
@@ -91,6 +125,13 @@ def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
         with dispatcher(NULL_DISPATCHER):
             totals["enqueue_db_only"] += _single_enqueues(per_round)
         totals["bare_insert_commit"] += _bare_inserts(per_round)
+        totals["view_delay"] += _views_delaying(per_round)
+        totals["view_enqueue"] += _views_enqueuing(per_round)
+        with override_settings(BATCHFRAMEWORK=background):
+            totals["view_enqueue_background"] += _views_enqueuing(per_round)
+            _drain_background_publishing()
+        with dispatcher(RELAY_DISPATCHER):
+            totals["view_enqueue_relay"] += _views_enqueuing(per_round)
         bench.reset()
     rates = {name: per_round * ROUNDS / seconds for name, seconds in totals.items()}
     many: dict[str, float] = {}
@@ -142,6 +183,29 @@ def w3_enqueue(bench: Bench, *, n_single: int, n_many: int) -> dict[str, Any]:
         ratio(rates["bare_insert_commit"], base),
         "(informative: no library code)",
     )
+    bench.row(
+        "W3", "a view that writes a row, then delay() on commit, views/s", rates["view_delay"]
+    )
+    bench.row(
+        "W3",
+        "  the same view with enqueue instead (Celery dispatch), views/s",
+        rates["view_enqueue"],
+        rates["view_delay"],
+        ratio(rates["view_enqueue"], rates["view_delay"]),
+        "(informative: what tracking adds to a view)",
+    )
+    for name, label in (
+        ("view_enqueue_background", "PUBLISH_IN_BACKGROUND=True"),
+        ("view_enqueue_relay", "RelayDispatcher"),
+    ):
+        bench.row(
+            "W3",
+            f"    same, {label}, views/s",
+            rates[name],
+            rates["view_delay"],
+            ratio(rates[name], rates["view_delay"]),
+            "(informative)",
+        )
     bench.row(
         "W3",
         f"enqueue_many {n_many:,} (Celery dispatch), ops/s",
