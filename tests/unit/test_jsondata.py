@@ -66,10 +66,11 @@ def with_bad_leaf_inside(draw) -> object:
     """A JSON structure with one non-JSON value somewhere inside it (or at the top)."""
     value = draw(not_json_leaves)
     for _level in range(draw(st.integers(0, 4))):
-        if draw(st.booleans()):
+        kind = draw(st.sampled_from(["list", "tuple", "dict"]))
+        if kind != "dict":
             siblings = draw(st.lists(json_values, max_size=3))
             siblings.insert(draw(st.integers(0, len(siblings))), value)
-            value = siblings
+            value = siblings if kind == "list" else tuple(siblings)  # json.dumps takes tuples
         else:
             container = draw(st.dictionaries(json_text, json_values, max_size=3))
             container[draw(json_text)] = value
@@ -152,6 +153,8 @@ def test_no_limit_without_max_bytes():
         {1: "int key"},
         "nul \x00 char",
         "lone \ud800 surrogate",
+        ({"in a tuple": "nul \x00 char"},),
+        [("x", {1: "int key"})],
     ],
 )
 def test_examples_of_refused_values(value):
