@@ -1,5 +1,5 @@
 """The read-only admin for batch operations: changelist, change view, filters, search,
-pretty JSON, permissions and the cancel action."""
+pretty JSON, permissions, the cancel and delete actions and the delete page."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.admin import helpers
+from django.contrib.admin.sites import site
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
 
+from batchframework.admin import BatchOperationAdmin
 from batchframework.models import BatchOperation
 from tests.testapp.models import Post
 
@@ -233,6 +235,7 @@ def test_staff_user_with_view_permission_sees_but_cannot_cancel(
     response = client.get(reverse(CHANGELIST))
     assert response.status_code == 200
     assert "cancel_selected" not in response.content.decode()
+    assert "delete_finished_selected" not in response.content.decode()
     assert client.get(change_url(operations["pending"])).status_code == 200
 
 
@@ -267,3 +270,57 @@ def test_cancel_selected_cancels_pending_and_reports_too_late(admin_client, oper
 def test_cancel_selected_is_offered_to_superusers(admin_client, operations):
     html = admin_client.get(reverse(CHANGELIST)).content.decode()
     assert 'value="cancel_selected"' in html
+
+
+# --- Deleting. --------------------------------------------------------------------------------
+
+
+def delete_url(operation: BatchOperation) -> str:
+    return reverse("admin:batchframework_batchoperation_delete", args=[operation.pk])
+
+
+def test_delete_finished_selected_deletes_only_finished_operations(admin_client, operations):
+    response = admin_client.post(
+        reverse(CHANGELIST),
+        {
+            "action": "delete_finished_selected",
+            helpers.ACTION_CHECKBOX_NAME: [op.pk for op in operations.values()],
+        },
+        follow=True,
+    )
+    assert response.status_code == 200
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == ["Deleted 2 finished operation(s)."]
+    remaining = set(BatchOperation.objects.values_list("pk", flat=True))
+    assert remaining == {operations["pending"].pk, operations["running"].pk}
+
+
+def test_the_delete_page_cancels_a_pending_operation_and_deletes_a_finished_one(
+    admin_client, operations
+):
+    for name in ("pending", "successful", "failed"):
+        response = admin_client.post(delete_url(operations[name]), {"post": "yes"})
+        assert response.status_code == 302, name
+        assert not BatchOperation.objects.filter(pk=operations[name].pk).exists(), name
+
+
+def test_the_delete_page_of_a_running_operation_is_forbidden(admin_client, operations):
+    running = operations["running"]
+    assert admin_client.get(delete_url(running)).status_code == 403
+    assert admin_client.post(delete_url(running), {"post": "yes"}).status_code == 403
+    assert BatchOperation.objects.get(pk=running.pk).status == "running"
+    assert (
+        f'href="{delete_url(running)}"'
+        not in admin_client.get(change_url(running)).content.decode()
+    )
+
+
+def test_the_delete_page_keeps_an_operation_a_worker_claimed_meanwhile(admin_client, operations):
+    """The page was opened while the operation was pending; a worker claimed it before the
+    confirmation: the delete cancels through the engine, which refuses, and the row stays."""
+    pending = BatchOperation.objects.get(pk=operations["pending"].pk)
+    BatchOperation.objects.filter(pk=pending.pk).update(
+        status=BatchOperation.STATUS_RUNNING, started_running_datetime=timezone.now()
+    )
+    BatchOperationAdmin(BatchOperation, site).delete_model(None, pending)  # type: ignore[arg-type]
+    assert BatchOperation.objects.get(pk=pending.pk).status == "running"
