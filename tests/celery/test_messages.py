@@ -1,0 +1,102 @@
+"""What the Celery transport's messages carry (the drain messages' expiry, the chunk messages'
+ids and ETAs), read straight from the Redis queue with no worker running, so a message that
+would wake a worker at the wrong time or for the wrong operations is seen before any worker
+could hide it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta
+
+import pytest
+from django.test import override_settings
+from django.utils import timezone
+
+from batchframework import enqueue, enqueue_many
+from batchframework_celery.poller import poll_once
+from batchframework_celery.tasks import DRAIN_TASK, RUN_OPERATIONS_TASK
+
+from .conftest import CELERY_DISPATCHER, NO_DISPATCH
+
+pytestmark = [pytest.mark.celery, pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+
+def messages(broker, queue: str = "default") -> list[dict]:
+    """The messages waiting in ``queue`` on Redis, oldest first: task name, ETA, expiry, the
+    positional and keyword arguments."""
+    found = []
+    for raw in reversed(broker.redis.lrange(queue, 0, -1)):  # kombu LPUSHes, workers BRPOP
+        message = json.loads(raw)
+        args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        headers = message["headers"]
+        found.append(
+            {
+                "task": headers["task"],
+                "eta": headers.get("eta") and datetime.fromisoformat(headers["eta"]),
+                "expires": headers.get("expires") and datetime.fromisoformat(headers["expires"]),
+                "args": args,
+                "kwargs": kwargs,
+            }
+        )
+    return found
+
+
+def test_the_pollers_drain_messages_expire_after_two_poll_intervals(purge_broker):
+    """A drain that waited in the queue longer than two ticks is stale (a later tick sent fresh
+    ones): each drain message carries that expiry, so a worker coming back after an outage
+    discards the backlog instead of running one claim per stale message."""
+    broker = purge_broker
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        enqueue("test-noop")
+        before = timezone.now()
+        assert poll_once()["drain_messages"] == 1
+        after = timezone.now()
+    [drain] = messages(broker)
+    assert drain["task"] == DRAIN_TASK
+    assert drain["args"] == ["default"] and drain["kwargs"] == {"using": "default"}
+    interval = timedelta(seconds=NO_DISPATCH["POLL_INTERVAL"])
+    assert drain["expires"] is not None, "a drain message must expire"
+    assert before + 2 * interval <= drain["expires"] <= after + 2 * interval
+
+
+def test_operations_due_within_a_millisecond_share_a_message_whose_eta_is_the_latest(
+    celery_dispatch,
+):
+    """Operations due within ``CHUNK_SPREAD`` (1 ms) of the first of a chunk share its message,
+    and that message's ETA is the latest due time among them: a message that arrived before
+    one of its operations is due would claim nothing for it, and leave it to the poller, a poll
+    interval late. Those due later start a chunk of their own; the items' order does not
+    matter, and no chunk names more than ``BATCH_SIZE`` ids."""
+    broker = celery_dispatch
+    start = timezone.now() + timedelta(seconds=5)
+    offsets_us = [0, 400, 1000, 2500, 2600]  # chunks: {0, 400, 1000} and {2500, 2600}
+    items = [{"run_after": start + timedelta(microseconds=us)} for us in reversed(offsets_us)]
+    ops = enqueue_many("test-noop", items)
+    by_due = {op.run_after: op.pk for op in ops}
+    due = [start + timedelta(microseconds=us) for us in offsets_us]
+
+    found = messages(broker)
+    assert all(m["task"] == RUN_OPERATIONS_TASK for m in found)
+    chunks = sorted((m["eta"], sorted(m["args"][0])) for m in found)
+    assert chunks == [
+        (due[2], sorted(by_due[d] for d in due[:3])),
+        (due[4], sorted(by_due[d] for d in due[3:])),
+    ]
+    for eta, ids in chunks:
+        assert all(op.run_after <= eta for op in ops if op.pk in ids), "a message came early"
+
+
+def test_a_chunk_of_operations_due_together_later_holds_at_most_batch_size_ids(
+    purge_broker,
+):
+    """Operations due at the same future time are cut into chunks of ``BATCH_SIZE`` ids, like
+    those due now: a worker claims a message's ids in one batch."""
+    broker = purge_broker
+    with override_settings(BATCHFRAMEWORK={**CELERY_DISPATCHER, "BATCH_SIZE": 2}):
+        run_after = timezone.now() + timedelta(seconds=5)
+        ops = enqueue_many("test-noop", [{} for _ in range(5)], run_after=run_after)
+    found = messages(broker)
+    assert sorted(len(m["args"][0]) for m in found) == [1, 2, 2]
+    assert sorted(i for m in found for i in m["args"][0]) == sorted(op.pk for op in ops)
+    assert all(m["eta"] == run_after for m in found)

@@ -1,0 +1,37 @@
+"""The DB-polling worker's options, through :class:`batchframework.worker.Worker` (what
+``batchframework_worker`` runs): ``queues`` and ``max_operations``."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchframework import BatchOperation, enqueue
+from batchframework.worker import Worker
+
+pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
+
+
+def test_a_worker_given_queues_runs_only_operations_of_those_queues():
+    """``Worker(queues=[...])`` (``batchframework_worker --queue``) claims only from its queues:
+    operations of other queues stay unprocessed and unclaimed, for the workers that take them."""
+    mine = enqueue("test-other-queue")  # the handler's queue is "other"
+    theirs = enqueue("test-noop")  # "default"
+    assert Worker(queues=["other"], once=True).run() == 1
+    mine.refresh_from_db()
+    theirs.refresh_from_db()
+    assert mine.status == BatchOperation.STATUS_FINISHED
+    assert theirs.status == BatchOperation.STATUS_UNPROCESSED and theirs.attempts == 0
+
+
+def test_max_operations_claims_no_more_than_it_will_run():
+    """A worker with ``max_operations`` claims at most what it has left to run: it stops after
+    that many, and the rest stay unprocessed and unclaimed (not running under a lease of a
+    worker that has exited, for others to wait out)."""
+    ops = [enqueue("test-noop") for _ in range(5)]
+    assert Worker(max_operations=2, batch_size=10).run() == 2
+    statuses = sorted(
+        BatchOperation.objects.filter(pk__in=[op.pk for op in ops]).values_list(
+            "status", "attempts"
+        )
+    )
+    assert statuses == [("finished", 1)] * 2 + [("unprocessed", 0)] * 3
