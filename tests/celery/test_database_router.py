@@ -15,7 +15,7 @@ from django.test import override_settings
 from batchframework import BatchOperation, enqueue
 from batchframework_celery.tasks import poll
 
-from .conftest import NO_DISPATCH
+from .conftest import CELERY_DISPATCHER, NO_DISPATCH
 from .helpers import add_postgresql_alias, wait_for
 
 #: Where the router stores batchframework's tables (its own test database).
@@ -81,3 +81,18 @@ def test_a_message_without_using_still_runs_on_the_routers_database(inprocess_wo
         operation = enqueue("test-noop")
     run_operations.apply_async(args=[[operation.pk]], queue="default")
     assert wait_for(lambda: finished(ELSEWHERE, operation.pk), timeout=15)
+
+
+@ROUTED
+def test_background_publishing_names_each_operations_own_database(inprocess_worker):
+    """With ``PUBLISH_IN_BACKGROUND``, enqueues on two databases wait in the publishing
+    thread's buffer together; each message still names the database its operations are in."""
+    background = {**CELERY_DISPATCHER, "PUBLISH_IN_BACKGROUND": True}
+    with override_settings(BATCHFRAMEWORK=background):
+        routed = enqueue("test-noop")
+        on_default = enqueue("test-noop", using="default")
+    assert routed._state.db == ELSEWHERE
+    assert wait_for(
+        lambda: finished(ELSEWHERE, routed.pk) and finished("default", on_default.pk),
+        timeout=15,
+    )
