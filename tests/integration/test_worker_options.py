@@ -1,7 +1,9 @@
 """The DB-polling worker's options, through :class:`batchframework.worker.Worker` (what
-``batchframework_worker`` runs): ``queues`` and ``max_operations``."""
+``batchframework_worker`` runs): ``queues`` and ``max_operations``, and how long it sleeps."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import pytest
 
@@ -35,3 +37,15 @@ def test_max_operations_claims_no_more_than_it_will_run():
         )
     )
     assert statuses == [("finished", 1)] * 2 + [("unprocessed", 0)] * 3
+
+
+def test_a_worker_sleeps_until_its_own_next_operation_not_another_queues():
+    """Operations due in a queue this worker does not take must not decide how long it sleeps:
+    taking them for its own, it would find nothing to claim, back off, and wake late."""
+    enqueue("test-noop")  # due now, in "default", which this worker does not take
+    mine = enqueue("test-other-queue", delay=timedelta(seconds=2))
+    worker = Worker(queues=["other"], max_operations=1, poll_interval=timedelta(seconds=5))
+    assert worker.run() == 1
+    mine.refresh_from_db()
+    lateness = mine.started_running_datetime - mine.run_after
+    assert timedelta(0) <= lateness < timedelta(milliseconds=300), lateness
