@@ -16,6 +16,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.contenttypes.models import ContentType
 from django.core import checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
@@ -621,6 +622,8 @@ def test_enqueue_many_returns_the_stored_operations_field_for_field():
         assert not op._state.adding and op._state.db == "default"
     with CaptureQueriesContext(connection) as captured:
         assert {op.started_by for op in created} == {user}  # kept, not fetched again
+        types = {op.context_content_type for op in created if op.context_content_type_id}
+        assert types == {ContentType.objects.get_for_model(m) for m in (post, thing)}
     assert captured.captured_queries == []
     assert {row.queue for row in stored.values()} == {"other"}
 
