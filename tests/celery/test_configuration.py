@@ -8,6 +8,7 @@ import io
 import logging
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 
 import pytest
@@ -19,6 +20,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from batchframework import BatchOperation, enqueue
 from batchframework.dispatch import ImmediateDispatcher, get_dispatcher
+from batchframework.signals import operation_started
 from batchframework.testing import run_due
 from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
 from batchframework_celery.checks import check_celery, check_wiring, check_worker_connections
@@ -245,16 +247,30 @@ def test_deploy_check_warns_when_workers_reconnect_around_every_task():
     assert "batchframework_celery.W004" in _ids(check_worker_connections())
 
 
+@pytest.mark.parametrize("dispatcher", ["CeleryDispatcher", "RelayDispatcher"])
 def test_eager_mode_runs_due_operations_at_commit_and_leaves_delayed_ones_to_run_due(
-    celery_conf, caplog
+    celery_conf, caplog, dispatcher
 ):
     # No broker is needed (or touched) in eager mode.
     celery_conf(task_always_eager=True, broker_url="redis://127.0.0.1:1/15")
     caplog.set_level(logging.WARNING, logger="batchframework")
-    with override_settings(BATCHFRAMEWORK=CELERY_DISPATCHER):
-        now = enqueue("test-effect")
-        later = enqueue("test-effect", delay=timedelta(seconds=5))
+    threads: list[int] = []
+
+    def record_thread(sender, operation, **kwargs):
+        threads.append(threading.get_ident())
+
+    eager = {**CELERY_DISPATCHER, "DISPATCHER": f"batchframework_celery.dispatcher.{dispatcher}"}
+    operation_started.connect(record_thread)
+    try:
+        with override_settings(BATCHFRAMEWORK=eager):
+            now = enqueue("test-effect")
+            later = enqueue("test-effect", delay=timedelta(seconds=5))
+    finally:
+        operation_started.disconnect(record_thread)
     assert_ran_once_each([now.pk])
+    # In the caller's thread, as Celery's eager mode runs any task (not announced to a relay,
+    # nor handed to the publishing thread).
+    assert threads == [threading.get_ident()]
     later.refresh_from_db()
     assert (later.status, executions(later.pk)) == (BatchOperation.STATUS_UNPROCESSED, 0)
     assert not [r for r in caplog.records if "publish_failed" in r.getMessage()]

@@ -110,6 +110,17 @@ def test_a_batch_size_above_what_a_message_may_carry_still_runs_everything(
     assert not events(caplog, "message_rejected")
 
 
+def test_a_message_runs_all_its_ids_even_beyond_the_workers_batch_size(inprocess_worker):
+    """A message's ids are claimed together, whatever ``BATCH_SIZE`` the worker has (a web
+    process may have a larger one, or the message came before a change): none is left over
+    for the poller, a poll interval later."""
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        ids = [op.pk for op in enqueue_many("test-noop", [{} for _ in range(5)])]
+    with override_settings(BATCHFRAMEWORK={**CELERY_DISPATCHER, "BATCH_SIZE": 2}):
+        run_operations.apply_async(args=(ids,), queue="default")
+        assert wait_for(all_finished(ids), timeout=10)
+
+
 def test_a_message_delivered_twice_runs_the_operation_once(inprocess_worker, caplog):
     caplog.set_level(logging.INFO, logger="batchframework")
     op = enqueue("test-effect")
