@@ -19,9 +19,10 @@ from django.db import connection, transaction
 from django.test import override_settings
 
 from batchframework import BatchOperation, enqueue
+from batchframework_celery.dispatcher import RelayDispatcher
 from batchframework_celery.poller import poll_once
 from batchframework_celery.publish import bounded_publishing
-from batchframework_celery.relay import LOCK_KEY
+from batchframework_celery.relay import CHANNEL, LOCK_KEY
 
 from .helpers import (
     all_finished,
@@ -162,3 +163,12 @@ def test_relay_reconnects_when_its_database_session_is_killed(purge_broker, tmp_
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
+
+
+def test_the_relay_dispatcher_announces_only_on_the_database_its_relay_listens_to():
+    """The relay listens on the router's write database for operations. An operation enqueued
+    with ``using=`` another alias is published after commit instead: announced there, nobody
+    would hear it, and it would wait for the poller."""
+    dispatcher = RelayDispatcher()
+    assert dispatcher.notify_channel("default") == CHANNEL
+    assert dispatcher.notify_channel("another_database") is None
