@@ -66,6 +66,16 @@ def test_the_beat_poller_without_kwargs_polls_the_routers_database(inprocess_wor
 
 
 @ROUTED
+def test_a_poll_naming_a_database_polls_that_database(inprocess_worker):
+    """``poll`` with ``using`` (a ``PeriodicTask`` per database) finds that database's due
+    operations, not the router's."""
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):  # its message was lost
+        operation = enqueue("test-noop", using="default")
+    poll.apply_async(kwargs={"using": "default"}, queue="default")
+    assert wait_for(lambda: finished("default", operation.pk), timeout=15)
+
+
+@ROUTED
 def test_an_operation_enqueued_on_default_runs_from_its_message(inprocess_worker):
     """``using="default"`` is named in the message: the worker's router says otherwise."""
     operation = enqueue("test-noop", using="default")
