@@ -91,9 +91,16 @@ def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_brok
             now = [enqueue("test-effect").pk for _ in range(10)]
             soon = [enqueue("test-effect", delay=timedelta(seconds=1)).pk for _ in range(5)]
             other = [enqueue("test-other-queue").pk for _ in range(2)]
+            # Anyone may NOTIFY on the channel: what is not an id is ignored, and the ids
+            # announced with it are published.
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "not an id"])
+                now.append(enqueue("test-effect").pk)
         assert wait_for(all_finished([*now, *soon, *other]), timeout=20, interval=0.1), (
             first_log.read_text()[-3000:]
         )
+        assert not logged(first_log, "relay_error"), first_log.read_text()[-3000:]
         assert_ran_once_each([*now, *soon])
         assert_never_early(soon, late_by=1.0)
         # Announced while no relay listened: lost, as documented; the poller finds it.
