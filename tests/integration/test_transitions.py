@@ -45,6 +45,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ONLY_NO_DISPATCH = {"DISPATCHER": "batchframework.dispatch.NullDispatcher"}
 
 
+#: What a successful finish writes; a failed one writes the error too.
+SUCCESS_WRITES = {"status", "result", "finished_datetime", "output_data", "lease_expires_at"}
+FAILURE_WRITES = SUCCESS_WRITES | {"last_error"}
+#: What a retry writes: the operation is due again, unclaimed.
+RETRY_WRITES = {"status", "run_after", "last_error", "claimed_by", "lease_expires_at"}
+
+
 def columns(op: BatchOperation) -> dict[str, Any]:
     return BatchOperation.objects.filter(pk=op.pk).values().get()
 
@@ -98,13 +105,7 @@ def test_a_success_records_finish_output_and_gives_up_the_lease():
     before = columns(op)
     assert run_claimed(claimed) is RunOutcome.SUCCEEDED
     after = columns(op)
-    assert changed(before, after) == {
-        "status",
-        "result",
-        "finished_datetime",
-        "output_data",
-        "lease_expires_at",
-    }
+    assert changed(before, after) == SUCCESS_WRITES
     assert after["status"] == BatchOperation.STATUS_FINISHED
     assert after["result"] == BatchOperation.RESULT_SUCCESSFUL
     assert after["output_data"] == {"echo": {"n": 1}}
@@ -122,13 +123,7 @@ def test_successes_finished_together_write_what_one_finish_writes():
     assert runner.outcomes == [RunOutcome.SUCCEEDED] * 3
     for n, (op, before) in enumerate(zip(ops, befores, strict=True)):
         after = columns(op)
-        assert changed(before, after) == {
-            "status",
-            "result",
-            "finished_datetime",
-            "output_data",
-            "lease_expires_at",
-        }, n
+        assert changed(before, after) == SUCCESS_WRITES, n
         assert after["result"] == BatchOperation.RESULT_SUCCESSFUL
         assert after["output_data"] == {"echo": {"n": n}}  # each its own output
         assert after["lease_expires_at"] is None
@@ -141,13 +136,7 @@ def test_a_retry_gives_the_claim_back_and_is_due_after_its_backoff():
     before = columns(op)
     assert run_claimed(claimed) is RunOutcome.RETRY_SCHEDULED
     after = columns(op)
-    assert changed(before, after) == {
-        "status",
-        "run_after",
-        "last_error",
-        "claimed_by",
-        "lease_expires_at",
-    }
+    assert changed(before, after) == RETRY_WRITES
     assert after["status"] == BatchOperation.STATUS_UNPROCESSED
     assert after["claimed_by"] == "" and after["lease_expires_at"] is None
     assert after["result"] == BatchOperation.RESULT_NOT_AVAILABLE
@@ -163,14 +152,7 @@ def test_a_failure_with_no_attempts_left_finishes_as_failed(fails_for_good):
     before = columns(op)
     assert run_claimed(claimed) is RunOutcome.FAILED
     after = columns(op)
-    assert changed(before, after) == {
-        "status",
-        "result",
-        "finished_datetime",
-        "output_data",
-        "last_error",
-        "lease_expires_at",
-    }
+    assert changed(before, after) == FAILURE_WRITES
     assert after["status"] == BatchOperation.STATUS_FINISHED
     assert after["result"] == BatchOperation.RESULT_FAILED
     assert after["lease_expires_at"] is None
@@ -189,14 +171,7 @@ def test_a_batch_failure_writes_what_a_single_failure_writes(fails_for_good):
     assert runner.outcomes == [RunOutcome.FAILED] * 2
     for op, before in zip(ops, befores, strict=True):
         after = columns(op)
-        assert changed(before, after) == {
-            "status",
-            "result",
-            "finished_datetime",
-            "output_data",
-            "last_error",
-            "lease_expires_at",
-        }
+        assert changed(before, after) == FAILURE_WRITES
         assert after["result"] == BatchOperation.RESULT_FAILED
 
 
@@ -217,13 +192,7 @@ def test_recovering_an_operation_claimed_alone_retries_it_alone():
     before = columns(op)
     assert recover_expired(now=timezone.now() + timedelta(minutes=6)) == 1
     after = columns(op)
-    assert changed(before, after) == {
-        "status",
-        "run_after",
-        "last_error",
-        "claimed_by",
-        "lease_expires_at",
-    }
+    assert changed(before, after) == RETRY_WRITES
     assert after["status"] == BatchOperation.STATUS_UNPROCESSED
     assert after["attempts"] == 1  # the lost attempt counts
     assert after["claimed_by"] == "!isolated" and after["lease_expires_at"] is None
@@ -238,14 +207,7 @@ def test_recovering_an_operation_held_in_a_batch_does_not_count_its_attempt():
     assert recover_expired(now=timezone.now() + timedelta(minutes=6)) == 2
     for op, before in zip(ops, befores, strict=True):
         after = columns(op)
-        assert changed(before, after) == {
-            "status",
-            "attempts",
-            "run_after",
-            "last_error",
-            "claimed_by",
-            "lease_expires_at",
-        }
+        assert changed(before, after) == RETRY_WRITES | {"attempts"}
         assert after["attempts"] == 0
         assert after["claimed_by"] == "!isolated"
         assert "attempt not counted" in after["last_error"]
@@ -258,15 +220,7 @@ def test_recovering_an_operation_with_no_attempts_left_fails_it():
     before = columns(op)
     assert recover_expired(now=timezone.now() + timedelta(minutes=6)) == 1
     after = columns(op)
-    assert changed(before, after) == {
-        "status",
-        "result",
-        "finished_datetime",
-        "output_data",
-        "last_error",
-        "claimed_by",
-        "lease_expires_at",
-    }
+    assert changed(before, after) == FAILURE_WRITES | {"claimed_by"}
     assert after["result"] == BatchOperation.RESULT_FAILED
     assert after["output_data"]["error"]["type"] == "batchframework.WorkerLost"
     assert after["claimed_by"] == "" and after["lease_expires_at"] is None
