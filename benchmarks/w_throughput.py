@@ -7,7 +7,7 @@ counted by a Redis counter. Reported per run: ``wall`` (worker spawn → last fi
 start-up), ``active`` (first start → last finish) and ops/s over ``active``, the headline.
 
 W5: the same with many more operations while the worker's RSS is sampled from /proc, then
-W1 again with those finished rows left in the table.
+W1 with those finished rows left in the table, alternating with W1 on an empty copy of it.
 """
 
 from __future__ import annotations
