@@ -278,8 +278,11 @@ def test_enqueue_many_items_keep_their_own_due_time_and_priority():
 
 
 def test_progress_changes_only_progress_and_the_lease():
-    op = enqueue("test-sleep")
-    claimed = claim(op.pk)
+    # Claimed a minute ago: the renewed lease differs from the claim's even where the
+    # database's clock reads only milliseconds (SQLite).
+    a_minute_ago = timezone.now() - timedelta(minutes=1)
+    op = enqueue("test-sleep", run_after=a_minute_ago)
+    claimed = claim(op.pk, now=a_minute_ago)
     before = columns(op)
     assert set_progress(claimed, 2, 5, "two") is True
     after = columns(op)
