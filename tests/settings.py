@@ -52,7 +52,9 @@ if _engine.endswith("sqlite3"):
     # A file (not :memory:) so subprocess tests share it; IMMEDIATE so concurrent writers
     # queue on the lock instead of failing a lock upgrade.
     DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
-    DATABASES["default"]["TEST"] = {"NAME": _default_sqlite.replace(".sqlite3", "-test.sqlite3")}
+    # Beside the configured file, so that runs with different DATABASE_URLs never share one.
+    _name = str(DATABASES["default"]["NAME"]).removesuffix(".sqlite3")
+    DATABASES["default"]["TEST"] = {"NAME": f"{_name}-test.sqlite3"}
 elif _engine.endswith("mysql"):
     DATABASES["default"].setdefault("OPTIONS", {})["charset"] = "utf8mb4"
     DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
