@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
@@ -46,6 +47,12 @@ class AnnouncingDispatcher(RecordingDispatcher):
 
 ANNOUNCE_CHANNEL = "batchframework_test_announce"
 ANNOUNCING_DISPATCHER = f"{__name__}.AnnouncingDispatcher"
+
+
+def assert_close(actual: Any, expected: Any, tolerance: timedelta = timedelta(seconds=5)) -> None:
+    """``actual`` is a time within ``tolerance`` of ``expected``."""
+    assert actual is not None
+    assert abs(actual - expected) <= tolerance, f"{actual} is not within {tolerance} of {expected}"
 
 
 # --- Subprocesses on the test database ------------------------------------------------------

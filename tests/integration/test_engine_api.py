@@ -66,6 +66,7 @@ from .helpers import (
     ANNOUNCING_DISPATCHER,
     EXPLODING_DISPATCHER,
     RecordingDispatcher,
+    assert_close,
 )
 
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
@@ -79,11 +80,6 @@ def fresh(op: BatchOperation) -> BatchOperation:
 
 def row_values(op: BatchOperation) -> dict:
     return BatchOperation.objects.filter(pk=op.pk).values().get()
-
-
-def assert_close(actual, expected, tolerance=timedelta(seconds=5)):
-    assert actual is not None
-    assert abs(actual - expected) <= tolerance, f"{actual} is not within {tolerance} of {expected}"
 
 
 # --- Public API and registry ----------------------------------------------------------------

@@ -38,6 +38,8 @@ from batchframework.exceptions import HandlerRegistrationError
 from batchframework.registry import registry
 from tests.testapp.models import Post
 
+from .helpers import assert_close
+
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,11 +60,6 @@ def columns(op: BatchOperation) -> dict[str, Any]:
 
 def changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
     return {name for name in after if after[name] != before[name]}
-
-
-def assert_close(actual, expected, tolerance=timedelta(seconds=5)):
-    assert actual is not None
-    assert abs(actual - expected) <= tolerance, f"{actual} is not within {tolerance} of {expected}"
 
 
 @pytest.fixture
