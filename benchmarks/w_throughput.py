@@ -13,6 +13,7 @@ W1 with those finished rows left in the table, alternating with W1 on an empty c
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import subprocess
 import time
@@ -53,6 +54,36 @@ def _finished_count(first_id: int) -> int:
         return int(cursor.fetchone()[0])
 
 
+def _all_workers_rate(first_id: int) -> float:
+    """Operations per second finished while every worker process ran: from the last process's
+    first start to the first process's last finish (a process is its claim tokens' prefix).
+    Start-up stays out of it: processes that start up compete with those already running for
+    the two cores. NaN if no such moment lasted (a run too short for its processes)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH ops AS (
+                SELECT regexp_replace(claimed_by, ':[0-9a-f]{{12}}(/batch)?$', '') AS process,
+                       started_running_datetime AS started, finished_datetime AS finished
+                FROM {BatchOperation._meta.db_table} WHERE id >= %s
+            ), span AS (
+                SELECT max(first_start) AS start, min(last_finish) AS stop FROM (
+                    SELECT min(started) AS first_start, max(finished) AS last_finish
+                    FROM ops GROUP BY process
+                ) AS per_process
+            )
+            SELECT count(*), extract(epoch FROM (span.stop - span.start))
+            FROM ops, span WHERE ops.finished > span.start AND ops.finished <= span.stop
+            GROUP BY span.start, span.stop
+            """,
+            [first_id],
+        )
+        row = cursor.fetchone()
+    if row is None or not row[1] or row[1] <= 0 or row[0] < 100:
+        return math.nan
+    return row[0] / float(row[1])
+
+
 def run_tracked(
     bench: Bench,
     *,
@@ -61,10 +92,12 @@ def run_tracked(
     sample_rss: bool = False,
     env: dict[str, str] | None = None,
     analyze: bool = False,
+    db_workers: int = 2,
 ) -> dict[str, Any]:
-    """Run ``n`` tracked no-op operations through ``transport`` ("celery" or "db"); with
-    ``analyze``, the table's statistics are refreshed after they are stored (W5 compares tables
-    whose statistics would otherwise differ: none on an empty one)."""
+    """Run ``n`` tracked no-op operations through ``transport`` ("celery" or "db", with
+    ``db_workers`` processes); with ``analyze``, the table's statistics are refreshed after
+    they are stored (W5 compares tables whose statistics would otherwise differ: none on an
+    empty one)."""
     first_id = _enqueue_due_now(n, transport)
     if analyze:
         with connection.cursor() as cursor:
@@ -79,7 +112,7 @@ def run_tracked(
             proc, tag = bench.start_celery_worker(env=env)
             procs = [proc]
         else:
-            procs = bench.start_db_workers(2)
+            procs = bench.start_db_workers(db_workers)
         deadline = time.monotonic() + timeout
         done = 0
         while True:
@@ -123,6 +156,7 @@ def run_tracked(
         )
     first, last = agg["first"].timestamp(), agg["last"].timestamp()
     result = _timings(transport, n, spawned_at, ready_at, first, last)
+    result["ops_per_s_all_workers"] = _all_workers_rate(first_id)
     if sample_rss:
         result["rss"] = _rss_summary(samples, n)
     return result
@@ -198,11 +232,18 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+#: DB worker counts run besides the headline's two (one per core), informative: how throughput
+#: grows with workers, and more workers than cores contending for the same rows.
+SCALING_DB_WORKERS = (1, 4)
+
+
 def w1_throughput(bench: Bench, *, n: int, repeats: int, reuse_max: int | None) -> dict[str, Any]:
     """Repeats interleave the variants (baseline, Celery path, DB worker) to share the noise."""
     variants: dict[str, list[dict[str, Any]]] = {"plain": [], "celery": [], "db": []}
     if reuse_max:
         variants["celery_reuse"] = []
+    for count in SCALING_DB_WORKERS:
+        variants[f"db_x{count}"] = []
     for _ in range(repeats):
         for name, runs in variants.items():
             bench.reset()
@@ -217,6 +258,9 @@ def w1_throughput(bench: Bench, *, n: int, repeats: int, reuse_max: int | None) 
                         env={"BENCH_CELERY_DB_REUSE_MAX": str(reuse_max)},
                     )
                 )
+            elif name.startswith("db_x"):
+                workers = int(name.removeprefix("db_x"))
+                runs.append(run_tracked(bench, transport="db", n=n, db_workers=workers))
             else:
                 runs.append(run_tracked(bench, transport=name, n=n))
     result = {name: _median_run(runs) for name, runs in variants.items()}
@@ -248,6 +292,25 @@ def w1_throughput(bench: Bench, *, n: int, repeats: int, reuse_max: int | None) 
         ratio(result["db"]["ops_per_s"], base["ops_per_s"]),
         ">= 1,500 ops/s",
     )
+    two = result["db"]["ops_per_s_all_workers"]
+    bench.row(
+        "W1",
+        "  DB worker x2 while both run, ops/s",
+        two,
+        "",
+        "",
+        "(informative: start-up left out)",
+    )
+    for count in SCALING_DB_WORKERS:
+        rate = result[f"db_x{count}"]["ops_per_s_all_workers"]
+        bench.row(
+            "W1",
+            f"  DB worker x{count} while all run, ops/s (baseline: x2)",
+            rate,
+            two,
+            ratio(rate, two),
+            "(informative: scaling on 2 cores)",
+        )
     for name in variants:
         r = result[name]
         bench.row(
