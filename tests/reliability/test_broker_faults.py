@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 from django.db import transaction
@@ -22,7 +23,7 @@ from django.test import RequestFactory
 
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework.conf import get_settings
-from batchframework_celery.publish import Publisher
+from batchframework_celery.publish import Publisher, bounded_publishing
 from batchframework_celery.tasks import drain, run_operations
 from tests.integration.helpers import wait_for as wait_until
 from tests.testapp.models import Effect, Execution
@@ -119,6 +120,109 @@ def test_broker_down_at_commit(fault, private_redis, processes, reliability_repo
     assert response_seconds < 2.0, f"enqueue blocked the view for {response_seconds:.2f}s"
     assert runs == 1
     assert 0 <= late <= POLL + GRACE, f"ran {late:.2f}s after it was due"
+
+
+def _events(caplog, event: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if f"event={event} " in r.getMessage()]
+
+
+#: The back-off after a failed publish (``POLL_INTERVAL``), longer than the tests' 1 s so that
+#: a stalled round that comes through does not end it.
+BACK_OFF = 3.0
+
+
+@pytest.fixture
+def no_back_off():
+    """This process publishes at once: no back-off from an earlier test, none left after."""
+    bounded_publishing.reset()
+    yield
+    bounded_publishing.reset()
+
+
+@pytest.mark.timeout(60)
+def test_after_a_publish_timed_out_enqueues_skip_the_broker_until_a_poll_interval_passed(
+    private_redis, no_back_off, caplog
+):
+    """A broker that stalls for a moment (frozen: a fork for a snapshot, a network blip)
+    makes one enqueue wait ``PUBLISH_TIMEOUT``. Its round gets through once the broker
+    answers; but when the broker stalls again within ``POLL_INTERVAL`` of that timeout, the
+    next enqueue returns at once and leaves its operation to the poller (``publish_skipped``,
+    ``broker_recently_down``) instead of waiting on the broker again. Once ``POLL_INTERVAL``
+    has passed, enqueues publish again."""
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    with celery_on(private_redis.url(), POLL_INTERVAL=BACK_OFF):
+        timeout = get_settings().PUBLISH_TIMEOUT.total_seconds()
+        enqueue("test-effect")  # this process now holds a pooled connection, as a web one does
+        assert private_redis.waiting() == 1
+        private_redis.freeze()
+        try:
+            started = time.monotonic()
+            enqueue("test-effect")
+            timed_out_at = time.monotonic()
+        finally:
+            private_redis.thaw()
+        bounded_publishing.drain()  # the stalled round, which the broker now answers
+        assert timed_out_at - started >= timeout * 0.9
+        assert len(_events(caplog, "publish_timeout")) == 1, caplog.text
+        assert private_redis.waiting() == 2, "the stalled round got through once it answered"
+        assert not _events(caplog, "publish_failed"), caplog.text
+
+        private_redis.freeze()  # stalls again, within the back-off
+        try:
+            started = time.monotonic()
+            skipped = enqueue("test-effect")
+            elapsed = time.monotonic() - started
+        finally:
+            private_redis.thaw()
+        assert time.monotonic() - timed_out_at < BACK_OFF
+        assert elapsed < 0.5, f"enqueue waited {elapsed:.2f}s on the stalled broker again"
+        assert len(_events(caplog, "publish_timeout")) == 1, caplog.text
+        skips = _events(caplog, "publish_skipped")
+        assert len(skips) == 1 and "reason=broker_recently_down" in skips[0], skips
+        assert BatchOperation.objects.unprocessed().filter(pk=skipped.pk).exists()
+
+        time.sleep(max(0.0, timed_out_at + BACK_OFF + 0.2 - time.monotonic()))
+        enqueue("test-effect")  # the back-off is over: published at once
+        assert private_redis.waiting() == 3
+        assert len(_events(caplog, "publish_skipped")) == 1, caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_after_a_publish_round_failed_with_a_bug_enqueues_skip_the_broker_for_a_poll_interval(
+    private_redis, no_back_off, caplog
+):
+    """A publish round that fails with something other than a broker error (a bug: here
+    injected into the round) never reaches the caller: it is logged as ``publish_failed``, and
+    like a broker failure it leaves the enqueues of the next ``POLL_INTERVAL`` to the poller at
+    once (``publish_skipped``, ``broker_recently_down``), though the broker is up. After that,
+    enqueues publish again."""
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    bug = RuntimeError("a bug in the publish round")
+    with celery_on(private_redis.url(), POLL_INTERVAL=BACK_OFF):
+        with mock.patch(
+            "batchframework_celery.dispatcher.publish_operations", side_effect=bug
+        ) as round_:
+            failed = enqueue("test-effect")
+            failed_at = time.monotonic()
+        assert round_.call_count == 1
+        failures = _events(caplog, "publish_failed")
+        assert len(failures) == 1 and "a bug in the publish round" in failures[0], failures
+
+        started = time.monotonic()
+        skipped = enqueue("test-effect")
+        elapsed = time.monotonic() - started
+        assert time.monotonic() - failed_at < BACK_OFF
+        assert elapsed < 0.5, f"enqueue took {elapsed:.2f}s"
+        skips = _events(caplog, "publish_skipped")
+        assert len(skips) == 1 and "reason=broker_recently_down" in skips[0], skips
+        assert private_redis.messages() == 0, "published within the back-off"
+        unprocessed = BatchOperation.objects.unprocessed().filter(pk__in=[failed.pk, skipped.pk])
+        assert unprocessed.count() == 2, "both are left to the poller"
+
+        time.sleep(max(0.0, failed_at + BACK_OFF + 0.2 - time.monotonic()))
+        enqueue("test-effect")  # the back-off is over: published at once
+        assert private_redis.waiting() == 1
+        assert len(_events(caplog, "publish_skipped")) == 1, caplog.text
 
 
 ENQUEUE_AND_EXIT = """
