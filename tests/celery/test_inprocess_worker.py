@@ -223,9 +223,15 @@ def test_late_and_early_poller_ticks_publish_each_far_operation_once(
         ids = [enqueue("test-effect", delay=timedelta(seconds=1.2 + 0.4 * i)).pk for i in range(12)]
         assert purge_broker.total() == 0, "beyond the horizon: nothing published yet"
         scheduled = 0
-        for gap in (0.3, 1.4, 0.5, 1.4, 1.3, 0.2, 1.4, 0.1):  # seconds; the interval is 1
+        # Seconds between ticks (the interval is 1). A window reaches 1.5 intervals ahead, so
+        # a tick 1.3 late still meets the previous one. Ticks start on a plan, not a fixed
+        # sleep after the last one ended, so that a slow tick on a busy machine doesn't make
+        # the next one later than intended.
+        tick_at = time.monotonic()
+        for gap in (0.3, 1.3, 0.5, 1.3, 1.2, 0.2, 1.3, 0.1):
             scheduled += poll_once()["scheduled"]
-            time.sleep(gap)
+            tick_at += gap
+            time.sleep(max(0.0, tick_at - time.monotonic()))
     assert scheduled == len(ids)
     assert wait_for(all_finished(ids), timeout=15)
     assert_ran_once_each(ids)
