@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import connection, connections
 from django.test import override_settings
 
+from batchframework_celery.publish import bounded_publishing
 from tests.celery_app import app as celery_app
 
 from .processes import Processes, reliability_env
@@ -122,6 +123,8 @@ def celery_on(
     environment.start()
     conf.broker_transport_options = {**(old[1] or {}), **(transport_options or {})}
     reset_producer_pool(celery_app)
+    # No back-off from an earlier test's broker failure, and none left to the next one.
+    bounded_publishing.reset()
     wanted = {**settings.BATCHFRAMEWORK, "DISPATCHER": CELERY_DISPATCHER, **batchframework}
     try:
         with override_settings(BATCHFRAMEWORK=wanted):
@@ -130,6 +133,7 @@ def celery_on(
         environment.stop()
         conf.broker_url, conf.broker_transport_options = old
         reset_producer_pool(celery_app)
+        bounded_publishing.reset()
 
 
 @pytest.fixture

@@ -131,17 +131,9 @@ def _events(caplog, event: str) -> list[str]:
 BACK_OFF = 3.0
 
 
-@pytest.fixture
-def no_back_off():
-    """This process publishes at once: no back-off from an earlier test, none left after."""
-    bounded_publishing.reset()
-    yield
-    bounded_publishing.reset()
-
-
 @pytest.mark.timeout(60)
 def test_after_a_publish_timed_out_enqueues_skip_the_broker_until_a_poll_interval_passed(
-    private_redis, no_back_off, caplog
+    private_redis, caplog
 ):
     """A broker that stalls for a moment (frozen: a fork for a snapshot, a network blip)
     makes one enqueue wait ``PUBLISH_TIMEOUT``. Its round gets through once the broker
@@ -189,7 +181,7 @@ def test_after_a_publish_timed_out_enqueues_skip_the_broker_until_a_poll_interva
 
 @pytest.mark.timeout(60)
 def test_after_a_publish_round_failed_with_a_bug_enqueues_skip_the_broker_for_a_poll_interval(
-    private_redis, no_back_off, caplog
+    private_redis, caplog
 ):
     """A publish round that fails with something other than a broker error (a bug: here
     injected into the round) never reaches the caller: it is logged as ``publish_failed``, and
