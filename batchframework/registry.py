@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -19,12 +21,13 @@ from django.utils.module_loading import module_has_submodule
 
 from .conf import get_settings
 from .exceptions import HandlerRegistrationError, UnknownOperationTypeError
+from .signals import log_event
 
 if TYPE_CHECKING:
     from .models import BatchOperation
 
 HandlerFunction = Callable[["BatchOperation"], Any]
-Backoff = timedelta | float | int | Callable[[int], timedelta]
+Backoff = timedelta | float | int | Callable[[int], timedelta | float]
 F = TypeVar("F", bound=HandlerFunction)
 
 _OPERATIONTYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
@@ -61,14 +64,49 @@ class Handler:
         return self.lease or get_settings().DEFAULT_LEASE
 
     def backoff_for(self, attempt: int) -> timedelta:
-        """Delay before the attempt after ``attempt`` (1-based), exponential by default."""
+        """Delay before the attempt after ``attempt`` (1-based), exponential by default.
+
+        A callable ``retry_backoff`` may return a timedelta or a number of seconds. If it
+        raises or returns anything else, the default backoff applies and a warning is logged:
+        the failure it is called for must still be recorded.
+        """
         backoff = self.retry_backoff
         if callable(backoff):
-            return backoff(attempt)
+            try:
+                returned = backoff(attempt)
+            except Exception as exc:
+                returned = exc
+            delay = as_backoff(returned)
+            if delay is not None:
+                return delay
+            log_event(
+                logging.WARNING,
+                "retry_backoff_invalid",
+                operationtype=self.operationtype,
+                attempt=attempt,
+                returned=repr(returned),
+                fallback="DEFAULT_RETRY_BACKOFF",
+            )
+            backoff = None
         base = get_settings().DEFAULT_RETRY_BACKOFF if backoff is None else backoff
         if not isinstance(base, timedelta):
             base = timedelta(seconds=base)
         return base * (2 ** max(0, attempt - 1))
+
+
+def as_backoff(value: Any) -> timedelta | None:
+    """``value`` as a backoff: a timedelta or a number of seconds, finite and not negative;
+    ``None`` when it is not one."""
+    if isinstance(value, timedelta):
+        return value if value >= timedelta(0) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    try:
+        return timedelta(seconds=value)
+    except OverflowError:
+        return None
 
 
 class HandlerRegistry:
@@ -167,10 +205,21 @@ def handler(
         raise HandlerRegistrationError(
             f"max_attempts must be a positive integer, not {max_attempts!r}"
         )
-    if lease is not None and not isinstance(lease, timedelta):
-        lease = timedelta(seconds=lease)
-    if lease is not None and lease <= timedelta(0):
-        raise HandlerRegistrationError(f"lease must be positive, not {lease!r}")
+    if lease is not None:
+        checked_lease = as_backoff(lease)
+        if checked_lease is None or checked_lease <= timedelta(0):
+            raise HandlerRegistrationError(
+                f"lease must be positive (a timedelta or a number of seconds), not {lease!r}"
+            )
+        lease = checked_lease
+    if retry_backoff is not None and not callable(retry_backoff):
+        checked = as_backoff(retry_backoff)
+        if checked is None:
+            raise HandlerRegistrationError(
+                "retry_backoff must be a timedelta or a number of seconds (not negative), or a "
+                f"callable taking the attempt number, not {retry_backoff!r}"
+            )
+        retry_backoff = checked
 
     def decorator(fn: F) -> F:
         if not callable(fn):

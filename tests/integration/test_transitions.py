@@ -383,6 +383,46 @@ def test_backoff_doubles_from_the_default_base():
         registry.unregister("test-transitions-backoff")
 
 
+def _raises(attempt: int) -> timedelta:
+    raise ZeroDivisionError("a bug in the schedule")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        (lambda attempt: 30 * attempt, timedelta(seconds=30)),  # seconds, as numbers are
+        (lambda attempt: timedelta(minutes=attempt), timedelta(minutes=1)),
+        (lambda attempt: "30", timedelta(seconds=10)),  # not a backoff: the default's
+        (lambda attempt: -5, timedelta(seconds=10)),
+        (_raises, timedelta(seconds=10)),
+    ],
+    ids=["seconds", "timedelta", "text", "negative", "raises"],
+)
+def test_a_callable_backoff_schedules_the_retry_and_never_strands_the_failure(
+    schedule, expected, caplog
+):
+    """Whatever the schedule returns, the failed attempt is recorded and retried: a bad value
+    (or an exception) falls back to the default backoff with a warning, instead of escaping
+    the finish and leaving the operation running until its lease expires."""
+
+    def fails(operation):
+        raise RuntimeError("again")
+
+    handler("test-transitions-schedule", max_attempts=2, retry_backoff=schedule)(fails)
+    try:
+        with override_settings(BATCHFRAMEWORK=ONLY_NO_DISPATCH):
+            op = enqueue("test-transitions-schedule")
+            assert run_claimed(claim(op.pk)) is RunOutcome.RETRY_SCHEDULED
+            after = columns(op)
+            assert after["status"] == BatchOperation.STATUS_UNPROCESSED
+            assert "again" in after["last_error"]
+            assert_close(after["run_after"], timezone.now() + expected)
+        warned = "event=retry_backoff_invalid" in caplog.text
+        assert warned is (expected == timedelta(seconds=10))
+    finally:
+        registry.unregister("test-transitions-schedule")
+
+
 @pytest.mark.parametrize(
     ("options", "target", "message"),
     [
@@ -391,6 +431,12 @@ def test_backoff_doubles_from_the_default_base():
         ({"lease": timedelta(0)}, None, "lease must be positive"),
         ({"max_attempts": -2}, None, "max_attempts"),
         ({"max_attempts": 1.5}, None, "max_attempts"),
+        ({"lease": "300"}, None, "lease must be positive"),
+        ({"retry_backoff": "10"}, None, "retry_backoff must be"),
+        ({"retry_backoff": -1}, None, "retry_backoff must be"),
+        ({"retry_backoff": timedelta(seconds=-1)}, None, "retry_backoff must be"),
+        ({"retry_backoff": float("nan")}, None, "retry_backoff must be"),
+        ({"retry_backoff": True}, None, "retry_backoff must be"),
     ],
 )
 def test_the_registry_refuses_a_handler_that_could_not_run(options, target, message):
