@@ -72,6 +72,7 @@ class Handler:
         """
         backoff = self.retry_backoff
         if callable(backoff):
+            returned: Any
             try:
                 returned = backoff(attempt)
             except Exception as exc:
