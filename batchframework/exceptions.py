@@ -48,5 +48,11 @@ class HandlerOutputError(BatchframeworkError, TypeError):
     """A handler returned a value that cannot be stored as JSON ``output_data``."""
 
 
+class HandlerRolledBackError(BatchframeworkError):
+    """An ``atomic=True`` handler returned, but left its transaction marked for rollback (it
+    caught a database error raised inside it, instead of wrapping the statement that may fail
+    in an ``atomic()`` block of its own). Its writes were rolled back, so the attempt failed."""
+
+
 class OperationStateError(BatchframeworkError):
     """The operation is not in a state that allows the requested change."""

@@ -17,7 +17,7 @@ from django.db import transaction
 
 from ..clock import database_now, now_expression
 from ..errors import ErrorDetails, describe_exception, format_error
-from ..exceptions import HandlerOutputError
+from ..exceptions import HandlerOutputError, HandlerRolledBackError
 from ..jsondata import encode_json
 from ..models import BatchOperation
 from ..registry import Handler, registry
@@ -172,6 +172,14 @@ def _run_atomic(operation: BatchOperation, registered: Handler, alias: str) -> R
         try:
             with transaction.atomic(using=alias):
                 output = _call(registered, operation)
+                if transaction.get_rollback(using=alias):
+                    # Leaving the block would undo the handler's writes in silence, and the
+                    # finish below would record a success without them.
+                    raise HandlerRolledBackError(
+                        "The handler returned but left its transaction marked for rollback: "
+                        "it caught a database error raised inside it. Its writes were rolled "
+                        "back. Wrap a statement that may fail in an atomic() block of its own."
+                    )
         except Exception as exc:
             # The savepoint rolled back the handler's writes; record the failure.
             return _finish_failure(operation, registered, describe_exception(exc), alias)

@@ -20,7 +20,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.core import checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models.signals import post_init, post_save, pre_save
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -1021,6 +1021,43 @@ def test_atomic_handler_rolls_back_its_writes_on_failure():
     stored = fresh(op)
     assert stored.result == BatchOperation.RESULT_SUCCESSFUL
     assert stored.output_data == {"attempt": 2}
+
+
+@pytest.mark.parametrize("own_savepoint", [False, True], ids=["swallowed", "own-savepoint"])
+def test_an_atomic_handler_that_swallowed_a_database_error_did_not_succeed(own_savepoint):
+    """Catching an IntegrityError inside the handler's transaction marks it for rollback: its
+    writes are undone whatever it returns, so the attempt must not be recorded as a success.
+    With the failing statement in an atomic() of its own (Django's advice), it succeeds."""
+    Effect.objects.create(key="taken")
+
+    def records_once(operation):
+        Effect.objects.create(key=f"work-{operation.pk}")
+        try:
+            if own_savepoint:
+                with transaction.atomic():
+                    Effect.objects.create(key="taken")
+            else:
+                Effect.objects.create(key="taken")
+        except IntegrityError:
+            pass  # "already recorded, fine"
+        return {"done": True}
+
+    handler("test-atomic-swallows", atomic=True)(records_once)
+    try:
+        op = enqueue("test-atomic-swallows")
+        outcome = run(op.pk)
+    finally:
+        registry.unregister("test-atomic-swallows")
+    stored = fresh(op)
+    work = Effect.objects.filter(key=f"work-{op.pk}").exists()
+    if own_savepoint:
+        assert outcome is RunOutcome.SUCCEEDED and work
+        assert stored.result == BatchOperation.RESULT_SUCCESSFUL
+    else:
+        assert outcome is RunOutcome.FAILED and not work
+        assert stored.result == BatchOperation.RESULT_FAILED
+        assert "HandlerRolledBackError" in stored.last_error
+        assert "marked for rollback" in stored.last_error
 
 
 # --- Query counts (invariant 9) --------------------------------------------------------------
