@@ -12,7 +12,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import router, transaction
 
 from ..models import BatchOperation
 from ..registry import registry
@@ -37,10 +37,13 @@ def _pk(operation: BatchOperation | Any) -> Any:
 
 
 def _alias(operation: BatchOperation | Any, using: str | None) -> str:
+    """Where to write: ``using``, else what the router says for this instance, as ``save()``
+    asks it (an instance read from a replica is written to the primary; without a router, to
+    the database it came from)."""
     if using:
         return using
-    if isinstance(operation, BatchOperation) and operation._state.db:
-        return operation._state.db
+    if isinstance(operation, BatchOperation):
+        return router.db_for_write(BatchOperation, instance=operation)
     return write_alias()
 
 
