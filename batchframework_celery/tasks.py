@@ -3,20 +3,25 @@
 Messages carry only primary keys (or a queue name) and an optional database alias; a handler is
 found only by looking up the claimed row's ``operationtype`` in the registry. A message for an
 operation that was deleted, cancelled, claimed elsewhere, finished or is not yet due does
-nothing but log (invariants 1 and 8).
+nothing but log (invariants 1 and 8), except that a message arriving a moment before its
+operations are due waits for them (see :data:`EARLY_WAIT`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from celery import shared_task
 from django.conf import settings as django_settings
 from django.db import InterfaceError, OperationalError, connections
 
+from batchframework.clock import NOISE, database_now, now_expression
 from batchframework.engine import BatchRunner, claim_due, write_alias
+from batchframework.models import BatchOperation
 from batchframework.signals import log_event
 
 from .names import DRAIN_TASK, POLL_TASK, RUN_OPERATIONS_TASK
@@ -26,6 +31,14 @@ T = TypeVar("T")
 #: Most ids one message may name; larger messages are refused as malformed, so the dispatcher
 #: never sends more in one, whatever ``BATCH_SIZE`` says.
 MAX_IDS_PER_MESSAGE = 10_000
+
+#: How long a ``run_operations`` message waits for operations it names that are not due yet.
+#: Celery fires an ETA by the worker's clock, and the claim judges "due" by the database's: a
+#: worker whose clock runs a few milliseconds ahead (ordinary NTP error between hosts) gets
+#: every ETA message that much early. Without the wait those operations would wait for the
+#: poller's next drain, up to a poll interval late. Operations due later than this are left to
+#: their own message or the poller.
+EARLY_WAIT = timedelta(seconds=1)
 
 
 def _valid_alias(using: Any) -> str | None:
@@ -91,18 +104,51 @@ def run_operations(ids: Any, using: Any = None) -> int:
         log_event(logging.ERROR, "message_rejected", task=RUN_OPERATIONS_TASK, reason=str(exc))
         return 0
     claimed = reconnecting(using, lambda: claim_due(ids=ids, limit=len(ids), using=using))
+    ran = run_claimed_batch(claimed, using) if claimed else 0
     if len(claimed) < len(ids):
         won = {op.pk for op in claimed}
-        log_event(
-            logging.INFO,
-            "message_noop",
-            task=RUN_OPERATIONS_TASK,
-            named=len(ids),
-            claimed=len(claimed),
-            ids=",".join(str(i) for i in ids if i not in won)[:500],
-            reason="gone, cancelled, claimed elsewhere, finished or not yet due",
-        )
-    return run_claimed_batch(claimed, using)
+        early = _claim_when_due([i for i in ids if i not in won], using)
+        ran += run_claimed_batch(early, using) if early else 0
+        won.update(op.pk for op in early)
+        if len(won) < len(ids):
+            log_event(
+                logging.INFO,
+                "message_noop",
+                task=RUN_OPERATIONS_TASK,
+                named=len(ids),
+                claimed=len(won),
+                ids=",".join(str(i) for i in ids if i not in won)[:500],
+                reason="gone, cancelled, claimed elsewhere, finished or not yet due",
+            )
+    return ran
+
+
+def _claim_when_due(ids: list[int], using: str | None) -> list[Any]:
+    """Claim those of ``ids`` that are still unprocessed and come due within
+    :data:`EARLY_WAIT` (by the database's clock), once they are due."""
+    alias = write_alias(using)
+    due_times = list(
+        BatchOperation.objects.using(alias)
+        .unprocessed()
+        .filter(pk__in=ids, run_after__gt=now_expression())
+        .filter(run_after__lte=database_now(alias) + EARLY_WAIT)
+        .values_list("pk", "run_after")
+    )
+    if not due_times:
+        return []
+    # The offset to the database's clock is known only beyond NOISE: wait that much longer.
+    wait = (max(due for _, due in due_times) - database_now(alias) + NOISE).total_seconds()
+    wait = min(max(wait, 0.0), (EARLY_WAIT + NOISE).total_seconds())
+    log_event(
+        logging.INFO,
+        "message_early",
+        task=RUN_OPERATIONS_TASK,
+        ids=",".join(str(pk) for pk, _ in due_times)[:500],
+        wait=f"{wait * 1000:.0f}ms",
+    )
+    time.sleep(wait)
+    early = [pk for pk, _ in due_times]
+    return claim_due(ids=early, limit=len(early), using=using)
 
 
 @shared_task(name=DRAIN_TASK, ignore_result=True)

@@ -297,3 +297,25 @@ def test_hostile_messages_are_rejected_and_run_nothing(inprocess_worker, purge_b
     # The target was due and runnable all along: only the messages were refused.
     assert [op.pk for op in run_due()] == [pk]
     assert_ran_once_each([pk, sentinel.pk])
+
+
+@pytest.mark.parametrize("fast_ms", [0, 50])
+def test_an_eta_message_that_fires_early_by_the_workers_clock_still_runs_its_operation(
+    inprocess_worker, monkeypatch, caplog, fast_ms
+):
+    """Celery fires an ETA by the worker's clock, the claim judges "due" by the database's. A
+    worker whose clock runs a little ahead (NTP error between hosts) gets every ETA message
+    that early: the message waits for its operations instead of leaving them to the poller's
+    drain, a poll interval late (no poller runs here: only the message can run it), and still
+    never runs one early."""
+    import kombu.asynchronous.timer as kombu_timer
+
+    caplog.set_level(logging.INFO, logger="batchframework")
+    real_time = kombu_timer._time
+    monkeypatch.setattr(kombu_timer, "_time", lambda: real_time() + fast_ms / 1000)
+    with override_settings(BATCHFRAMEWORK=CELERY_DISPATCHER):
+        ids = [enqueue("test-effect", delay=timedelta(seconds=1)).pk for _ in range(2)]
+    assert wait_for(all_finished(ids), timeout=5), "the early message left them to a drain"
+    assert_ran_once_each(ids)
+    assert_never_early(ids, late_by=0.5)
+    assert ("event=message_early" in caplog.text) is (fast_ms > 0)
