@@ -33,6 +33,7 @@ from typing import Any
 
 from amqp.exceptions import NotFound
 from celery import Task
+from celery.exceptions import QueueNotFound
 from kombu.exceptions import ChannelError, KombuError, OperationalError
 
 from batchframework.conf import get_settings
@@ -133,6 +134,20 @@ class Publisher:
                 if self._batch is not None:
                     self._buffered += 1  # counted as published once the batch is sent
                     return True
+        except QueueNotFound as exc:
+            # A configuration error about this queue only (``task_create_missing_queues`` off
+            # and the queue not in ``task_queues``): the broker is fine, and the round's other
+            # queues are published. Its operations wait, in the database, for the queue.
+            self.failed += 1
+            log_event(
+                logging.ERROR,
+                "publish_unroutable",
+                task=task.name,
+                queue=queue,
+                error=repr(exc),
+                hint="add the queue to CELERY_TASK_QUEUES",
+            )
+            return False
         except BROKER_DOWN_ERRORS as exc:
             # A batch that failed (flushing early when full) lost its buffered messages too.
             lost, self._buffered = self._buffered, 0

@@ -25,6 +25,7 @@ from batchframework.testing import run_due
 from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
 from batchframework_celery.checks import check_celery, check_wiring, check_worker_connections
 from batchframework_celery.dispatcher import CeleryDispatcher
+from batchframework_celery.poller import poll_once
 from batchframework_celery.tasks import POLL_TASK, reconnecting
 from tests.celery_app import app as celery_app
 from tests.integration.helpers import ROOT, subprocess_env
@@ -287,3 +288,46 @@ def test_always_synchronous_runs_due_operations_at_commit():
     assert_ran_once_each([now.pk])
     assert executions(later.pk) == 0
     assert [op.pk for op in run_due(now=timezone.now() + timedelta(seconds=6))] == [later.pk]
+
+
+@pytest.fixture
+def celery_knows_only_the_default_queue(monkeypatch):
+    """``CELERY_TASK_CREATE_MISSING_QUEUES = False`` and ``CELERY_TASK_QUEUES`` without the
+    queue of ``test-other-queue``'s handler ("other"), say a handler added later whose queue
+    nobody added: Celery raises ``QueueNotFound`` for it."""
+    queues = celery_app.amqp.queues
+    queues["default"]  # created now, while missing queues still may be
+    saved = queues.pop("other", None)
+    monkeypatch.setattr(queues, "create_missing", False)
+    yield
+    if saved is not None:
+        queues["other"] = saved
+
+
+def test_a_queue_celery_cannot_route_to_fails_alone_in_the_poller(
+    purge_broker, celery_knows_only_the_default_queue, caplog
+):
+    """One unroutable queue is logged (``publish_unroutable``) and its operations wait in the
+    database; the tick still wakes workers for the other queues and publishes its window."""
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    with override_settings(BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 1}):
+        enqueue("test-other-queue")
+        enqueue("test-noop")  # due in "default", without a message
+        enqueue("test-noop", delay=1.2)  # beyond the horizon: in the tick's window
+        result = poll_once()
+    assert purge_broker.waiting("default") == 2, result  # a drain and an ETA message
+    assert result["publish_failures"] == 1
+    assert "event=publish_unroutable" in caplog.text and "queue=other" in caplog.text
+    assert "event=publish_failed" not in caplog.text  # not taken for a broker outage
+
+
+def test_a_queue_celery_cannot_route_to_does_not_stop_publishing_to_the_others(
+    celery_dispatch, celery_knows_only_the_default_queue, caplog
+):
+    """The web side: the unroutable round is not taken for a broker outage, so the next
+    enqueue, to a queue Celery knows, is published at once rather than skipped."""
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    enqueue("test-other-queue")
+    enqueue("test-noop")
+    assert celery_dispatch.waiting("default") == 1, caplog.text
+    assert "event=publish_skipped" not in caplog.text
