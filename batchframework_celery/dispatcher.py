@@ -90,13 +90,15 @@ def publish_operations(
     *,
     using: str | None = None,
     horizon: timedelta | None = None,
+    now: datetime | None = None,
 ) -> Publisher:
-    """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``), which are
-    stored in ``using`` (default: the router's write database for operations)."""
+    """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``) of ``now``
+    (default: this process's clock), which are stored in ``using`` (default: the router's write
+    database for operations)."""
     from .tasks import MAX_IDS_PER_MESSAGE, run_operations
 
     settings = get_settings()
-    now = timezone.now()
+    now = now or timezone.now()
     limit = now + (horizon if horizon is not None else settings.DISPATCH_HORIZON)
     by_queue: dict[str, list[BatchOperation]] = defaultdict(list)
     for operation in operations:

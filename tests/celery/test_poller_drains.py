@@ -4,10 +4,14 @@ message until a consumer comes, however expired it is)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.test import override_settings
+from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework.clock import forget_clock_offsets
 from batchframework_celery.poller import poll_once
 from batchframework_celery.tasks import drain
 
@@ -41,3 +45,27 @@ def test_a_drain_claims_only_operations_of_its_own_queue(inprocess_worker):
     assert wait_for(all_finished([other.pk]), timeout=15)
     default.refresh_from_db()
     assert (default.status, default.attempts) == (BatchOperation.STATUS_UNPROCESSED, 0)
+
+
+@pytest.mark.parametrize("slow_by", [0.0, 0.8], ids=["clocks-agree", "poller-clock-0.8s-slow"])
+def test_every_operation_the_pollers_window_takes_gets_its_eta_message(
+    purge_broker, monkeypatch, slow_by
+):
+    """The window is measured on the database's clock, and the watermark moves past it; what
+    it took must be published judged on that clock too. A poller whose process clock is
+    behind the database's by over half a poll interval left the window's end unpublished."""
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() - timedelta(seconds=slow_by))
+    forget_clock_offsets()
+    try:
+        with override_settings(
+            BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
+        ):
+            enqueue("test-noop", delay=1.4)  # beyond the horizon, in this tick's window
+            first = poll_once()
+            second = poll_once()  # its window starts where the first one's ended
+    finally:
+        forget_clock_offsets()
+    assert first["scheduled"] == 1, first
+    assert first["scheduled_messages"] + second["scheduled_messages"] == 1, (first, second)
+    assert purge_broker.waiting("default") == 1
