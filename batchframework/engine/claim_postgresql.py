@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections
+from django.utils import timezone
 
 from ..models import BatchOperation
 from ._common import ISOLATED, new_claim_token
@@ -96,9 +97,17 @@ def claim_due_postgresql(
         "now": now,
     }
     connection = connections[alias]
+    # Taken before the claim, so that the deadline kept below is never later than the row's.
+    started = now or timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         operations = _loaded(cursor, alias, connection)
+    for operation in operations:
+        # The row's lease is on the database's clock; the worker judges what is left of it on
+        # its own (batch.BatchRunner, keeper), as the portable claim leaves it. A worker clock
+        # behind the database's would otherwise think a lease fresher than it is, skip the
+        # fenced renewal, and run an operation whose lease was recovered meanwhile.
+        operation.lease_expires_at = started + leases[operation.operationtype]
     # RETURNING has no order: run them in claim order.
     operations.sort(key=lambda op: (-op.priority, op.run_after, op.pk))
     return operations

@@ -14,7 +14,14 @@ from django.db import connections
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, handler
-from batchframework.engine import BatchRunner, RunOutcome, claim_due, recover_expired, run_claimed
+from batchframework.engine import (
+    BatchRunner,
+    RunOutcome,
+    claim_due,
+    recover_expired,
+    run,
+    run_claimed,
+)
 from batchframework.engine import keeper as keeper_module
 from batchframework.engine.keeper import lease_keeper
 from batchframework.registry import registry
@@ -218,3 +225,40 @@ def test_a_claim_lost_while_its_handler_runs_is_logged_once(registered, caplog):
     with caplog.at_level("WARNING", logger="batchframework"):
         assert run_claimed(claimed) is RunOutcome.LOST_CLAIM
     assert caplog.text.count("lease_renewal_refused") == 1
+
+
+@pytest.mark.parametrize("worker_clock_slow_by", [0.0, 1.8], ids=["clocks-agree", "1.8s-slow"])
+def test_a_batch_mate_whose_lease_was_recovered_is_not_started_on_a_slow_clock(
+    registered, monkeypatch, worker_clock_slow_by
+):
+    """Two operations claimed in one batch (lease 2 s); the first runs 2.3 s, so the second's
+    lease expires while it waits, and a poller recovers it and another worker runs it. The
+    batch's worker must drop it, not run it again, even when its clock is behind the
+    database's (the claim's leases are on the database's clock): it would otherwise think the
+    lease fresh and skip the fenced renewal that finds the claim gone."""
+    stolen: list[RunOutcome] = []
+
+    @registered("runner-long-first", lease=2)
+    def long(operation):
+        time.sleep(2.3)
+        recover_expired()  # what any poller does meanwhile, and another worker after it
+        stolen.append(run(second.pk, worker="other-worker"))
+        connections.close_all()
+
+    @registered("runner-quick-second", lease=2)
+    def quick(operation):
+        Execution.objects.create(key=f"quick-{operation.pk}")
+
+    real_now = timezone.now
+    monkeypatch.setattr(
+        timezone, "now", lambda: real_now() - timedelta(seconds=worker_clock_slow_by)
+    )
+    enqueue("runner-long-first", priority=1)
+    second = enqueue("runner-quick-second")
+    claimed = claim_due(limit=2, operationtypes=["runner-long-first", "runner-quick-second"])
+    assert [op.operationtype for op in claimed] == ["runner-long-first", "runner-quick-second"]
+    with BatchRunner(window=0) as runner:
+        runner.run_batch(claimed)
+    assert stolen == [RunOutcome.SUCCEEDED]
+    runs = Execution.objects.filter(key=f"quick-{second.pk}").count()
+    assert runs == 1, f"the quick handler ran {runs} times; outcomes {runner.outcomes}"
