@@ -52,6 +52,14 @@ def chunk_by_due_time(
 class CeleryDispatcher(Dispatcher):
     """Publishes ``batchframework.run_operations`` messages for operations due soon."""
 
+    @property  # a class attribute in Dispatcher; here it depends on Celery's configuration
+    def dispatches_retries(self) -> bool:  # type: ignore[override]
+        """Not in eager mode, which would run a retry inside the failed attempt's finish, so
+        that the attempts of a handler that keeps failing nest (as ``ImmediateDispatcher``)."""
+        from .tasks import run_operations
+
+        return not run_operations.app.conf.task_always_eager
+
     def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
         from .tasks import run_operations
 

@@ -280,6 +280,24 @@ def test_eager_mode_runs_due_operations_at_commit_and_leaves_delayed_ones_to_run
     assert_ran_once_each([now.pk, later.pk])
 
 
+def test_eager_mode_leaves_a_failed_attempts_retry_to_run_due(celery_conf):
+    """Eager mode runs a task where it is published: a retry dispatched from the failed
+    attempt's finish would run inside it, and a handler that keeps failing would nest all its
+    attempts (each traceback chaining the ones before). As with ``ALWAYS_SYNCHRONOUS``, the
+    retry is left to ``run_due``."""
+    celery_conf(task_always_eager=True, broker_url="redis://127.0.0.1:1/15")
+    with override_settings(BATCHFRAMEWORK=CELERY_DISPATCHER):
+        op = enqueue("test-always-fails")  # max_attempts=3, retry_backoff=0
+    op.refresh_from_db()
+    assert (op.attempts, op.status, executions(op.pk)) == (1, BatchOperation.STATUS_UNPROCESSED, 1)
+    for attempt in (2, 3):
+        assert [o.pk for o in run_due()] == [op.pk]
+        op.refresh_from_db()
+        assert op.attempts == attempt
+    assert op.result == BatchOperation.RESULT_FAILED
+    assert "During handling of the above exception" not in op.last_error
+
+
 def test_always_synchronous_runs_due_operations_at_commit():
     settings = {k: v for k, v in NO_DISPATCH.items() if k != "DISPATCHER"}
     with override_settings(BATCHFRAMEWORK={**settings, "ALWAYS_SYNCHRONOUS": True}):
