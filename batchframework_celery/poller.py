@@ -4,6 +4,9 @@
 2. For each queue with due operations, publish ``drain`` messages: workers then claim batches
    with ``SKIP LOCKED``. The database, not the broker, says what is due, so operations whose
    message was never sent, or was lost with the broker's state, run anyway.
+   Messages already waiting in a queue count against its drains, except that a queue whose
+   oldest due operation has waited over two ticks gets one drain anyway (see
+   :data:`MAX_WAITING_FOR_A_STARVED_DRAIN`).
 3. Publish operations coming due before the next tick, which were beyond the dispatch horizon
    when they were enqueued (and so have no message), with an ETA, so they are not late by a
    poll interval. A watermark in the database (:class:`~.models.PollerWatermark`) says how far
@@ -33,6 +36,13 @@ from .publish import Publisher
 #: Most drain messages one tick publishes per queue.
 MAX_DRAINS_PER_QUEUE = 64
 
+#: Below this many waiting messages, a queue whose oldest due operation has waited more than
+#: two ticks gets a drain even though messages wait: those wake workers only for the
+#: operations they name, and one due without a message (lost, or put back by recovery) would
+#: otherwise wait for the queue to empty. Above it, nothing is added: a queue no worker
+#: consumes must not fill the broker with one message per tick forever.
+MAX_WAITING_FOR_A_STARVED_DRAIN = 1000
+
 #: The watermark row of the scheduling window (one per database).
 WATERMARK_NAME = "scheduled"
 
@@ -58,7 +68,18 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
             # pile up while no worker consumes it (Redis keeps expired messages until one
             # does). A queue the broker can't count gets them all.
             waiting = publisher.waiting(drain, queue)
-            for _ in range(wanted if waiting is None else max(0, wanted - waiting)):
+            count = wanted if waiting is None else max(0, wanted - waiting)
+            starved = (
+                not count
+                and waiting is not None
+                and waiting < MAX_WAITING_FOR_A_STARVED_DRAIN
+                and _starving(alias, queue, types)
+            )
+            if starved:
+                # Behind the waiting messages: it must not expire before it reaches a worker
+                # (the cap bounds how many such drains can pile up).
+                publisher.publish(drain, [queue], queue=queue, kwargs=kwargs)
+            for _ in range(count):
                 # A drain that waited longer than two ticks is stale (a later tick sent fresh
                 # ones): workers discard it unrun.
                 publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires)
@@ -81,6 +102,18 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
         "scheduled_messages": scheduled,
         "publish_failures": publisher.failed,
     }
+
+
+def _starving(alias: str, queue: str, types: list[str]) -> bool:
+    """Whether an operation of ``queue`` has been due for over two poll intervals (a drain
+    claims the longest due first)."""
+    overdue = database_now(alias) - get_settings().POLL_INTERVAL * 2
+    return (
+        BatchOperation.objects.db_manager(alias)
+        .due()
+        .filter(queue=queue, operationtype__in=types, run_after__lt=overdue)
+        .exists()
+    )
 
 
 def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:

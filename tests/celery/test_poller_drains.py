@@ -4,6 +4,7 @@ message until a consumer comes, however expired it is)."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -69,3 +70,31 @@ def test_every_operation_the_pollers_window_takes_gets_its_eta_message(
     assert first["scheduled"] == 1, first
     assert first["scheduled_messages"] + second["scheduled_messages"] == 1, (first, second)
     assert purge_broker.waiting("default") == 1
+
+
+def test_an_operation_without_a_message_runs_while_its_queue_never_empties(inprocess_worker):
+    """Waiting messages count against the drains a tick sends, but a run_operations message
+    runs only the ids it names: an operation due without a message (lost with the broker, or
+    put back by lease recovery) must not wait for a busy queue to empty."""
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        lost = enqueue("test-noop")  # due, and no message will ever name it
+    drains: list[int] = []
+    work = 0.25  # seconds per operation; the in-process worker runs one at a time
+    for _ in range(12):  # about 3 s of work waiting in "default", topped up below
+        enqueue("test-sleep", input_data={"seconds": work})
+    deadline = time.monotonic() + 10
+    next_op = next_tick = time.monotonic()
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        if now >= next_op:
+            enqueue("test-sleep", input_data={"seconds": work})
+            next_op += work
+        if now >= next_tick:  # as beat would, every POLL_INTERVAL (1 s in these tests)
+            drains.append(poll_once()["drain_messages"])
+            next_tick += 1.0
+        lost.refresh_from_db()
+        if lost.status == BatchOperation.STATUS_FINISHED:
+            break
+        time.sleep(0.02)
+    assert lost.status == BatchOperation.STATUS_FINISHED, f"drains per tick: {drains}"
+    assert sum(drains) <= len(drains), "one drain per tick at most, while messages wait"
