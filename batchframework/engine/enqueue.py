@@ -14,6 +14,7 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, connections, models, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from ..clock import database_now
@@ -174,7 +175,8 @@ def enqueue(
 
     ``delay`` (a timedelta or seconds) or ``run_after`` (an aware datetime) sets when it is
     due; by default it is due now. With ``replace=True``, an unprocessed operation of the same
-    operationtype and context object is updated instead (debounce), so at most one is pending.
+    operationtype and context object is updated instead (debounce; see :doc:`howto/debounce`
+    for which one, when an attempt put back for a retry is pending too).
     Raises a subclass of :class:`~batchframework.exceptions.InvalidOperationError` and writes
     nothing when an argument is invalid.
     """
@@ -212,8 +214,13 @@ def _notify_channel(alias: str) -> str | None:
 def _insert_or_replace(operation: BatchOperation, key: str, alias: str) -> BatchOperation:
     """Update the pending operation of this operationtype and context, or insert one.
 
-    Race-free: an insert carries ``debounce_key``, unique among pending operations, so of two
-    concurrent inserts one fails and retries as an update of the other's row.
+    Race-free: the operation updated or inserted carries ``debounce_key``, unique among pending
+    operations, so of two concurrent inserts one fails and retries as an update of the other's
+    row. Exactly one row is updated: the key's holder, else the newest pending one. Others may
+    be pending too — an attempt that failed and waits for its retry, or one a stopping worker
+    gave back, while a change made during its run was stored as a new operation; or plain
+    enqueues — and they keep their own values: updating them as well would make the same
+    work run twice.
     """
     manager = BatchOperation.objects.db_manager(alias)
     pending = manager.unprocessed().filter(
@@ -221,25 +228,34 @@ def _insert_or_replace(operation: BatchOperation, key: str, alias: str) -> Batch
         context_content_type=operation.context_content_type,
         context_object_id=operation.context_object_id,
     )
+    changes = {
+        "run_after": operation.run_after,
+        "input_data": operation.input_data,
+        "priority": operation.priority,
+        "queue": operation.queue,
+        "started_by": operation.started_by,
+        "debounce_key": key,
+    }
     for _ in range(_REPLACE_ATTEMPTS):
         with transaction.atomic(using=alias):
-            updated = pending.update(
-                run_after=operation.run_after,
-                input_data=operation.input_data,
-                priority=operation.priority,
-                queue=operation.queue,
-                started_by=operation.started_by,
+            current = (
+                pending.select_for_update()
+                .order_by(F("debounce_key").asc(nulls_last=True), "-pk")
+                .first()
             )
-            if updated:
-                current = pending.order_by("-pk").first()
-                if current is not None:
-                    return current
-                continue  # claimed between the two statements: insert a new one
-            operation.debounce_key = key
             try:
                 with transaction.atomic(using=alias):
+                    if current is not None:
+                        # Still pending? (Without row locks, SQLite, a claim may have won it.)
+                        if not pending.filter(pk=current.pk).update(**changes):
+                            continue
+                        for name, value in changes.items():
+                            setattr(current, name, value)
+                        return current
+                    operation.debounce_key = key
                     insert(operation, alias=alias)
             except IntegrityError:
+                # Another pending operation took the key meanwhile: update that one instead.
                 operation.pk = None
                 operation._state.adding = True
                 continue

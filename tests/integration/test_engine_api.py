@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -468,6 +469,40 @@ def test_replace_true_updates_the_pending_operation():
     assert fresh(first).input_data == {"v": 2}
     echoes = BatchOperation.objects.for_context_object(post).filter(operationtype="test-echo")
     assert echoes.count() == 2
+
+
+@pytest.mark.parametrize("put_back", ["retry", "release"])
+def test_replace_true_leaves_an_attempt_put_back_alone_and_updates_only_the_newer_one(put_back):
+    """While A runs, a change is stored as a new pending operation B. A then goes back to
+    pending (its attempt failed and waits for a retry, or a stopping worker gave it back).
+    Later changes update B only: updating both would make the same work run twice."""
+    calls: list[tuple[int, Any]] = []
+
+    def debounced(operation):
+        calls.append((operation.pk, operation.input_data))
+        if put_back == "retry" and len(calls) == 1:
+            raise RuntimeError("transient")
+
+    handler("test-debounced", max_attempts=2, retry_backoff=0)(debounced)
+    try:
+        post = Post.objects.create(title="p")
+        a = enqueue("test-debounced", context_object=post, input_data={"v": 1}, replace=True)
+        (claimed,) = claim_due(operationtypes=["test-debounced"])
+        b = enqueue("test-debounced", context_object=post, input_data={"v": 2}, replace=True)
+        assert b.pk != a.pk
+        if put_back == "retry":
+            assert run_claimed(claimed) is RunOutcome.RETRY_SCHEDULED
+        else:
+            release([claimed])
+        c = enqueue("test-debounced", context_object=post, input_data={"v": 3}, replace=True)
+        assert c.pk == b.pk
+        pending = BatchOperation.objects.for_context_object(post).unprocessed().order_by("pk")
+        assert list(pending.values_list("pk", "input_data")) == [(a.pk, {"v": 1}), (b.pk, {"v": 3})]
+        run_due(now=timezone.now() + timedelta(seconds=5))
+        ran = calls if put_back == "release" else calls[1:]
+        assert ran == [(a.pk, {"v": 1}), (b.pk, {"v": 3})]
+    finally:
+        registry.unregister("test-debounced")
 
 
 @pytest.mark.parametrize("flow", ["mark_as_running", "status_and_save", "finish"])
