@@ -500,7 +500,7 @@ def test_replace_true_leaves_an_attempt_put_back_alone_and_updates_only_the_newe
         assert list(pending.values_list("pk", "input_data")) == [(a.pk, {"v": 1}), (b.pk, {"v": 3})]
         run_due(now=timezone.now() + timedelta(seconds=5))
         ran = calls if put_back == "release" else calls[1:]
-        assert ran == [(a.pk, {"v": 1}), (b.pk, {"v": 3})]
+        assert sorted(ran) == [(a.pk, {"v": 1}), (b.pk, {"v": 3})]  # each once, either first
     finally:
         registry.unregister("test-debounced")
 
