@@ -59,6 +59,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         "POLL_INTERVAL": conf.POLL_INTERVAL,
         "PUBLISH_TIMEOUT": conf.PUBLISH_TIMEOUT,
         "DISPATCH_HORIZON": conf.DISPATCH_HORIZON,
+        "MAX_RETRY_BACKOFF": conf.MAX_RETRY_BACKOFF,
     }
     for name, duration in durations.items():
         if duration <= timedelta(0):

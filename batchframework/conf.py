@@ -93,6 +93,9 @@ class BatchframeworkSettings:
     DEFAULT_MAX_ATTEMPTS: int = 1
     #: Base of the exponential backoff between attempts (``base * 2 ** (attempt - 1)``).
     DEFAULT_RETRY_BACKOFF: timedelta = timedelta(seconds=10)
+    #: Longest delay between attempts: the backoff (a handler's own schedule too) stops
+    #: growing there, and so stays a time the databases can store.
+    MAX_RETRY_BACKOFF: timedelta = timedelta(days=1)
     #: How often pollers (the DB worker, the Celery beat poller) look for due operations.
     POLL_INTERVAL: timedelta = timedelta(seconds=5)
     #: How many operations one claim statement takes.

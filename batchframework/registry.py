@@ -64,12 +64,16 @@ class Handler:
         return self.lease or get_settings().DEFAULT_LEASE
 
     def backoff_for(self, attempt: int) -> timedelta:
-        """Delay before the attempt after ``attempt`` (1-based), exponential by default.
+        """Delay before the attempt after ``attempt`` (1-based): exponential by default, and
+        never longer than ``MAX_RETRY_BACKOFF``.
 
         A callable ``retry_backoff`` may return a timedelta or a number of seconds. If it
         raises or returns anything else, the default backoff applies and a warning is logged:
         the failure it is called for must still be recorded.
         """
+        return min(self._backoff_for(attempt), get_settings().MAX_RETRY_BACKOFF)
+
+    def _backoff_for(self, attempt: int) -> timedelta:
         backoff = self.retry_backoff
         if callable(backoff):
             returned: Any
@@ -92,7 +96,10 @@ class Handler:
         base = get_settings().DEFAULT_RETRY_BACKOFF if backoff is None else backoff
         if not isinstance(base, timedelta):
             base = timedelta(seconds=base)
-        return base * (2 ** max(0, attempt - 1))
+        try:
+            return base * (2 ** max(0, attempt - 1))
+        except OverflowError:  # beyond timedelta's range: past any cap
+            return timedelta.max
 
 
 def as_backoff(value: Any) -> timedelta | None:

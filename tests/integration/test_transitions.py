@@ -335,7 +335,9 @@ def _documented_default(text: str) -> Any:
     if literal:
         return ast.literal_eval(literal.group(1))
     amount, unit = text.split()
-    unit = {"ms": "milliseconds", "second": "seconds", "minute": "minutes"}.get(unit, unit)
+    unit = {"ms": "milliseconds", "second": "seconds", "minute": "minutes", "day": "days"}.get(
+        unit, unit
+    )
     return timedelta(**{unit: int(amount)})
 
 
@@ -381,6 +383,31 @@ def test_backoff_doubles_from_the_default_base():
             assert_close(columns(op)["run_after"], timezone.now() + timedelta(seconds=10))
     finally:
         registry.unregister("test-transitions-backoff")
+
+
+def test_backoff_stops_growing_at_max_retry_backoff():
+    """Without a cap the doubling reaches dates no database stores (and Python's datetime
+    overflows): the 60th attempt's retry would strand its failure."""
+
+    def fails(operation):
+        raise RuntimeError("again")
+
+    handler("test-transitions-capped", max_attempts=100)(fails)
+    try:
+        with override_settings(BATCHFRAMEWORK=ONLY_NO_DISPATCH):
+            registered = registry["test-transitions-capped"]
+            assert registered.backoff_for(14) == timedelta(seconds=10 * 2**13)  # 22.8 hours
+            assert registered.backoff_for(15) == timedelta(days=1)
+            assert registered.backoff_for(10_000) == timedelta(days=1)
+            op = enqueue("test-transitions-capped")
+            BatchOperation.objects.filter(pk=op.pk).update(attempts=59)
+            assert run_claimed(claim(op.pk)) is RunOutcome.RETRY_SCHEDULED
+            assert_close(columns(op)["run_after"], timezone.now() + timedelta(days=1))
+        capped = {**ONLY_NO_DISPATCH, "MAX_RETRY_BACKOFF": 30}
+        with override_settings(BATCHFRAMEWORK=capped):
+            assert registry["test-transitions-capped"].backoff_for(3) == timedelta(seconds=30)
+    finally:
+        registry.unregister("test-transitions-capped")
 
 
 def _raises(attempt: int) -> timedelta:
