@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.apps import apps
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, transaction
 
 from batchframework.conf import get_settings
 
@@ -51,12 +51,22 @@ def register_poller(
     the database the router picks for ``PeriodicTask``.
     """
     from django.db import router
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from django_celery_beat.models import PeriodicTask
 
     settings = get_settings()
     using = using or router.db_for_write(PeriodicTask) or DEFAULT_DB_ALIAS
-    queue = queue or settings.DEFAULT_QUEUE
-    seconds = max(1, round(settings.POLL_INTERVAL.total_seconds()))
+    try:
+        return _register(using, queue or settings.DEFAULT_QUEUE, keep_choices)
+    except IntegrityError:
+        # Another process (a second deployment's migrate) created the task since we looked:
+        # the unique name stopped our twin. Now it exists, and this is an update.
+        return _register(using, queue or settings.DEFAULT_QUEUE, keep_choices)
+
+
+def _register(using: str, queue: str, keep_choices: bool) -> tuple[Any, bool]:
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    seconds = max(1, round(get_settings().POLL_INTERVAL.total_seconds()))
     with transaction.atomic(using=using):
         schedules = IntervalSchedule.objects.using(using)
         # Not get_or_create: nothing makes these rows unique (the admin, or two deployments'

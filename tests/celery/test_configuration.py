@@ -9,11 +9,12 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
-from django.db import OperationalError, connection, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.test import override_settings
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
@@ -117,6 +118,39 @@ def test_register_poller_survives_twin_interval_schedules():
     task, _ = register_poller()
     assert task.interval.every == seconds
     assert PeriodicTask.objects.filter(task=POLL_TASK).count() == 1
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="an INSERT waiting on another")
+def test_register_poller_survives_a_concurrent_first_registration():
+    """Two first registrations at once (two deployments' migrate): both find no task, and the
+    second INSERT fails on the unique name once the first commits. It must then update the
+    task the first created, not raise."""
+    PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).delete()
+    schedule = IntervalSchedule.objects.create(every=7, period=IntervalSchedule.SECONDS)
+    inserted = threading.Event()
+
+    def first_registration():
+        try:
+            with transaction.atomic():
+                PeriodicTask.objects.create(
+                    name=PERIODIC_TASK_NAME, task=POLL_TASK, interval=schedule, queue="x"
+                )
+                inserted.set()
+                time.sleep(1.0)  # meanwhile the other registration finds no task, and waits
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=first_registration)
+    thread.start()
+    try:
+        assert inserted.wait(10)
+        task, changed = register_poller()
+    finally:
+        thread.join(10)
+    assert changed
+    assert PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).count() == 1
+    stored = PeriodicTask.objects.get(name=PERIODIC_TASK_NAME)
+    assert (stored.pk, stored.queue, stored.interval.every) == (task.pk, "default", 1)
 
 
 def test_a_task_run_eagerly_inside_a_transaction_leaves_its_connection_alone():
