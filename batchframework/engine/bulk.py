@@ -6,7 +6,8 @@ them, status …); only the context object, input, due time and priority vary. D
 columns are therefore sent once per statement and the varying ones as one array each
 (``INSERT … SELECT … FROM unnest(…)``), which is several times faster; elsewhere
 ``bulk_create`` stores them. Either way every chunk is one statement, and the instances
-returned carry their primary keys.
+returned carry their primary keys; except on MySQL, whose bulk INSERT can't return the keys:
+there each operation is one INSERT.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def store(
     operations = _instances(template, rows)
     connection = connections[alias]
     if connection.vendor != "postgresql":
+        if not connection.features.can_return_rows_from_bulk_insert:
+            # MySQL: a bulk INSERT can't tell the new primary keys, and operations without
+            # theirs could be neither returned nor dispatched. One INSERT each there.
+            for operation in operations:
+                operation.save(force_insert=True, using=alias)
+            return operations
         return BatchOperation.objects.using(alias).bulk_create(operations, batch_size=batch_size)
     insert = _UnnestInsert(template, connection)
     for start in range(0, len(rows), batch_size):

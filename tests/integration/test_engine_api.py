@@ -625,6 +625,22 @@ def test_enqueue_many_stores_all_items():
     assert enqueue_many("test-echo", []) == []
 
 
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="PostgreSQL has its own INSERT")
+def test_enqueue_many_where_a_bulk_insert_returns_no_keys_still_returns_them(monkeypatch):
+    """MySQL's bulk INSERT can't return the new primary keys (emulated here on SQLite or
+    MariaDB): the operations returned must carry theirs all the same (messages name them)."""
+    monkeypatch.setattr(type(connection.features), "can_return_rows_from_bulk_insert", False)
+    no_dispatch = override_settings(BATCHFRAMEWORK={"DISPATCHER": NULL_DISPATCHER})
+    with no_dispatch, CaptureQueriesContext(connection) as captured:
+        created = enqueue_many("test-echo", [{"input_data": {"i": i}} for i in range(3)])
+    inserts = [q for q in captured.captured_queries if q["sql"].upper().startswith("INSERT")]
+    assert len(inserts) == 3  # one each
+    assert [op.pk for op in created] == sorted(op.pk for op in created)
+    assert all(op.pk for op in created) and not any(op._state.adding for op in created)
+    stored = dict(BatchOperation.objects.values_list("pk", "input_data"))
+    assert stored == {op.pk: {"i": i} for i, op in enumerate(created)}
+
+
 def test_enqueue_many_returns_the_stored_operations_field_for_field():
     user = get_user_model().objects.create(username="bulk")
     post, thing = Post.objects.create(title="p"), UUIDThing.objects.create()
