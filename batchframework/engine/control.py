@@ -131,6 +131,8 @@ def set_progress(
     if total is not None:
         changes["progress_total"] = total
     if message is not None:
+        if "\x00" in str(message):
+            raise ValueError(f"message must not contain NUL characters: {message!r}")
         changes["progress_message"] = str(message)[:255]
     rows = BatchOperation.objects.db_manager(alias).filter(
         pk=operation.pk, status=BatchOperation.STATUS_RUNNING

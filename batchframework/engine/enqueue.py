@@ -103,7 +103,8 @@ def _resolve_context(context_object: models.Model | None, alias: str) -> _Contex
 def _check_started_by(started_by: Any) -> None:
     if started_by is None:
         return
-    if not isinstance(started_by, models.Model) or started_by.pk is None:
+    user_model = BatchOperation._meta.get_field("started_by").related_model
+    if not isinstance(started_by, user_model) or started_by.pk is None:
         raise InvalidOperationError(
             "started_by must be a saved user instance or None "
             f"(got {started_by!r}; pass None for anonymous users)."
@@ -141,9 +142,12 @@ def _build(
     registered = registry[operationtype]  # raises UnknownOperationTypeError, listing known types
     if input_data is not None:
         encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
-    if queue is not None and (not isinstance(queue, str) or not queue or len(queue) > 100):
+    if queue is not None and (
+        not isinstance(queue, str) or not queue or len(queue) > 100 or "\x00" in queue
+    ):
         raise InvalidOperationError(
-            f"queue must be a non-empty string of at most 100 characters, not {queue!r}."
+            "queue must be a non-empty string of at most 100 characters (and no NUL), "
+            f"not {queue!r}."
         )
     return BatchOperation(
         operationtype=operationtype,

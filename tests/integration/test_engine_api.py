@@ -591,6 +591,9 @@ def test_set_progress_is_durable_and_renews_the_lease():
     assert fresh(op).progress_done == 4 and fresh(op).progress_total == 10
     with pytest.raises(ValueError):
         set_progress(claimed, -1)
+    with pytest.raises(ValueError, match="NUL"):  # PostgreSQL refuses it in text; all alike
+        set_progress(claimed, 5, 10, "five\x00")
+    assert (fresh(op).progress_done, fresh(op).progress_message) == (4, "three of ten")
 
 
 def test_set_progress_refused_after_the_claim_was_lost():

@@ -117,7 +117,7 @@ bad_priority = st.one_of(
     st.sampled_from([True, 1.0, "1", None]),
 )
 bad_queue = st.one_of(
-    st.just(""), st.text(min_size=101, max_size=120), st.sampled_from([1, ["q"], b"q"])
+    st.just(""), st.text(min_size=101, max_size=120), st.sampled_from([1, ["q"], b"q", "q\x00"])
 )
 
 
@@ -138,6 +138,7 @@ invalid_call = st.one_of(
     st.just("unsaved-game").map(lambda _: {"context_object": Game()}),
     st.sampled_from(["admin", 1]).map(lambda v: {"started_by": v}),
     st.just("unsaved-user").map(lambda _: {"started_by": get_user_model()(username="nobody")}),
+    st.just("not-a-user").map(lambda _: {"started_by": Game.objects.create()}),
 )
 
 
