@@ -318,4 +318,5 @@ def test_an_eta_message_that_fires_early_by_the_workers_clock_still_runs_its_ope
     assert wait_for(all_finished(ids), timeout=5), "the early message left them to a drain"
     assert_ran_once_each(ids)
     assert_never_early(ids, late_by=0.5)
-    assert ("event=message_early" in caplog.text) is (fast_ms > 0)
+    if fast_ms:  # the message waited for them (without skew, Celery fires on time or after)
+        assert "event=message_early" in caplog.text
