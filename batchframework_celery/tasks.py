@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from celery import shared_task
 from django.conf import settings as django_settings
@@ -104,28 +104,36 @@ def run_operations(ids: Any, using: Any = None) -> int:
         log_event(logging.ERROR, "message_rejected", task=RUN_OPERATIONS_TASK, reason=str(exc))
         return 0
     claimed = reconnecting(using, lambda: claim_due(ids=ids, limit=len(ids), using=using))
+    won = {op.pk for op in claimed}
+    # Looked for before the batch runs: a long batch must not let them fall due unnoticed
+    # (a due operation no longer counts as early, and would wait for the poller's drain).
+    early = _due_soon([i for i in ids if i not in won], using) if len(won) < len(ids) else None
     ran = run_claimed_batch(claimed, using) if claimed else 0
-    if len(claimed) < len(ids):
-        won = {op.pk for op in claimed}
-        early = _claim_when_due([i for i in ids if i not in won], using)
-        ran += run_claimed_batch(early, using) if early else 0
-        won.update(op.pk for op in early)
-        if len(won) < len(ids):
-            log_event(
-                logging.INFO,
-                "message_noop",
-                task=RUN_OPERATIONS_TASK,
-                named=len(ids),
-                claimed=len(won),
-                ids=",".join(str(i) for i in ids if i not in won)[:500],
-                reason="gone, cancelled, claimed elsewhere, finished or not yet due",
-            )
+    if early is not None:
+        late_claimed = _claim_when_due(early, using)
+        ran += run_claimed_batch(late_claimed, using) if late_claimed else 0
+        won.update(op.pk for op in late_claimed)
+    if len(won) < len(ids):
+        log_event(
+            logging.INFO,
+            "message_noop",
+            task=RUN_OPERATIONS_TASK,
+            named=len(ids),
+            claimed=len(won),
+            ids=",".join(str(i) for i in ids if i not in won)[:500],
+            reason="gone, cancelled, claimed elsewhere, finished or not yet due",
+        )
     return ran
 
 
-def _claim_when_due(ids: list[int], using: str | None) -> list[Any]:
-    """Claim those of ``ids`` that are still unprocessed and come due within
-    :data:`EARLY_WAIT` (by the database's clock), once they are due."""
+class _DueSoon(NamedTuple):
+    ids: list[int]
+    due_by: float  # time.monotonic() at which all of them are due by the database's clock
+
+
+def _due_soon(ids: list[int], using: str | None) -> _DueSoon | None:
+    """Those of ``ids`` that are still unprocessed and come due within :data:`EARLY_WAIT` (by
+    the database's clock), and when they will all be due."""
     alias = write_alias(using)
     due_times = list(
         BatchOperation.objects.using(alias)
@@ -135,7 +143,7 @@ def _claim_when_due(ids: list[int], using: str | None) -> list[Any]:
         .values_list("pk", "run_after")
     )
     if not due_times:
-        return []
+        return None
     # The offset to the database's clock is known only beyond NOISE: wait that much longer.
     wait = (max(due for _, due in due_times) - database_now(alias) + NOISE).total_seconds()
     wait = min(max(wait, 0.0), (EARLY_WAIT + NOISE).total_seconds())
@@ -146,9 +154,12 @@ def _claim_when_due(ids: list[int], using: str | None) -> list[Any]:
         ids=",".join(str(pk) for pk, _ in due_times)[:500],
         wait=f"{wait * 1000:.0f}ms",
     )
-    time.sleep(wait)
-    early = [pk for pk, _ in due_times]
-    return claim_due(ids=early, limit=len(early), using=using)
+    return _DueSoon([pk for pk, _ in due_times], time.monotonic() + wait)
+
+
+def _claim_when_due(due_soon: _DueSoon, using: str | None) -> list[Any]:
+    time.sleep(max(due_soon.due_by - time.monotonic(), 0.0))
+    return claim_due(ids=due_soon.ids, limit=len(due_soon.ids), using=using)
 
 
 @shared_task(name=DRAIN_TASK, ignore_result=True)

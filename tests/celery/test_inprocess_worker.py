@@ -320,3 +320,19 @@ def test_an_eta_message_that_fires_early_by_the_workers_clock_still_runs_its_ope
     assert_never_early(ids, late_by=0.5)
     if fast_ms:  # the message waited for them (without skew, Celery fires on time or after)
         assert "event=message_early" in caplog.text
+
+
+def test_an_early_operation_falls_due_while_the_message_runs_a_long_batch(caplog):
+    """A message names one operation that is due and one due a moment later. The due one's
+    handler outlasts that moment: the early one must still be claimed when the batch is done,
+    not judged "already due, so not early" and left to the poller's drain."""
+    caplog.set_level(logging.INFO, logger="batchframework")
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        slow = enqueue("test-sleep", input_data={"seconds": 0.8})
+        soon = enqueue("test-effect", delay=timedelta(milliseconds=300))
+    assert run_operations([slow.pk, soon.pk]) == 2
+    assert "event=message_early" in caplog.text
+    slow.refresh_from_db()
+    assert (slow.result, executions(slow.pk)) == (BatchOperation.RESULT_SUCCESSFUL, 1)
+    assert_ran_once_each([soon.pk])
+    assert_never_early([soon.pk], late_by=1.0)
