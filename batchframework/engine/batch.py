@@ -3,9 +3,13 @@ recording the successes of quick handlers together.
 
 Used by the DB-polling worker and by the Celery tasks, so both get the same guarantees:
 
-- before each operation, once half a lease has gone by, the leases of the operations still
-  waiting are renewed (fenced by the claim: one that was lost meanwhile is dropped, never
-  run), so a healthy worker is not robbed while it works through a long batch;
+- before each operation, once a sixth of a lease has gone by, the leases of the operations
+  still waiting are renewed (fenced by the claim: one that was lost meanwhile is dropped,
+  never run), so a healthy worker is not robbed while it works through a long batch;
+- while a handler runs, the operations waiting behind it are watched, not renewed: if it runs
+  until a third of their lease is left (over half of it), the lease keeper gives them back
+  for other workers (:meth:`.LeaseKeeper.watch_waiting`), and the batch ends after it. A
+  long or hung handler does not hold them, and they are not taken for a lost worker's;
 - a stop request gives the waiting operations back (:func:`.release`);
 - successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, at most
   ``FINISH_WINDOW`` after the handler returned (or, when the next handler runs longer, once it
@@ -23,7 +27,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.db.models import Case, JSONField, Value, When
-from django.utils import timezone
 
 from ..clock import now_expression
 from ..conf import get_settings
@@ -33,7 +36,7 @@ from ..registry import registry
 from ..signals import operation_finished, operation_started
 from ._common import write_alias
 from .claim import release, renew_leases
-from .keeper import lease_keeper
+from .keeper import lease_keeper, lease_point
 from .run import RunOutcome, _call, _finish_failure, _lost, run_claimed
 
 
@@ -47,6 +50,10 @@ class BatchRunner:
         self._successes: list[tuple[BatchOperation, Any]] = []
         self._held: list[int] = []  # the lease keeper's keys of the pending successes
         self._last_flush = time.monotonic()
+        # When to renew the batch's leases, and to give back the waiting operations if a
+        # handler is still running (time.monotonic(); see _keep_leases).
+        self._renew_at: float | None = None
+        self._give_back_at: float | None = None
 
     def __enter__(self) -> BatchRunner:
         return self
@@ -64,6 +71,7 @@ class BatchRunner:
         """
         pending = list(operations)
         ran = 0
+        self._renew_at = self._give_back_at = None
         try:
             while pending:
                 if stop is not None and stop():
@@ -73,7 +81,17 @@ class BatchRunner:
                 pending = self._keep_leases(pending)
                 if not pending:
                     break
-                self.run(pending.pop(0))
+                operation = pending.pop(0)
+                watched = None
+                if pending and self._give_back_at is not None:  # set by _keep_leases
+                    watched = lease_keeper.watch_waiting(
+                        pending, self._alias(operation), give_back_at=self._give_back_at
+                    )
+                try:
+                    self.run(operation)
+                finally:
+                    if watched is not None and lease_keeper.let_go_waiting(watched):
+                        pending = []  # given back while the handler ran: others run them
                 ran += 1
         except BaseException:
             # Leaving early (a second stop signal, KeyboardInterrupt, an error between
@@ -86,10 +104,22 @@ class BatchRunner:
         return ran
 
     def _keep_leases(self, pending: list[BatchOperation]) -> list[BatchOperation]:
-        first = pending[0]
-        lease = registry[first.operationtype].resolved_lease()
-        if first.lease_expires_at is None or first.lease_expires_at - timezone.now() < lease / 2:
-            return renew_leases(pending, using=self.using)
+        """Renew the leases of ``pending`` once a sixth of one has gone by (since the claim or
+        the last renewal); returns those still held. Each handler then starts with at least
+        five sixths of the waiting operations' leases left, and they are given back when a
+        third is left: only a handler that runs over half their lease gives them back.
+
+        The times are worked out once per renewal, not per handler: leases change only then,
+        and the operations still waiting are a subset of these, so their times are never
+        earlier."""
+        if self._renew_at is not None and time.monotonic() < self._renew_at:
+            return pending
+        if self._renew_at is not None or any(op.lease_expires_at is None for op in pending):
+            pending = renew_leases(pending, using=self.using)
+            if not pending:
+                return pending
+        self._renew_at = lease_point(pending, left=5 / 6)
+        self._give_back_at = lease_point(pending[1:], left=1 / 3) if len(pending) > 1 else None
         return pending
 
     def run(self, operation: BatchOperation) -> None:

@@ -9,6 +9,13 @@ handler is a bug to be seen in ``started_running_datetime``, not a crash to be r
 
 ``atomic=True`` handlers are not kept: their row is locked by their own transaction, which
 recovery skips (``SKIP LOCKED``), and an UPDATE from another connection would wait for it.
+
+The same thread watches the operations of a batch that wait behind the running handler. Their
+leases are not renewed while it runs: a handler that runs long (or hangs) must not hold on to
+operations other workers could run. When a third of such an operation's lease is left, the
+keeper gives the waiting ones back (:func:`~batchframework.engine.release`: unprocessed, due,
+attempt not counted), before their leases expire and recovery would take them for a lost
+worker's.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -27,8 +34,10 @@ from django.db import DatabaseError, InterfaceError, connections
 from django.utils import timezone
 
 from ..models import BatchOperation
+from ..registry import registry
 from ..signals import log_event
 from ._common import time_after
+from .claim import release
 
 #: What a renewal may raise when the database is unreachable (``InterfaceError`` is not a
 #: ``DatabaseError``: psycopg raises it for a connection that is already closed).
@@ -50,12 +59,26 @@ class _Kept:
     renewed_at: float
 
 
+@dataclass
+class _Waiting:
+    key: int
+    operations: Sequence[BatchOperation]
+    alias: str
+    give_back_at: float  # time.monotonic() when the first of them has a third of its lease left
+    # Held while the keeper gives them back, so that the batch learns the outcome (see
+    # :meth:`LeaseKeeper.let_go_waiting`). Only the batch removes an entry.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tried: bool = False  # the keeper tried to give them back (once)
+    released: bool = False
+
+
 class LeaseKeeper:
     """One daemon thread per process renewing the leases of the handlers running in it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: dict[int, _Kept] = {}
+        self._waiting: dict[int, _Waiting] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -96,12 +119,38 @@ class LeaseKeeper:
         with self._lock:
             self._kept.pop(key, None)
 
+    def watch_waiting(
+        self, operations: Sequence[BatchOperation], alias: str, *, give_back_at: float
+    ) -> int:
+        """Give ``operations`` (claimed, waiting behind a handler of their batch) back at
+        ``give_back_at`` (``time.monotonic()``; a batch passes the time a third of their lease
+        is left), unless :meth:`let_go_waiting` is called first with the returned key."""
+        with self._lock:
+            self._ensure_thread()
+            self._next_key += 1
+            key = self._next_key
+            self._waiting[key] = _Waiting(key, operations, alias, give_back_at)
+        if give_back_at - time.monotonic() < MAX_INTERVAL:
+            self._wake.set()
+        return key
+
+    def let_go_waiting(self, key: int) -> bool:
+        """Stop watching; ``True`` if the keeper gave the operations back meanwhile (the batch
+        must not run them: they are another claimer's now)."""
+        with self._lock:
+            item = self._waiting.pop(key, None)
+        if item is None:
+            return False
+        with item.lock:  # a release in progress: wait for its outcome
+            return item.released
+
     def _ensure_thread(self) -> None:
         if self._pid != os.getpid():
             # A forked child (a prefork pool process) has no copy of the parent's thread, and
             # none of the parent's handlers run in it.
             self._pid = os.getpid()
             self._kept = {}
+            self._waiting = {}
             self._thread = None
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
@@ -123,19 +172,26 @@ class LeaseKeeper:
         self._wake.clear()  # before the snapshot: a hold() after it wakes the next wait
         with self._lock:
             kept = list(self._kept.values())
-        if not kept:
+            waiting = list(self._waiting.values())
+        if not kept and not waiting:
             # Hold no database connection while idle (connections are per thread here).
             connections.close_all()
         now = time.monotonic()
+        for watched in waiting:
+            if watched.give_back_at <= now and not watched.tried:
+                try:
+                    self._give_back(watched)
+                except Exception as exc:  # not given back: the batch still holds them
+                    log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
         due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
         for item in due:
             try:
                 self._renew(item)
             except Exception as exc:  # one operation's trouble must not starve the others
                 log_event(logging.ERROR, "lease_keeper_error", id=item.pk, error=repr(exc))
-        waits = [
-            item.renewed_at + item.lease.total_seconds() / 3 - time.monotonic() for item in kept
-        ]
+        now = time.monotonic()
+        waits = [item.renewed_at + item.lease.total_seconds() / 3 - now for item in kept]
+        waits += [watched.give_back_at - now for watched in waiting if not watched.tried]
         # At least once a second: letting go of the connection once idle never waits long,
         # and hold() wakes the thread only for a renewal due sooner than that.
         self._wake.wait(max(MIN_INTERVAL, min([*waits, MAX_INTERVAL])))
@@ -161,6 +217,42 @@ class LeaseKeeper:
             still_held = self._kept.pop(item.key, None) is item
         if still_held:
             log_event(logging.WARNING, "lease_renewal_refused", id=item.pk, reason="claim_lost")
+
+    def _give_back(self, watched: _Waiting) -> None:
+        with watched.lock:
+            with self._lock:
+                if watched.key not in self._waiting:
+                    return  # the batch let go of them first: its handler returned in time
+            watched.tried = True
+            try:
+                released = release(watched.operations, using=watched.alias)
+            except DatabaseErrors as exc:
+                # Still claimed by the batch, which will run them or renew their leases.
+                log_event(logging.WARNING, "waiting_release_failed", error=repr(exc))
+                with contextlib.suppress(*DatabaseErrors):
+                    connections[watched.alias].close()
+                return
+            # Even those not released (their claim was lost meanwhile) are no longer the
+            # batch's to run: fenced by the claim, they are someone else's.
+            watched.released = True
+        log_event(
+            logging.INFO,
+            "waiting_released",
+            count=released,
+            reason="the handler before them in their batch ran over half their lease",
+        )
+
+
+def lease_point(operations: Sequence[BatchOperation], *, left: float) -> float:
+    """When (``time.monotonic()``) the first of ``operations`` has only the fraction ``left``
+    of its lease left, by this process's clock."""
+    now = timezone.now()
+    remaining = min(
+        (op.lease_expires_at or now + lease) - now - lease * left
+        for op in operations
+        for lease in (registry[op.operationtype].resolved_lease(),)
+    )
+    return time.monotonic() + remaining.total_seconds()
 
 
 #: The process-wide keeper used by :func:`batchframework.engine.run_claimed`.

@@ -262,3 +262,89 @@ def test_a_batch_mate_whose_lease_was_recovered_is_not_started_on_a_slow_clock(
     assert stolen == [RunOutcome.SUCCEEDED]
     runs = Execution.objects.filter(key=f"quick-{second.pk}").count()
     assert runs == 1, f"the quick handler ran {runs} times; outcomes {runner.outcomes}"
+
+
+def test_a_long_handler_gives_back_the_operations_waiting_behind_it(registered, caplog):
+    """A handler that runs over half the lease of the operations claimed behind it must not
+    hold them: they are given back before their leases expire (so no recovery takes them for a
+    lost worker's, marking them to be claimed alone), and another claimer can run them while it
+    still runs. The batch then ends without running them."""
+    caplog.set_level("INFO", logger="batchframework")
+    taken: list[BatchOperation] = []
+
+    @registered("runner-waiting", lease=2)
+    def waiting(operation):
+        Execution.objects.create(key=f"waiting-{operation.pk}")
+
+    @registered("runner-long", lease=2)
+    def long(operation):
+        time.sleep(1.7)  # past two thirds of the waiting ones' lease, short of all of it
+        taken.extend(claim_due(operationtypes=["runner-waiting"], limit=10))
+
+    enqueue("runner-long", priority=1)
+    behind = [enqueue("runner-waiting").pk for _ in range(3)]
+    claimed = claim_due(limit=4)
+    assert claimed[0].operationtype == "runner-long"
+    with BatchRunner() as runner:
+        assert runner.run_batch(claimed) == 1
+
+    assert sorted(op.pk for op in taken) == behind, "still held by the long handler's batch"
+    for operation in BatchOperation.objects.filter(pk__in=behind):
+        assert (operation.attempts, operation.last_error) == (1, "")  # the new claim's attempt
+        assert operation.claimed_by != "!isolated"
+    assert "event=waiting_released count=3" in caplog.text
+    with BatchRunner() as runner:
+        assert runner.run_batch(taken) == 3
+    assert Execution.objects.filter(key__startswith="waiting-").count() == 3
+
+
+def test_handlers_within_half_the_lease_keep_the_whole_batch(registered, caplog):
+    """Each handler runs well within the lease, the batch as a whole over two leases: the
+    batch keeps every operation (renewed between handlers), none is given back or recovered."""
+    caplog.set_level("INFO", logger="batchframework")
+
+    @registered("runner-steady", lease=2)
+    def steady(operation):
+        time.sleep(0.8)
+        Execution.objects.create(key=f"steady-{operation.pk}")
+
+    ids = [enqueue("runner-steady").pk for _ in range(6)]
+    with BatchRunner() as runner:
+        assert runner.run_batch(claim_due(limit=6)) == 6
+    assert recover_expired() == 0
+    assert "waiting_released" not in caplog.text
+    assert Execution.objects.filter(key__in=[f"steady-{pk}" for pk in ids]).count() == 6
+    assert set(BatchOperation.objects.filter(pk__in=ids).values_list("attempts", flat=True)) == {1}
+
+
+def test_a_handler_returning_while_its_batch_is_given_back_never_runs_them_too(
+    registered, monkeypatch
+):
+    """The handler returns while the keeper's give-back statement is still on its way: the
+    batch must wait for its outcome, not run operations that may be another claimer's."""
+    real_release = keeper_module.release
+    releasing = threading.Event()
+
+    def slow_release(operations, *, using=None):
+        releasing.set()
+        time.sleep(0.5)  # the handler returns meanwhile
+        return real_release(operations, using=using)
+
+    monkeypatch.setattr(keeper_module, "release", slow_release)
+
+    @registered("runner-waiting", lease=1)
+    def waiting(operation):
+        Execution.objects.create(key=f"waiting-{operation.pk}")
+
+    @registered("runner-returns", lease=1)
+    def returns(operation):
+        assert releasing.wait(5), "the keeper never gave the waiting ones back"
+
+    enqueue("runner-returns", priority=1)
+    behind = [enqueue("runner-waiting").pk for _ in range(2)]
+    with BatchRunner() as runner:
+        assert runner.run_batch(claim_due(limit=3)) == 1
+    assert not Execution.objects.filter(key__startswith="waiting-").exists()
+    assert set(BatchOperation.objects.filter(pk__in=behind).values_list("status", flat=True)) == {
+        BatchOperation.STATUS_UNPROCESSED
+    }
