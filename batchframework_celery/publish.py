@@ -263,6 +263,11 @@ class BoundedPublishing:
         self._skip_until = 0.0
         self._buffer: dict[str, list[Any]] = {}
         self._flush_scheduled = False
+        # A child forked while another thread held the lock would wait for it forever.
+        os.register_at_fork(after_in_child=self._new_lock)
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
         """Run ``fn(*args)`` on the publishing thread, after the rounds submitted before it.
@@ -270,21 +275,30 @@ class BoundedPublishing:
         The thread is a daemon of our own, not a ``ThreadPoolExecutor``'s: Python joins those
         at exit without a time limit, before ``atexit`` handlers run, so a process that
         published to a frozen broker could never exit. Ours is waited for by :meth:`drain`
-        only, at most ``PUBLISH_TIMEOUT``. Call with ``_lock`` held.
+        only, at most ``PUBLISH_TIMEOUT``. Call with ``_lock`` held, after :meth:`_own_process`.
         """
-        # A forked child (prefork worker) does not inherit the parent's thread.
-        if self._pid != os.getpid():
-            self._jobs = SimpleQueue()
-            threading.Thread(
-                target=_serve, args=(self._jobs,), name="batchframework-publish", daemon=True
-            ).start()
-            self._pid = os.getpid()
-            self._pending.clear()
-            self._buffer, self._flush_scheduled = {}, False
-            atexit.register(self.drain)
         future: Future[None] = Future()
         self._jobs.put((future, fn, args))
         return future
+
+    def _own_process(self) -> None:
+        """Start the publishing thread in a new process, and forget what a forked child
+        inherited from its parent: the parent's thread does not exist in the child, so its
+        pending rounds would never complete (and, judged stuck, skip every later round), and
+        its buffered operations are the parent's to publish. Call with ``_lock`` held, before
+        looking at any other state."""
+        if self._pid == os.getpid():
+            return
+        self._jobs = SimpleQueue()
+        threading.Thread(
+            target=_serve, args=(self._jobs,), name="batchframework-publish", daemon=True
+        ).start()
+        if self._pid == 0:  # once per process: a forked child inherits the registration
+            atexit.register(self.drain)
+        self._pid = os.getpid()
+        self._pending.clear()
+        self._buffer, self._flush_scheduled = {}, False
+        self._skip_until = 0.0
 
     def _skip_reason(self, timeout: float) -> str | None:
         while self._pending and self._pending[0][1].done():
@@ -314,6 +328,7 @@ class BoundedPublishing:
         timeout = settings.PUBLISH_TIMEOUT.total_seconds()
         count = len(operations)
         with self._lock:
+            self._own_process()
             reason = self._skip_reason(timeout)
             if reason is not None:
                 log_event(

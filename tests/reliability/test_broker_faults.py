@@ -8,12 +8,14 @@ Invariants 5 (transactional enqueue) and 6 (the database is the source of truth)
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
 import threading
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -248,6 +250,75 @@ def test_a_process_that_enqueued_to_a_frozen_broker_exits(private_redis, process
     bound = get_settings().PUBLISH_TIMEOUT.total_seconds() + 2.0  # the same in the child
     assert exited_after < bound, f"exited {exited_after:.1f}s after enqueue returned"
     assert BatchOperation.objects.unprocessed().count() == 1  # committed, left to the poller
+
+
+ENQUEUE_ONCE_IN_BACKGROUND = """
+import django
+django.setup()
+from django.conf import settings
+from django.test import override_settings
+from tests.celery_app import app
+from batchframework import enqueue
+with override_settings(BATCHFRAMEWORK={**settings.BATCHFRAMEWORK, "PUBLISH_IN_BACKGROUND": True}):
+    enqueue("test-effect")
+    print("enqueued", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_processs_first_enqueue_in_background_is_published(private_redis, processes):
+    """A new process (a script, a command, each web worker) enqueues once with
+    ``PUBLISH_IN_BACKGROUND``: that first operation is published (by the background thread,
+    or at the latest when the process exits), not left to the poller's next drain."""
+    proc = processes(private_redis.url()).start(
+        "enqueue", [sys.executable, "-c", ENQUEUE_ONCE_IN_BACKGROUND]
+    )
+    assert proc.popen.wait(timeout=30) == 0, proc.log()
+    assert "enqueued" in proc.log()
+    assert private_redis.waiting() == 1, proc.log()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_does_not_inherit_its_parents_pending_publishes(settings):
+    """A process forks (prefork web server, ``multiprocessing``) while a publish round of its
+    own is still waiting on the broker. That round lives on the parent's thread, which the
+    child does not have: the child must publish its own rounds, not judge them stuck behind
+    a round it will never see finish."""
+    from batchframework_celery.publish import BoundedPublishing
+
+    settings.BATCHFRAMEWORK = {**settings.BATCHFRAMEWORK, "PUBLISH_IN_BACKGROUND": True}
+    publishing = BoundedPublishing()
+    broker_answers = threading.Event()
+
+    def stalled(ops, using):
+        broker_answers.wait()
+        return SimpleNamespace(broker_down=False)
+
+    def piped(ops, using):
+        os.write(write_end, ",".join(ops).encode())
+        return SimpleNamespace(broker_down=False)
+
+    publishing.run(["parent"], using="default", publish=stalled)
+    timeout = get_settings().PUBLISH_TIMEOUT.total_seconds()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no database, no broker, only the publishing machinery
+        try:
+            time.sleep(timeout + 0.2)  # the parent's round now looks stuck
+            settings.BATCHFRAMEWORK = {**settings.BATCHFRAMEWORK, "PUBLISH_IN_BACKGROUND": False}
+            publishing.run(["child"], using="default", publish=piped)
+        finally:
+            os._exit(0)
+    try:
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        published = os.read(read_end, 100).decode()
+    finally:
+        os.close(read_end)
+        broker_answers.set()
+        publishing.drain()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert published == "child", "the child skipped its publish behind the parent's round"
 
 
 @pytest.mark.timeout(60)
