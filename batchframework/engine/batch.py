@@ -107,20 +107,26 @@ class BatchRunner:
         """Renew the leases of ``pending`` once a sixth of one has gone by (since the claim or
         the last renewal); returns those still held. Each handler then starts with at least
         five sixths of the waiting operations' leases left, and they are given back when a
-        third is left: only a handler that runs over half their lease gives them back.
+        third is left: only a handler that runs over half their lease (the shortest of them)
+        gives them back.
 
         The times are worked out once per renewal, not per handler: leases change only then,
         and the operations still waiting are a subset of these, so their times are never
         earlier."""
+        if self._renew_at is None and all(op.lease_expires_at is not None for op in pending):
+            self._lease_times(pending)  # from the claim
         if self._renew_at is not None and time.monotonic() < self._renew_at:
             return pending
-        if self._renew_at is not None or any(op.lease_expires_at is None for op in pending):
-            pending = renew_leases(pending, using=self.using)
-            if not pending:
-                return pending
+        # Also a batch whose leases are gone before it starts (a pause after the claim): the
+        # fenced renewal drops what was recovered meanwhile, before anything of it runs.
+        pending = renew_leases(pending, using=self.using)
+        if pending:
+            self._lease_times(pending)
+        return pending
+
+    def _lease_times(self, pending: list[BatchOperation]) -> None:
         self._renew_at = lease_point(pending, left=5 / 6)
         self._give_back_at = lease_point(pending[1:], left=1 / 3) if len(pending) > 1 else None
-        return pending
 
     def run(self, operation: BatchOperation) -> None:
         """Run one claimed operation; its success may be recorded at the next flush."""

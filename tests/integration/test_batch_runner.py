@@ -348,3 +348,24 @@ def test_a_handler_returning_while_its_batch_is_given_back_never_runs_them_too(
     assert set(BatchOperation.objects.filter(pk__in=behind).values_list("status", flat=True)) == {
         BatchOperation.STATUS_UNPROCESSED
     }
+
+
+def test_a_batch_whose_leases_ran_out_before_it_started_runs_nothing_recovered(registered):
+    """A pause between the claim and the batch's start (a slow caller of this public API, a
+    stalled process): recovery took the batch back, another worker ran one of it. The batch
+    must check its claim before its first handler, not only between handlers."""
+
+    @registered("runner-paused", lease=1)
+    def paused(operation):
+        Execution.objects.create(key=f"paused-{operation.pk}")
+
+    first, second = enqueue("runner-paused"), enqueue("runner-paused")
+    claimed = claim_due(operationtypes=["runner-paused"], limit=2)
+    time.sleep(1.3)  # the leases run out before the batch starts
+    assert recover_expired() == 2
+    assert run(first.pk, worker="other-worker") is RunOutcome.SUCCEEDED
+    with BatchRunner() as runner:
+        assert runner.run_batch(claimed) == 0
+    assert Execution.objects.filter(key=f"paused-{first.pk}").count() == 1
+    assert not Execution.objects.filter(key=f"paused-{second.pk}").exists()
+    assert BatchOperation.objects.get(pk=second.pk).status == BatchOperation.STATUS_UNPROCESSED
