@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings as django_settings
 from django.db import InterfaceError, OperationalError, connections
 
@@ -89,8 +90,15 @@ def reconnecting(using: str | None, first_use: Callable[[], T]) -> T:
         return first_use()
 
 
+#: A task's soft time limit (``task_soft_time_limit``, ``--soft-time-limit``) bounds a whole
+#: message, up to ``BATCH_SIZE`` operations: raised inside a handler, it is not that handler's
+#: failure. It ends the batch (the rest is given back, the interrupted one recovered at the
+#: next poll), and Celery logs the task as failed.
+INTERRUPTIONS: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded,)
+
+
 def run_claimed_batch(operations: list[Any], using: str | None) -> int:
-    with BatchRunner(using=using) as runner:
+    with BatchRunner(using=using, interruptions=INTERRUPTIONS) as runner:
         return runner.run_batch(operations)
 
 

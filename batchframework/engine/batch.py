@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,18 +34,31 @@ from ..conf import get_settings
 from ..errors import describe_exception
 from ..models import BatchOperation
 from ..registry import registry
-from ..signals import operation_finished, operation_started
+from ..signals import log_event, operation_finished, operation_started
 from ._common import write_alias
 from .claim import release, renew_leases
 from .keeper import lease_keeper, lease_point
-from .run import RunOutcome, _call, _finish_failure, _lost, run_claimed
+from .run import RunOutcome, _call, _finish_failure, _lost, run_interruptible
 
 
 class BatchRunner:
     """Runs claimed operations; a context manager, so that pending successes are flushed."""
 
-    def __init__(self, *, using: str | None = None, window: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        using: str | None = None,
+        window: float | None = None,
+        interruptions: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        """``interruptions``: exceptions that, raised inside a handler, interrupt the worker
+        rather than fail the handler (a Celery task's soft time limit). They end the batch:
+        the operations not started yet are given back, and the interrupted one is left to
+        recovery at once, which treats it as a lost worker's (a batch's: put back without
+        counting the attempt, to be claimed alone; one claimed alone: retried or failed as
+        ``WorkerLost``). The exception then propagates."""
         self.using = using
+        self.interruptions = interruptions
         self.window = get_settings().FINISH_WINDOW.total_seconds() if window is None else window
         self.outcomes: list[RunOutcome] = []
         self._successes: list[tuple[BatchOperation, Any]] = []
@@ -70,6 +84,7 @@ class BatchRunner:
         started are released.
         """
         pending = list(operations)
+        running: BatchOperation | None = None
         ran = 0
         self._renew_at = self._give_back_at = None
         try:
@@ -82,6 +97,7 @@ class BatchRunner:
                 if not pending:
                     break
                 operation = pending.pop(0)
+                running = operation
                 watched = None
                 if pending and self._give_back_at is not None:  # set by _keep_leases
                     watched = lease_keeper.watch_waiting(
@@ -92,6 +108,7 @@ class BatchRunner:
                 finally:
                     if watched is not None and lease_keeper.let_go_waiting(watched):
                         pending = []  # given back while the handler ran: others run them
+                running = None
                 ran += 1
         except BaseException:
             # Leaving early (a second stop signal, KeyboardInterrupt, an error between
@@ -99,9 +116,33 @@ class BatchRunner:
             # and then, as part of a lost batch, be claimed alone from then on.
             with contextlib.suppress(Exception):
                 release(pending, using=self.using)
+            if running is not None:
+                with contextlib.suppress(Exception):
+                    self._interrupted(running)
             raise
         self.flush()
         return ran
+
+    def _interrupted(self, operation: BatchOperation) -> None:
+        """Its handler was interrupted and no longer runs: end its lease now (fenced), so that
+        the next recovery puts it back (or fails it) instead of waiting for the lease."""
+        expired = (
+            BatchOperation.objects.db_manager(self._alias(operation))
+            .filter(
+                pk=operation.pk,
+                status=BatchOperation.STATUS_RUNNING,
+                claimed_by=operation.claimed_by,
+            )
+            .update(lease_expires_at=now_expression())
+        )
+        log_event(
+            logging.WARNING,
+            "handler_interrupted",
+            id=operation.pk,
+            operationtype=operation.operationtype,
+            lease_ended=expired,
+            fallback="recovery",
+        )
 
     def _keep_leases(self, pending: list[BatchOperation]) -> list[BatchOperation]:
         """Renew the leases of ``pending`` once a sixth of one has gone by (since the claim or
@@ -132,12 +173,17 @@ class BatchRunner:
         """Run one claimed operation; its success may be recorded at the next flush."""
         registered = registry[operation.operationtype]
         if registered.atomic or self.window <= 0:
-            self.outcomes.append(run_claimed(operation, using=self.using))
+            outcome = run_interruptible(
+                operation, using=self.using, interruptions=self.interruptions
+            )
+            self.outcomes.append(outcome)
             return
         alias = self._alias(operation)
         operation_started.send(sender=BatchOperation, operation=operation)
         try:
             output = _call(registered, operation, alias)
+        except self.interruptions:
+            raise
         except Exception as exc:
             self.outcomes.append(
                 _finish_failure(operation, registered, describe_exception(exc), alias)

@@ -152,19 +152,38 @@ def run_claimed(operation: BatchOperation, *, using: str | None = None) -> RunOu
     ``Exception``\\s from the handler fail the attempt; ``BaseException``\\s (``SystemExit``,
     ``KeyboardInterrupt``) propagate and leave the operation running until its lease expires.
     """
+    return run_interruptible(operation, using=using, interruptions=())
+
+
+def run_interruptible(
+    operation: BatchOperation,
+    *,
+    using: str | None,
+    interruptions: tuple[type[BaseException], ...],
+) -> RunOutcome:
+    """:func:`run_claimed`, except that the ``interruptions`` (exceptions that interrupt the
+    worker, not failures of the handler: a Celery task's soft time limit) propagate like
+    ``KeyboardInterrupt`` instead of failing the attempt."""
     alias = using or operation._state.db or write_alias()
     registered = registry[operation.operationtype]
     operation_started.send(sender=BatchOperation, operation=operation)
     if registered.atomic:
-        return _run_atomic(operation, registered, alias)
+        return _run_atomic(operation, registered, alias, interruptions)
     try:
         output = _call(registered, operation, alias)
+    except interruptions:
+        raise
     except Exception as exc:
         return _finish_failure(operation, registered, describe_exception(exc), alias)
     return _finish_success(operation, output, alias)
 
 
-def _run_atomic(operation: BatchOperation, registered: Handler, alias: str) -> RunOutcome:
+def _run_atomic(
+    operation: BatchOperation,
+    registered: Handler,
+    alias: str,
+    interruptions: tuple[type[BaseException], ...],
+) -> RunOutcome:
     with transaction.atomic(using=alias):
         # Lock our row (fenced) first: a late worker whose lease was recovered stops here.
         if not _fenced(operation, alias).select_for_update().exists():
@@ -180,6 +199,8 @@ def _run_atomic(operation: BatchOperation, registered: Handler, alias: str) -> R
                         "it caught a database error raised inside it. Its writes were rolled "
                         "back. Wrap a statement that may fail in an atomic() block of its own."
                     )
+        except interruptions:
+            raise  # out of the outer block too: nothing of the handler's is committed
         except Exception as exc:
             # The savepoint rolled back the handler's writes; record the failure.
             return _finish_failure(operation, registered, describe_exception(exc), alias)

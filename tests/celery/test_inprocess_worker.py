@@ -336,3 +336,54 @@ def test_an_early_operation_falls_due_while_the_message_runs_a_long_batch(caplog
     assert (slow.result, executions(slow.pk)) == (BatchOperation.RESULT_SUCCESSFUL, 1)
     assert_ran_once_each([soon.pk])
     assert_never_early([soon.pk], late_by=1.0)
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["plain", "atomic"])
+def test_a_soft_time_limit_inside_a_handler_ends_the_message_without_failing_anything(atomic):
+    """Celery raises ``SoftTimeLimitExceeded`` inside whichever handler runs when the task's
+    soft limit fires: the interrupted operation is not failed (its handler did not fail, the
+    task's time ran out), the rest of the message is given back unstarted, the exception
+    reaches Celery, and the next recovery puts the interrupted one back to run alone."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from batchframework import handler
+    from batchframework.engine import recover_expired
+    from batchframework.registry import registry
+    from tests.testapp.models import Execution
+
+    @handler("limit-interrupted", atomic=atomic)
+    def interrupted(operation):
+        Execution.objects.create(key=f"interrupted-{operation.pk}")
+        raise SoftTimeLimitExceeded()
+
+    @handler("limit-next")
+    def after(operation):
+        Execution.objects.create(key=f"next-{operation.pk}")
+
+    try:
+        with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+            first = enqueue("limit-interrupted", priority=1)
+            rest = [enqueue("limit-next").pk for _ in range(2)]
+        with pytest.raises(SoftTimeLimitExceeded):
+            run_operations([first.pk, *rest])
+
+        assert not Execution.objects.filter(key__startswith="next-").exists()
+        unstarted = BatchOperation.objects.filter(pk__in=rest)
+        assert {(op.status, op.attempts) for op in unstarted} == {
+            (BatchOperation.STATUS_UNPROCESSED, 0)
+        }
+        first.refresh_from_db()
+        assert first.status == BatchOperation.STATUS_RUNNING  # until the next recovery...
+        assert recover_expired() == 1  # ...which needs no lease to run out first
+        first.refresh_from_db()
+        assert (first.status, first.result, first.attempts, first.claimed_by) == (
+            BatchOperation.STATUS_UNPROCESSED,
+            BatchOperation.RESULT_NOT_AVAILABLE,
+            0,
+            "!isolated",
+        )
+        # An atomic handler's writes went with its transaction.
+        assert Execution.objects.filter(key__startswith="interrupted-").count() == (not atomic)
+    finally:
+        registry.unregister("limit-interrupted")
+        registry.unregister("limit-next")

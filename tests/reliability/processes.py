@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,9 @@ class Processes:
         self.started.append(proc)
         return proc
 
-    def celery_worker(self, name: str, *, concurrency: int = 2, ready: bool = True) -> Proc:
+    def celery_worker(
+        self, name: str, *, concurrency: int = 2, ready: bool = True, args: Sequence[str] = ()
+    ) -> Proc:
         proc = self.start(
             f"celery-{name}",
             [
@@ -148,6 +151,7 @@ class Processes:
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
+                *args,
             ],
         )
         if ready:

@@ -210,3 +210,38 @@ def test_operations_waiting_in_a_claimed_chunk_are_not_reclaimed(
     assert set(runs.values()) == {1}, f"handler runs per operation: {runs}"
     assert operations.successful().count() == len(ids)
     assert not operations.filter(attempts__gt=1).exists()
+
+
+@pytest.mark.timeout(90)
+def test_a_soft_time_limit_ends_the_chunk_and_every_operation_still_runs_once_to_success(
+    private_redis, processes, reliability_report
+):
+    """Celery's soft time limit bounds a task, and a chunk message's task runs up to
+    ``BATCH_SIZE`` operations: a limit of 2 s interrupts the third of five 0.8 s operations
+    (SIGUSR1 in the pool process, raised inside the handler). That is not the interrupted
+    operation's failure: the chunk ends, the operations not started go back for the poller's
+    drain, the interrupted one is recovered at the next poll and runs again alone. All five
+    succeed; none is failed or holds an attempt it did not spend."""
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    procs.celery_worker("limited", concurrency=1, args=["--soft-time-limit", "2"])
+    procs.poller()
+    with celery_on(private_redis.url()):
+        ops = enqueue_many("test-sleep", [{"input_data": {"seconds": 0.8}}] * 5)
+    ids = [op.pk for op in ops]
+    wait_until(
+        lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == len(ids),
+        timeout=60,
+        what="all five to finish",
+    )
+    operations = BatchOperation.objects.filter(pk__in=ids).order_by("pk")
+    runs = [_executions(pk) for pk in ids]
+    reliability_report(
+        "soft-time-limit", operations=len(ids), runs=sum(runs), interrupted=sum(runs) - len(ids)
+    )
+    assert [op.result for op in operations] == [BatchOperation.RESULT_SUCCESSFUL] * 5, [
+        (op.pk, op.last_error[-200:]) for op in operations
+    ]
+    assert [op.attempts for op in operations] == [1] * 5
+    assert runs.count(2) >= 1, f"no handler was interrupted: {runs}"
+    assert set(runs) <= {1, 2}, runs
+    assert Effect.objects.filter(key__startswith="sleep-").count() == 5  # each completed once
