@@ -112,7 +112,7 @@ class Relay(threading.Thread):
     def _publish(self, payloads: list[str]) -> None:
         from .dispatcher import publish_operations
 
-        ids = {int(payload) for payload in payloads if payload.isdigit()}
+        ids = {int(payload) for payload in payloads if _is_id(payload)}
         # Only those still unprocessed: some may have been cancelled or run meanwhile.
         operations = list(
             BatchOperation.objects.using(self.alias)
@@ -156,3 +156,10 @@ def stop_relay(**kwargs: Any) -> None:
         relay, _relay = _relay, None
     if relay is not None:
         relay.stop(timeout=WAIT_SECONDS * 5)
+
+
+def _is_id(payload: str) -> bool:
+    """Whether a notification's payload can be an operation's id. Anyone may NOTIFY on the
+    channel: ``"²".isdigit()`` is true but ``int()`` refuses it, and an integer beyond the
+    column's range would fail the query, either way ending the relay's session."""
+    return payload.isascii() and payload.isdigit() and len(payload) <= 18

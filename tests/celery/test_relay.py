@@ -95,7 +95,8 @@ def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_brok
             # announced with it are published.
             with transaction.atomic():
                 with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "not an id"])
+                    for junk in ("not an id", "²", "-1", "9" * 30):  # digits, but no ids
+                        cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, junk])
                 now.append(enqueue("test-effect").pk)
         assert wait_for(all_finished([*now, *soon, *other]), timeout=20, interval=0.1), (
             first_log.read_text()[-3000:]
