@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.apps import apps
+from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, transaction
 
 from batchframework.conf import get_settings
@@ -57,9 +58,10 @@ def register_poller(
     using = using or router.db_for_write(PeriodicTask) or DEFAULT_DB_ALIAS
     try:
         return _register(using, queue or settings.DEFAULT_QUEUE, keep_choices)
-    except IntegrityError:
+    except (IntegrityError, ValidationError):
         # Another process (a second deployment's migrate) created the task since we looked:
-        # the unique name stopped our twin. Now it exists, and this is an update.
+        # the unique name stopped our twin, in the database or in django-celery-beat's check
+        # before the INSERT. Now it exists, and this is an update (anything else raises again).
         return _register(using, queue or settings.DEFAULT_QUEUE, keep_choices)
 
 
@@ -93,6 +95,10 @@ def _register(using: str, queue: str, keep_choices: bool) -> tuple[Any, bool]:
             return task, True
         if keep_choices:  # an operator's: a queue of their choice, a poller they disabled
             wanted.update(queue=task.queue, enabled=task.enabled)
+            if task.interval_id is None:  # a schedule of another kind (crontab, solar, ...)
+                del wanted["interval"]
+        else:  # asked for this schedule: it replaces one of another kind (one per task)
+            wanted.update(crontab=None, solar=None, clocked=None)
         changed = [name for name, value in wanted.items() if getattr(task, name) != value]
         if changed:
             for name in changed:

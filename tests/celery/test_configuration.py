@@ -153,6 +153,55 @@ def test_register_poller_survives_a_concurrent_first_registration():
     assert (stored.pk, stored.queue, stored.interval.every) == (task.pk, "default", 1)
 
 
+@pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="elsewhere the other registration waits on ours (locks), the other order",
+)
+def test_register_poller_survives_a_registration_committed_between_its_look_and_its_insert():
+    """The other order of two first registrations: ours finds no task, then the other one
+    commits, then ours creates. django-celery-beat's save checks the name before the INSERT
+    and raises ``ValidationError`` (not the database's ``IntegrityError``): still an update."""
+    from unittest import mock
+
+    from django.db.models.query import QuerySet
+
+    PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).delete()
+    real_first = QuerySet.first
+    other_committed = []
+
+    def first_then_the_other_commits(queryset):
+        found = real_first(queryset)
+        if queryset.model is PeriodicTask and found is None and not other_committed:
+            other_committed.append(True)
+            thread = threading.Thread(target=lambda: (register_poller(), connections.close_all()))
+            thread.start()
+            thread.join(10)
+        return found
+
+    with mock.patch.object(QuerySet, "first", first_then_the_other_commits):
+        task, _ = register_poller(keep_choices=True)
+    assert other_committed
+    assert PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).count() == 1
+    assert PeriodicTask.objects.get(name=PERIODIC_TASK_NAME).pk == task.pk
+
+
+def test_migrate_keeps_an_operators_crontab_schedule_for_the_poller():
+    """An operator moved the poller to a crontab (django-celery-beat's admin): ``migrate``
+    must keep it, not set an interval beside it (which beat refuses: one schedule per task)."""
+    from django_celery_beat.models import CrontabSchedule
+
+    register_poller()
+    crontab = CrontabSchedule.objects.create(minute="*")
+    PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).update(interval=None, crontab=crontab)
+    call_command("migrate", verbosity=0)
+    task = PeriodicTask.objects.get(name=PERIODIC_TASK_NAME)
+    assert (task.interval_id, task.crontab_id) == (None, crontab.pk)
+    # Asked for explicitly, the interval replaces it.
+    call_command("batchframework_register_poller", stdout=io.StringIO())
+    task = PeriodicTask.objects.get(name=PERIODIC_TASK_NAME)
+    assert (task.interval.every, task.crontab_id) == (1, None)
+
+
 def test_a_task_run_eagerly_inside_a_transaction_leaves_its_connection_alone():
     """An eager task runs in the caller's transaction (a test's atomic block): even after an
     earlier database error, its check of the connection must not close it there."""
