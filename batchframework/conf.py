@@ -36,11 +36,19 @@ def _as_timedelta(name: str, value: Any) -> timedelta:
     raise _invalid(name, "a number of seconds or a timedelta", value)
 
 
-def _as_names(name: str, value: Any) -> tuple[str, ...]:
+def _as_names(name: str, value: Any, what: str = "module names") -> tuple[str, ...]:
     # A bare string is a sequence of one-letter names: refused, not split.
     if isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value):
         return tuple(value)
-    raise _invalid(name, "a list of module names", value)
+    raise _invalid(name, f"a list of {what}", value)
+
+
+def _as_aliases(name: str, value: Any) -> tuple[str, ...]:
+    aliases = _as_names(name, value, "database aliases")
+    unknown = [alias for alias in aliases if alias not in django_settings.DATABASES]
+    if unknown:
+        raise _invalid(name, "aliases in DATABASES", unknown)
+    return aliases
 
 
 def _as_routes(name: str, value: Any) -> dict[str, str]:
@@ -121,6 +129,11 @@ class BatchframeworkSettings:
     #: broker, so ``enqueue`` costs little more than its INSERT. A message still unsent when the
     #: process dies is not lost: the poller runs the operation when it is due.
     PUBLISH_IN_BACKGROUND: bool = False
+    #: Celery transport: the databases the beat poller polls each tick, if not only the
+    #: router's write database for ``BatchOperation``. List every database you ``enqueue``
+    #: to with ``using=``: the poller alone hands on their operations due beyond the horizon,
+    #: recovers their lost workers' and publishes those whose message was lost.
+    POLL_DATABASES: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BatchframeworkSettings:
@@ -138,6 +151,8 @@ class BatchframeworkSettings:
                 value = _as_timedelta(name, value)
             elif name == "HANDLER_MODULES":
                 value = _as_names(name, value)
+            elif name == "POLL_DATABASES":
+                value = _as_aliases(name, value)
             elif name == "ROUTES":
                 value = _as_routes(name, value)
             else:

@@ -8,6 +8,7 @@ re-delivers them when they outlive the broker's visibility timeout.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -18,6 +19,7 @@ from batchframework.conf import get_settings
 from batchframework.dispatch import Dispatcher
 from batchframework.engine import write_alias
 from batchframework.models import BatchOperation
+from batchframework.signals import log_event
 
 from .publish import Publisher, bounded_publishing
 
@@ -63,6 +65,8 @@ class CeleryDispatcher(Dispatcher):
     def dispatch(self, operations: Sequence[BatchOperation], *, using: str) -> None:
         from .tasks import run_operations
 
+        if using not in _warned_unpolled:
+            _warn_if_unpolled(using)
         if run_operations.app.conf.task_always_eager:
             # Eager mode runs the tasks here, in the caller's thread and transaction context.
             publish_operations(operations, using=using)
@@ -87,6 +91,24 @@ class RelayDispatcher(CeleryDispatcher):
         if using != write_alias() or run_operations.app.conf.task_always_eager:
             return None  # no relay listens there; eager mode runs in the caller
         return CHANNEL
+
+
+#: Databases this process has warned about (once each).
+_warned_unpolled: set[str] = set()
+
+
+def _warn_if_unpolled(using: str) -> None:
+    from .poller import polled_databases
+
+    if using not in polled_databases():
+        _warned_unpolled.add(using)
+        log_event(
+            logging.WARNING,
+            "database_not_polled",
+            alias=using,
+            hint="add it to BATCHFRAMEWORK['POLL_DATABASES']: without a poller, its operations "
+            "due beyond DISPATCH_HORIZON, or whose message is lost, never run",
+        )
 
 
 def _publish(operations: Sequence[BatchOperation], using: str) -> Publisher:

@@ -47,9 +47,21 @@ MAX_WAITING_FOR_A_STARVED_DRAIN = 1000
 WATERMARK_NAME = "scheduled"
 
 
-def poll_once(*, using: str | None = None) -> dict[str, int]:
+def polled_databases() -> list[str]:
+    """The databases a poll task without ``using`` (as beat sends it) polls: ``POLL_DATABASES``,
+    or else the router's write database for operations."""
+    return list(get_settings().POLL_DATABASES) or [write_alias()]
+
+
+def poll_once(
+    *, using: str | None = None, waiting: dict[str, int | None] | None = None
+) -> dict[str, int]:
     """One poller tick on ``using`` (default: the router's write database for operations).
-    Returns counts of what it did (for logs and tests)."""
+    Returns counts of what it did (for logs and tests).
+
+    ``waiting``, shared by the ticks of several databases, keeps each queue's count of waiting
+    messages as the first of them found it: the drains an earlier database just published
+    would otherwise count as waiting for this one's operations, which they don't claim."""
     from .tasks import drain
 
     settings = get_settings()
@@ -67,12 +79,17 @@ def poll_once(*, using: str | None = None) -> dict[str, int]:
             # Messages still waiting in the queue will wake workers anyway; more would only
             # pile up while no worker consumes it (Redis keeps expired messages until one
             # does). A queue the broker can't count gets them all.
-            waiting = publisher.waiting(drain, queue)
-            count = wanted if waiting is None else max(0, wanted - waiting)
+            if waiting is not None and queue in waiting:
+                in_queue = waiting[queue]
+            else:
+                in_queue = publisher.waiting(drain, queue)
+                if waiting is not None:
+                    waiting[queue] = in_queue
+            count = wanted if in_queue is None else max(0, wanted - in_queue)
             starved = (
                 not count
-                and waiting is not None
-                and waiting < MAX_WAITING_FOR_A_STARVED_DRAIN
+                and in_queue is not None
+                and in_queue < MAX_WAITING_FOR_A_STARVED_DRAIN
                 and _starving(alias, queue, types)
             )
             if starved:

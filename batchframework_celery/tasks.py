@@ -197,7 +197,7 @@ def drain(queue: Any, using: Any = None) -> int:
 @shared_task(name=POLL_TASK, ignore_result=True)
 def poll(using: Any = None) -> dict[str, int]:
     """The beat-driven poller; see :func:`batchframework_celery.poller.poll_once`."""
-    from .poller import poll_once
+    from .poller import polled_databases
 
     try:
         using = _valid_alias(using)
@@ -205,4 +205,26 @@ def poll(using: Any = None) -> dict[str, int]:
         log_event(logging.ERROR, "message_rejected", task=POLL_TASK, reason=str(exc))
         return {}
     # A tick may be repeated: it recovers, wakes workers and takes a window under a row lock.
-    return reconnecting(using, lambda: poll_once(using=using))
+    if using is not None:
+        return _poll_database(using)
+    totals: dict[str, int] = {}
+    failure: Exception | None = None
+    waiting: dict[str, int | None] = {}  # per queue, before this tick published anything
+    for alias in polled_databases():
+        try:
+            counts = _poll_database(alias, waiting)
+        except Exception as exc:  # the others are still polled; then the task fails
+            log_event(logging.ERROR, "poll_failed", alias=alias, error=repr(exc))
+            failure = failure or exc
+            continue
+        for name, count in counts.items():
+            totals[name] = totals.get(name, 0) + count
+    if failure is not None:
+        raise failure
+    return totals
+
+
+def _poll_database(alias: str, waiting: dict[str, int | None] | None = None) -> dict[str, int]:
+    from .poller import poll_once
+
+    return reconnecting(alias, lambda: poll_once(using=alias, waiting=waiting))

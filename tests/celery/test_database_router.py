@@ -106,3 +106,41 @@ def test_background_publishing_names_each_operations_own_database(inprocess_work
         lambda: finished(ELSEWHERE, routed.pk) and finished("default", on_default.pk),
         timeout=15,
     )
+
+
+@ROUTED
+def test_the_beat_poller_polls_every_database_in_poll_databases(inprocess_worker):
+    """Operations enqueued with ``using=`` a database other than the router's are found by
+    the beat poller (whose task has no kwargs) once ``POLL_DATABASES`` lists both."""
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):  # their messages were lost
+        elsewhere = enqueue("test-noop")
+        on_default = enqueue("test-noop", using="default")
+    both = {**NO_DISPATCH, "POLL_DATABASES": [ELSEWHERE, "default"]}
+    with override_settings(BATCHFRAMEWORK=both):
+        poll.apply_async(queue="default")  # what beat sends: no kwargs
+        assert wait_for(
+            lambda: finished(ELSEWHERE, elsewhere.pk) and finished("default", on_default.pk),
+            timeout=15,
+        )
+
+
+@ROUTED
+def test_enqueueing_to_a_database_no_poller_polls_is_warned_about_once(caplog, monkeypatch):
+    from batchframework_celery import dispatcher
+
+    monkeypatch.setattr(dispatcher, "_warned_unpolled", set())
+    caplog.set_level("WARNING", logger="batchframework")
+    with override_settings(BATCHFRAMEWORK=CELERY_DISPATCHER):
+        enqueue("test-noop")  # the router's database: polled
+        assert "database_not_polled" not in caplog.text
+        for _ in range(2):
+            enqueue("test-noop", using="default", delay=3600)
+    warnings = [r for r in caplog.records if "event=database_not_polled" in r.getMessage()]
+    assert len(warnings) == 1 and "alias=default" in warnings[0].getMessage()
+    with override_settings(
+        BATCHFRAMEWORK={**CELERY_DISPATCHER, "POLL_DATABASES": [ELSEWHERE, "default"]}
+    ):
+        monkeypatch.setattr(dispatcher, "_warned_unpolled", set())
+        enqueue("test-noop", using="default", delay=3600)
+    assert len([r for r in caplog.records if "database_not_polled" in r.getMessage()]) == 1
+

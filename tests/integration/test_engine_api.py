@@ -1446,6 +1446,8 @@ def test_check_requires_use_tz():
         # A bare string would be a list of one-letter modules: no handler found, no error.
         ({"HANDLER_MODULES": "batch_handlers"}, "HANDLER_MODULES"),
         ({"ROUTES": "x"}, "ROUTES"),
+        ({"POLL_DATABASES": "default"}, "POLL_DATABASES"),
+        ({"POLL_DATABASES": ["default", "no-such-alias"]}, "no-such-alias"),
         ({"ROUTES": {"test-noop": ""}}, "ROUTES"),
         ({"ALWAYS_SYNCHRONOUS": "False"}, "ALWAYS_SYNCHRONOUS"),  # a truthy string
         ({"PUBLISH_IN_BACKGROUND": 1}, "PUBLISH_IN_BACKGROUND"),
