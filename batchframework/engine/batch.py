@@ -11,10 +11,11 @@ Used by the DB-polling worker and by the Celery tasks, so both get the same guar
   for other workers (:meth:`.LeaseKeeper.watch_waiting`), and the batch ends after it. A
   long or hung handler does not hold them, and they are not taken for a lost worker's;
 - a stop request gives the waiting operations back (:func:`.release`);
-- successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, about
-  ``FINISH_WINDOW`` after the first of them returned (by the lease keeper's thread when a later
-  handler is still running then), instead of one UPDATE each. Until then their leases are kept
-  alive like a running handler's, so a success is never recovered and run again.
+- successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, at most
+  ``FINISH_WINDOW`` after the handler returned (or, when the next handler runs longer, once it
+  returns), instead of one UPDATE each. Until then their leases are kept alive like a running
+  handler's, so however long the next handler runs, a success is never recovered and run
+  again.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from django.db import connections
 from django.db.models import Case, JSONField, Value, When
 
 from ..clock import now_expression
@@ -64,9 +63,6 @@ class BatchRunner:
         self.outcomes: list[RunOutcome] = []
         self._successes: list[tuple[BatchOperation, Any]] = []
         self._held: list[int] = []  # the lease keeper's keys of the pending successes
-        # Guards the two lists: the lease keeper's thread may record the successes while a
-        # later handler runs (see run_batch).
-        self._successes_lock = threading.Lock()
         self._last_flush = time.monotonic()
         # When to renew the batch's leases, and to give back the waiting operations if a
         # handler is still running (time.monotonic(); see _keep_leases).
@@ -102,27 +98,15 @@ class BatchRunner:
                     break
                 operation = pending.pop(0)
                 running = operation
-                # The keeper's thread works on its own connection: it can see and change the
-                # batch's rows only when they are committed, which in a caller's transaction
-                # (an eager Celery task in a test's atomic block) they are not.
-                in_transaction = connections[self._alias(operation)].in_atomic_block
                 watched = None
-                if pending and self._give_back_at is not None and not in_transaction:
+                if pending and self._give_back_at is not None:  # set by _keep_leases
                     watched = lease_keeper.watch_waiting(
                         pending, self._alias(operation), give_back_at=self._give_back_at
-                    )
-                flusher = None
-                if self._successes and not in_transaction:
-                    # Not only once the handler returns: it may run long.
-                    flusher = lease_keeper.call_at(
-                        self._last_flush + self.window, self._flush_meanwhile
                     )
                 try:
                     self.run(operation)
                 finally:
-                    if flusher is not None:
-                        lease_keeper.cancel(flusher)
-                    if watched is not None and lease_keeper.cancel(watched):
+                    if watched is not None and lease_keeper.let_go_waiting(watched):
                         pending = []  # given back while the handler ran: others run them
                 running = None
                 ran += 1
@@ -205,21 +189,18 @@ class BatchRunner:
                 _finish_failure(operation, registered, describe_exception(exc), alias)
             )
         else:
-            held = lease_keeper.hold(operation, registered.resolved_lease(), alias)
-            with self._successes_lock:
-                self._successes.append((operation, output))
-                self._held.append(held)
+            self._successes.append((operation, output))
+            self._held.append(lease_keeper.hold(operation, registered.resolved_lease(), alias))
         if self._successes and time.monotonic() - self._last_flush >= self.window:
             self.flush()
 
     def flush(self) -> None:
         """Record every pending success now."""
-        with self._successes_lock:
-            self._last_flush = time.monotonic()
-            if not self._successes:
-                return
-            successes, self._successes = self._successes, []
-            held, self._held = self._held, []
+        self._last_flush = time.monotonic()
+        if not self._successes:
+            return
+        successes, self._successes = self._successes, []
+        held, self._held = self._held, []
         # Let go before the UPDATE (the keeper renews at a third of the lease, so two thirds
         # remain): a renewal that then finds the operation finished is one let go of.
         for held_key in held:
@@ -230,11 +211,6 @@ class BatchRunner:
             groups.setdefault(key, []).append((operation, output))
         for (alias, token), group in groups.items():
             self.outcomes.extend(_finish_successes(group, alias, token))
-
-    def _flush_meanwhile(self) -> bool:
-        """On the lease keeper's thread, while a later handler runs (its own connection)."""
-        self.flush()
-        return True
 
     def _alias(self, operation: BatchOperation) -> str:
         return self.using or operation._state.db or write_alias()

@@ -10,25 +10,22 @@ handler is a bug to be seen in ``started_running_datetime``, not a crash to be r
 ``atomic=True`` handlers are not kept: their row is locked by their own transaction, which
 recovery skips (``SKIP LOCKED``), and an UPDATE from another connection would wait for it.
 
-The same thread runs a batch's timed actions while one of its handlers runs (see
-:meth:`LeaseKeeper.call_at`): recording the successes held for a shared finish once
-``FINISH_WINDOW`` has passed, and watching the operations that wait behind the running
-handler. Their leases are not renewed while it runs: a handler that runs long (or hangs) must
-not hold on to operations other workers could run. When a third of such an operation's lease
-is left, the keeper gives the waiting ones back (:func:`~batchframework.engine.release`:
-unprocessed, due, attempt not counted), before their leases expire and recovery would take
-them for a lost worker's.
+The same thread watches the operations of a batch that wait behind the running handler. Their
+leases are not renewed while it runs: a handler that runs long (or hangs) must not hold on to
+operations other workers could run. When a third of such an operation's lease is left, the
+keeper gives the waiting ones back (:func:`~batchframework.engine.release`: unprocessed, due,
+attempt not counted), before their leases expire and recovery would take them for a lost
+worker's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -63,17 +60,16 @@ class _Kept:
 
 
 @dataclass
-class _Timed:
-    """An action the keeper's thread runs once at ``at`` unless cancelled first."""
-
+class _Waiting:
     key: int
-    at: float  # time.monotonic()
-    action: Callable[[], bool]  # returns whether it did what it is for
-    # Held while the action runs, so that a cancel learns its outcome (see
-    # :meth:`LeaseKeeper.cancel`). Only a cancel removes an entry.
+    operations: Sequence[BatchOperation]
+    alias: str
+    give_back_at: float  # time.monotonic() when the first of them has a third of its lease left
+    # Held while the keeper gives them back, so that the batch learns the outcome (see
+    # :meth:`LeaseKeeper.let_go_waiting`). Only the batch removes an entry.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    tried: bool = False
-    done: bool = False
+    tried: bool = False  # the keeper tried to give them back (once)
+    released: bool = False
 
 
 class LeaseKeeper:
@@ -82,7 +78,7 @@ class LeaseKeeper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: dict[int, _Kept] = {}
-        self._timed: dict[int, _Timed] = {}
+        self._waiting: dict[int, _Waiting] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -123,37 +119,30 @@ class LeaseKeeper:
         with self._lock:
             self._kept.pop(key, None)
 
-    def call_at(self, at: float, action: Callable[[], bool]) -> int:
-        """Run ``action`` on the keeper's thread at ``at`` (``time.monotonic()``), unless
-        :meth:`cancel` is called first with the returned key."""
-        with self._lock:
-            self._ensure_thread()
-            self._next_key += 1
-            key = self._next_key
-            self._timed[key] = _Timed(key, at, action)
-        if at - time.monotonic() < MAX_INTERVAL:
-            self._wake.set()
-        return key
-
-    def cancel(self, key: int) -> bool:
-        """Forget a :meth:`call_at`; ``True`` if its action ran meanwhile and returned
-        ``True``. An action in progress is waited for."""
-        with self._lock:
-            item = self._timed.pop(key, None)
-        if item is None:
-            return False
-        with item.lock:
-            return item.done
-
     def watch_waiting(
         self, operations: Sequence[BatchOperation], alias: str, *, give_back_at: float
     ) -> int:
         """Give ``operations`` (claimed, waiting behind a handler of their batch) back at
         ``give_back_at`` (``time.monotonic()``; a batch passes the time a third of their lease
-        is left), unless :meth:`cancel` is called first with the returned key, which then says
-        whether they were given back (the batch must not run them: they are another
-        claimer's now)."""
-        return self.call_at(give_back_at, functools.partial(_give_back, operations, alias))
+        is left), unless :meth:`let_go_waiting` is called first with the returned key."""
+        with self._lock:
+            self._ensure_thread()
+            self._next_key += 1
+            key = self._next_key
+            self._waiting[key] = _Waiting(key, operations, alias, give_back_at)
+        if give_back_at - time.monotonic() < MAX_INTERVAL:
+            self._wake.set()
+        return key
+
+    def let_go_waiting(self, key: int) -> bool:
+        """Stop watching; ``True`` if the keeper gave the operations back meanwhile (the batch
+        must not run them: they are another claimer's now)."""
+        with self._lock:
+            item = self._waiting.pop(key, None)
+        if item is None:
+            return False
+        with item.lock:  # a release in progress: wait for its outcome
+            return item.released
 
     def _ensure_thread(self) -> None:
         if self._pid != os.getpid():
@@ -161,7 +150,7 @@ class LeaseKeeper:
             # none of the parent's handlers run in it.
             self._pid = os.getpid()
             self._kept = {}
-            self._timed = {}
+            self._waiting = {}
             self._thread = None
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
@@ -183,14 +172,17 @@ class LeaseKeeper:
         self._wake.clear()  # before the snapshot: a hold() after it wakes the next wait
         with self._lock:
             kept = list(self._kept.values())
-            timed = list(self._timed.values())
-        if not kept and not timed:
+            waiting = list(self._waiting.values())
+        if not kept and not waiting:
             # Hold no database connection while idle (connections are per thread here).
             connections.close_all()
         now = time.monotonic()
-        for timer in timed:
-            if timer.at <= now and not timer.tried:
-                self._run_timed(timer)
+        for watched in waiting:
+            if watched.give_back_at <= now and not watched.tried:
+                try:
+                    self._give_back(watched)
+                except Exception as exc:  # not given back: the batch still holds them
+                    log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
         due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
         for item in due:
             try:
@@ -199,7 +191,7 @@ class LeaseKeeper:
                 log_event(logging.ERROR, "lease_keeper_error", id=item.pk, error=repr(exc))
         now = time.monotonic()
         waits = [item.renewed_at + item.lease.total_seconds() / 3 - now for item in kept]
-        waits += [timer.at - now for timer in timed if not timer.tried]
+        waits += [watched.give_back_at - now for watched in waiting if not watched.tried]
         # At least once a second: letting go of the connection once idle never waits long,
         # and hold() wakes the thread only for a renewal due sooner than that.
         self._wake.wait(max(MIN_INTERVAL, min([*waits, MAX_INTERVAL])))
@@ -226,36 +218,29 @@ class LeaseKeeper:
         if still_held:
             log_event(logging.WARNING, "lease_renewal_refused", id=item.pk, reason="claim_lost")
 
-    def _run_timed(self, item: _Timed) -> None:
-        with item.lock:
+    def _give_back(self, watched: _Waiting) -> None:
+        with watched.lock:
             with self._lock:
-                if item.key not in self._timed:
-                    return  # cancelled first
-            item.tried = True
+                if watched.key not in self._waiting:
+                    return  # the batch let go of them first: its handler returned in time
+            watched.tried = True
             try:
-                item.done = item.action()
-            except Exception as exc:  # the others (renewals too) must still run
-                log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
-
-
-def _give_back(operations: Sequence[BatchOperation], alias: str) -> bool:
-    try:
-        released = release(operations, using=alias)
-    except DatabaseErrors as exc:
-        # Still claimed by the batch, which will run them or renew their leases.
-        log_event(logging.WARNING, "waiting_release_failed", error=repr(exc))
-        with contextlib.suppress(*DatabaseErrors):
-            connections[alias].close()
-        return False
-    log_event(
-        logging.INFO,
-        "waiting_released",
-        count=released,
-        reason="the handler before them in their batch ran over half their lease",
-    )
-    # Even those not released (their claim was lost meanwhile) are no longer the batch's to
-    # run: fenced by the claim, they are someone else's.
-    return True
+                released = release(watched.operations, using=watched.alias)
+            except DatabaseErrors as exc:
+                # Still claimed by the batch, which will run them or renew their leases.
+                log_event(logging.WARNING, "waiting_release_failed", error=repr(exc))
+                with contextlib.suppress(*DatabaseErrors):
+                    connections[watched.alias].close()
+                return
+            # Even those not released (their claim was lost meanwhile) are no longer the
+            # batch's to run: fenced by the claim, they are someone else's.
+            watched.released = True
+        log_event(
+            logging.INFO,
+            "waiting_released",
+            count=released,
+            reason="the handler before them in their batch ran over half their lease",
+        )
 
 
 def lease_point(operations: Sequence[BatchOperation], *, left: float) -> float:

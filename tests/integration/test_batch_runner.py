@@ -10,7 +10,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connections, transaction
+from django.db import connections
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, handler
@@ -369,54 +369,3 @@ def test_a_batch_whose_leases_ran_out_before_it_started_runs_nothing_recovered(r
     assert Execution.objects.filter(key=f"paused-{first.pk}").count() == 1
     assert not Execution.objects.filter(key=f"paused-{second.pk}").exists()
     assert BatchOperation.objects.get(pk=second.pk).status == BatchOperation.STATUS_UNPROCESSED
-
-
-def test_a_success_is_recorded_while_the_next_handler_still_runs(registered):
-    """A quick success waits for a shared finish at most ``FINISH_WINDOW`` (and a keeper tick),
-    not until the next handler returns: a long one would show it *running* all that time, and
-    a crash then would run it again."""
-    seen: dict[str, str] = {}
-
-    @registered("runner-first")
-    def first(operation):
-        return {"quick": True}
-
-    @registered("runner-then-long")
-    def then_long(operation):
-        time.sleep(0.9)  # the window, the keeper's longest sleep, and a margin
-        seen["first"] = BatchOperation.objects.get(pk=quick.pk).status
-
-    quick = enqueue("runner-first", priority=1)
-    enqueue("runner-then-long")
-    with BatchRunner(window=0.2) as runner:
-        assert runner.run_batch(claim_due(limit=2)) == 2
-    assert seen == {"first": BatchOperation.STATUS_FINISHED}
-    assert runner.outcomes == [RunOutcome.SUCCEEDED, RunOutcome.SUCCEEDED]
-    assert BatchOperation.objects.get(pk=quick.pk).output_data == {"quick": True}
-
-
-def test_a_batch_run_inside_the_callers_transaction_leaves_the_keeper_out(registered):
-    """An eager Celery task in a test's atomic block runs its batch in that transaction: the
-    keeper's thread, on its own connection, can't see those rows, so it must neither record
-    the held success nor give back the waiting operation (which would then never run)."""
-
-    @registered("runner-tx-quick", lease=1)
-    def quick(operation):
-        return None
-
-    @registered("runner-tx-slow", lease=1)
-    def slow(operation):
-        time.sleep(0.9)  # past the window, and past half the waiting one's lease
-
-    ids = [
-        enqueue("runner-tx-quick", priority=2).pk,
-        enqueue("runner-tx-slow", priority=1).pk,
-        enqueue("runner-tx-quick").pk,
-    ]
-    with transaction.atomic():
-        claimed = claim_due(limit=3)
-        assert [op.pk for op in claimed] == ids
-        with BatchRunner(window=0.2) as runner:
-            assert runner.run_batch(claimed) == 3
-    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 3
-    assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 3
