@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from django.db import connections
 from django.db.models import Case, JSONField, Value, When
 
 from ..clock import now_expression
@@ -99,16 +100,24 @@ class BatchRunner:
                 operation = pending.pop(0)
                 running = operation
                 watched = None
-                if pending and self._give_back_at is not None:  # set by _keep_leases
+                # The keeper's thread works on its own connection: it can see and change the
+                # batch's rows only once committed, which in a caller's transaction (an eager
+                # Celery task in a test's atomic block) they are not.
+                if (
+                    pending
+                    and self._give_back_at is not None  # set by _keep_leases
+                    and not connections[self._alias(operation)].in_atomic_block
+                ):
                     watched = lease_keeper.watch_waiting(
                         pending, self._alias(operation), give_back_at=self._give_back_at
                     )
                 try:
-                    self.run(operation)
+                    self._run_handler(operation)
+                    running = None  # returned: an interruption from here on is not its own
                 finally:
                     if watched is not None and lease_keeper.let_go_waiting(watched):
                         pending = []  # given back while the handler ran: others run them
-                running = None
+                self._flush_if_due()
                 ran += 1
         except BaseException:
             # Leaving early (a second stop signal, KeyboardInterrupt, an error between
@@ -171,6 +180,14 @@ class BatchRunner:
 
     def run(self, operation: BatchOperation) -> None:
         """Run one claimed operation; its success may be recorded at the next flush."""
+        self._run_handler(operation)
+        self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        if self._successes and time.monotonic() - self._last_flush >= self.window:
+            self.flush()
+
+    def _run_handler(self, operation: BatchOperation) -> None:
         registered = registry[operation.operationtype]
         if registered.atomic or self.window <= 0:
             outcome = run_interruptible(
@@ -191,8 +208,6 @@ class BatchRunner:
         else:
             self._successes.append((operation, output))
             self._held.append(lease_keeper.hold(operation, registered.resolved_lease(), alias))
-        if self._successes and time.monotonic() - self._last_flush >= self.window:
-            self.flush()
 
     def flush(self) -> None:
         """Record every pending success now."""

@@ -10,7 +10,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, handler
@@ -369,3 +369,27 @@ def test_a_batch_whose_leases_ran_out_before_it_started_runs_nothing_recovered(r
     assert Execution.objects.filter(key=f"paused-{first.pk}").count() == 1
     assert not Execution.objects.filter(key=f"paused-{second.pk}").exists()
     assert BatchOperation.objects.get(pk=second.pk).status == BatchOperation.STATUS_UNPROCESSED
+
+
+def test_a_batch_run_inside_the_callers_transaction_gives_nothing_back(registered):
+    """An eager Celery task in a test's atomic block runs its batch in that transaction: the
+    keeper's thread, on its own connection, can't see those rows, so it must not give back
+    the waiting operation (the batch would then drop it, and it would never run)."""
+
+    @registered("runner-tx-slow", lease=1)
+    def slow(operation):
+        time.sleep(0.9)  # past half the waiting one's lease
+
+    @registered("runner-tx-next", lease=1)
+    def after(operation):
+        return None
+
+    ids = [enqueue("runner-tx-slow", priority=1).pk, enqueue("runner-tx-next").pk]
+    with transaction.atomic():
+        claimed = claim_due(limit=2)
+        assert [op.pk for op in claimed] == ids
+        with BatchRunner() as runner:
+            assert runner.run_batch(claimed) == 2
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
+    assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 2
+
