@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
-from django.db import IntegrityError, connections, models, transaction
+from django.db import IntegrityError, OperationalError, connections, models, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -240,30 +240,42 @@ def _insert_or_replace(operation: BatchOperation, key: str, alias: str) -> Batch
         "started_by": operation.started_by,
         "debounce_key": key,
     }
+    # Our own transaction, not a caller's: one a deadlock rolled back can be run again.
+    outermost = not connections[alias].in_atomic_block
     for _ in range(_REPLACE_ATTEMPTS):
-        with transaction.atomic(using=alias):
-            current = (
-                pending.select_for_update()
-                .order_by(F("debounce_key").asc(nulls_last=True), "-pk")
-                .first()
-            )
-            try:
-                with transaction.atomic(using=alias):
-                    if current is not None:
-                        # Still pending? (Without row locks, SQLite, a claim may have won it.)
-                        if not pending.filter(pk=current.pk).update(**changes):
-                            continue
-                        for name, value in changes.items():
-                            setattr(current, name, value)
-                        return current
-                    operation.debounce_key = key
-                    insert(operation, alias=alias)
-            except IntegrityError:
-                # Another pending operation took the key meanwhile: update that one instead.
-                operation.pk = None
-                operation._state.adding = True
-                continue
-            return operation
+        try:
+            with transaction.atomic(using=alias):
+                current = (
+                    pending.select_for_update()
+                    .order_by(F("debounce_key").asc(nulls_last=True), "-pk")
+                    .first()
+                )
+                try:
+                    with transaction.atomic(using=alias):
+                        if current is not None:
+                            # Still pending? (Without row locks, SQLite, a claim may have won
+                            # it.)
+                            if not pending.filter(pk=current.pk).update(**changes):
+                                continue
+                            for name, value in changes.items():
+                                setattr(current, name, value)
+                            return current
+                        operation.debounce_key = key
+                        insert(operation, alias=alias)
+                except IntegrityError:
+                    # Another pending operation took the key meanwhile: update that one.
+                    operation.pk = None
+                    operation._state.adding = True
+                    continue
+                return operation
+        except OperationalError as exc:
+            # MySQL/MariaDB: two concurrent ``FOR UPDATE`` reads that found nothing hold gap
+            # locks, and their INSERTs deadlock; InnoDB rolls back the whole transaction. In
+            # a caller's transaction that is the caller's to retry.
+            if not (outermost and _is_deadlock(exc)):
+                raise
+            operation.pk = None
+            operation._state.adding = True
     raise OperationStateError(
         f"Could not enqueue {operation.operationtype!r} with replace=True: "
         f"{_REPLACE_ATTEMPTS} concurrent attempts conflicted."
@@ -363,3 +375,9 @@ def dispatch_on_commit(operations: list[BatchOperation], alias: str) -> None:
         transaction.on_commit(
             lambda: dispatcher.dispatch_safely(operations, using=alias), using=alias
         )
+
+
+def _is_deadlock(exc: OperationalError) -> bool:
+    """Whether the database ended the transaction as a deadlock's victim (MySQL/MariaDB error
+    1213, PostgreSQL SQLSTATE 40P01)."""
+    return (exc.args[:1] == (1213,)) or getattr(exc.__cause__, "sqlstate", None) == "40P01"

@@ -239,6 +239,44 @@ def test_concurrent_replace_leaves_exactly_one_pending_row():
     assert BatchOperation.objects.count() == rounds
 
 
+def test_a_replace_that_loses_a_deadlock_runs_again_unless_in_the_callers_transaction(
+    monkeypatch,
+):
+    """On MySQL/MariaDB two concurrent replaces can deadlock on the gap locks of their empty
+    ``FOR UPDATE`` reads, and InnoDB rolls back the loser's whole transaction (seen in CI as
+    ``OperationalError(1213, ...)``; the race above rarely hits it). Its own transaction is run
+    again; a caller's transaction is the caller's to retry, so there the error propagates."""
+    import importlib
+
+    from django.db import OperationalError
+
+    # The module, not the function of the same name that ``batchframework.engine`` exports.
+    enqueue_module = importlib.import_module("batchframework.engine.enqueue")
+
+    real_insert = enqueue_module.insert
+    deadlocks = []
+
+    def insert_losing_a_deadlock_once(operation, **kwargs):
+        if not deadlocks:
+            deadlocks.append(operation.operationtype)
+            raise OperationalError(1213, "Deadlock found when trying to get lock")
+        return real_insert(operation, **kwargs)
+
+    monkeypatch.setattr(enqueue_module, "insert", insert_losing_a_deadlock_once)
+    post = Post.objects.create(title="deadlock")
+    op = enqueue("test-echo", context_object=post, delay=timedelta(minutes=5), replace=True)
+    assert deadlocks == ["test-echo"]
+    assert list(BatchOperation.objects.for_context_object(post).values_list("pk", flat=True)) == [
+        op.pk
+    ]
+
+    deadlocks.clear()
+    other = Post.objects.create(title="deadlock in a transaction")
+    with pytest.raises(OperationalError), transaction.atomic():
+        enqueue("test-echo", context_object=other, replace=True)
+    assert not BatchOperation.objects.for_context_object(other).exists()
+
+
 # --- Crash recovery and leases (invariant 7) -------------------------------------------------
 def test_killed_worker_is_recovered_after_its_lease_expires(reaper):
     op = enqueue("test-sleep", input_data={"seconds": 4})  # lease 2 s, max_attempts 3
