@@ -11,13 +11,23 @@ so each operation is published once; the others retry the lock every ``POLL_INTE
 takes over when the holder's connection ends (its worker stopped or died). Notifications sent
 while no relay listens are lost by design: the beat poller still finds every due operation in
 the database (invariant 6), at most a poll interval later.
+
+A listening session sends nothing, so one the network dropped silently (a failover, a NAT's
+idle timeout) or whose server stopped answering would leave the relay waiting on a dead socket
+for as long as TCP allows, hours by default. So a relay that has heard nothing for a poll
+interval asks its session for a ``SELECT 1``, and cuts a session that does not answer in time
+(:func:`probe_timeout`): the query fails, and the relay starts again on a new session.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
+import time
+from datetime import timedelta
 from typing import Any
 
 from django.db import connections
@@ -36,6 +46,14 @@ LOCK_KEY = 0x62665F72656C6179  # b"bf_relay"
 WAIT_SECONDS = 1.0
 #: Most notifications turned into messages at once (one SELECT and its chunk messages).
 MAX_BURST = 1000
+#: The shortest wait for a probe's answer: a busy but healthy server must not look dead.
+MIN_PROBE_TIMEOUT = timedelta(seconds=5)
+
+
+def probe_timeout() -> timedelta:
+    """How long a quiet relay's ``SELECT 1`` may take before its session is cut: two poll
+    intervals, and at least :data:`MIN_PROBE_TIMEOUT`."""
+    return max(get_settings().POLL_INTERVAL * 2, MIN_PROBE_TIMEOUT)
 
 
 class Relay(threading.Thread):
@@ -85,21 +103,36 @@ class Relay(threading.Thread):
         connection.ensure_connection()
         if not self._wait_for_lock(connection):
             return
-        with connection.cursor() as cursor:
+        with self._answer_in_time(connection), connection.cursor() as cursor:
             cursor.execute(f"LISTEN {CHANNEL}")
         log_event(logging.INFO, "relay_started", alias=self.alias, channel=CHANNEL)
         raw = connection.connection
+        quiet_for = get_settings().POLL_INTERVAL.total_seconds()
+        heard_at = time.monotonic()
         while not self._stopping.is_set():
             # One read returns every notification that has arrived: a burst becomes one round.
             payloads = [n.payload for n in raw.notifies(timeout=WAIT_SECONDS, stop_after=1)]
+            if payloads:
+                heard_at = time.monotonic()
+            elif time.monotonic() - heard_at >= quiet_for:
+                # Notifications arriving meanwhile wait in psycopg's backlog for the next read.
+                with self._answer_in_time(connection), connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                heard_at = time.monotonic()
             for start in range(0, len(payloads), MAX_BURST):
-                self._publish(payloads[start : start + MAX_BURST])
+                self._publish(connection, payloads[start : start + MAX_BURST])
+
+    def _answer_in_time(self, connection: Any) -> _CutIfLate:
+        """Bound a query of the relay's: a session that does not answer within
+        :func:`probe_timeout` is cut, which fails the query (and so this :meth:`_serve`)."""
+        timeout = probe_timeout().total_seconds()
+        return _CutIfLate(connection.connection.fileno(), timeout, alias=self.alias)
 
     def _wait_for_lock(self, connection: Any) -> bool:
         """Hold the lock (``True``), or wait for it until told to stop (``False``)."""
         announced = False
         while not self._stopping.is_set():
-            with connection.cursor() as cursor:
+            with self._answer_in_time(connection), connection.cursor() as cursor:
                 cursor.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])
                 if cursor.fetchone()[0]:
                     return True
@@ -109,17 +142,19 @@ class Relay(threading.Thread):
             self._stopping.wait(get_settings().POLL_INTERVAL.total_seconds())
         return False
 
-    def _publish(self, payloads: list[str]) -> None:
+    def _publish(self, connection: Any, payloads: list[str]) -> None:
         from .dispatcher import publish_operations
 
         ids = {int(payload) for payload in payloads if _is_id(payload)}
-        # Only those still unprocessed: some may have been cancelled or run meanwhile.
-        operations = list(
-            BatchOperation.objects.using(self.alias)
-            .unprocessed()
-            .filter(pk__in=ids)
-            .only("pk", "run_after", "queue")
-        )
+        # Only those still unprocessed: some may have been cancelled or run meanwhile. (Only
+        # the query is bounded: a slow broker is the publisher's to bound, not a dead session.)
+        with self._answer_in_time(connection):
+            operations = list(
+                BatchOperation.objects.using(self.alias)
+                .unprocessed()
+                .filter(pk__in=ids)
+                .only("pk", "run_after", "queue")
+            )
         publisher = publish_operations(operations, using=self.alias)
         log_event(
             logging.DEBUG,
@@ -128,6 +163,53 @@ class Relay(threading.Thread):
             published_messages=publisher.published,
             failed_messages=publisher.failed,
         )
+
+
+class _CutIfLate:
+    """Shuts down the socket ``fileno`` unless the block ends within ``seconds``.
+
+    A query on a session whose server or network went silent waits forever: the server's
+    kernel (or nobody at all) has acknowledged it, and no answer comes. Shutting the socket
+    down makes that wait end at once with the driver's "connection closed" error. The lock
+    and flag make sure the socket is never touched after the block has ended, when its file
+    descriptor may already belong to another connection.
+    """
+
+    def __init__(self, fileno: int, seconds: float, *, alias: str) -> None:
+        self._fileno = fileno
+        self._seconds = seconds
+        self._alias = alias
+        self._lock = threading.Lock()
+        self._ended = False
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _CutIfLate:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._ended = True
+        self._timer.cancel()
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            log_event(
+                logging.WARNING,
+                "relay_unresponsive",
+                alias=self._alias,
+                timeout=f"{self._seconds:g}s",
+                action="closing the session and starting again",
+            )
+            with contextlib.suppress(OSError):
+                cut = socket.socket(fileno=os.dup(self._fileno))
+                try:
+                    cut.shutdown(socket.SHUT_RDWR)
+                finally:
+                    cut.close()
 
 
 _relay: Relay | None = None

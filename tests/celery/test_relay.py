@@ -5,6 +5,7 @@ the first is killed. No beat runs here, so nothing but the relay can hand operat
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -163,6 +164,61 @@ def test_relay_reconnects_when_its_database_session_is_killed(purge_broker, tmp_
         assert wait_for(
             lambda: log.read_text().count("event=relay_started") > started, timeout=15
         ), log.read_text()[-3000:]
+        with override_settings(BATCHFRAMEWORK=RELAY):
+            ids = [enqueue("test-effect").pk for _ in range(5)]
+        assert wait_for(all_finished(ids), timeout=20, interval=0.1), log.read_text()[-3000:]
+        assert_ran_once_each(ids)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+
+
+def _relay_backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
+            "AND ((classid::bigint << 32) | objid::bigint) = %s",
+            [LOCK_KEY],
+        )
+        (pid,) = [row[0] for row in cursor.fetchall()]
+    return pid
+
+
+def test_relay_starts_again_when_its_session_stops_answering(purge_broker, tmp_path):
+    """A session that stops answering without closing (a failover or a NAT dropping it
+    silently; here its server process is stopped with SIGSTOP, so its kernel still accepts
+    what the relay sends) would leave the relay waiting forever, deaf to every enqueue. The
+    quiet relay's probe goes unanswered, it cuts that session (``relay_unresponsive``), and
+    once the old session has let go of the lock it listens again on a new one."""
+    env = subprocess_env(
+        CELERY_BROKER_URL=purge_broker.url,
+        BF_DISPATCHER=RELAY_DISPATCHER,
+        BF_POLL_INTERVAL=str(POLL_INTERVAL),
+        BF_DISPATCH_HORIZON="5",
+    )
+    log = tmp_path / "worker.log"
+    worker = start_worker(log, env)
+    try:
+        assert wait_for(lambda: logged(log, "relay_started"), timeout=30), log.read_text()[-3000:]
+        pid = _relay_backend_pid()
+        started = log.read_text().count("event=relay_started")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Quiet for a poll interval, then the probe's timeout (5 s at least), then cut.
+            assert wait_for(lambda: logged(log, "relay_unresponsive"), timeout=20), (
+                log.read_text()[-3000:]
+            )
+            assert wait_for(lambda: logged(log, "relay_error"), timeout=10), log.read_text()[
+                -3000:
+            ]
+        finally:
+            # Woken, the old server process finds its client gone and ends, freeing the lock.
+            os.kill(pid, signal.SIGCONT)
+        assert wait_for(
+            lambda: log.read_text().count("event=relay_started") > started, timeout=20
+        ), log.read_text()[-3000:]
+        assert _relay_backend_pid() != pid
         with override_settings(BATCHFRAMEWORK=RELAY):
             ids = [enqueue("test-effect").pk for _ in range(5)]
         assert wait_for(all_finished(ids), timeout=20, interval=0.1), log.read_text()[-3000:]
