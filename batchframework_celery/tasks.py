@@ -26,6 +26,7 @@ from batchframework.models import BatchOperation
 from batchframework.signals import log_event
 
 from .names import DRAIN_TASK, POLL_TASK, RUN_OPERATIONS_TASK
+from .shutdown import worker_shutting_down
 
 T = TypeVar("T")
 
@@ -98,8 +99,10 @@ INTERRUPTIONS: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded,)
 
 
 def run_claimed_batch(operations: list[Any], using: str | None) -> int:
+    """Run a claimed batch; it ends after the handler in hand once the worker begins to shut
+    down, giving the rest back (see :mod:`.shutdown`)."""
     with BatchRunner(using=using, interruptions=INTERRUPTIONS) as runner:
-        return runner.run_batch(operations)
+        return runner.run_batch(operations, stop=worker_shutting_down)
 
 
 @shared_task(name=RUN_OPERATIONS_TASK, ignore_result=True)
@@ -115,7 +118,11 @@ def run_operations(ids: Any, using: Any = None) -> int:
     won = {op.pk for op in claimed}
     # Looked for before the batch runs: a long batch must not let them fall due unnoticed
     # (a due operation no longer counts as early, and would wait for the poller's drain).
-    early = _due_soon([i for i in ids if i not in won], using) if len(won) < len(ids) else None
+    early = (
+        _due_soon([i for i in ids if i not in won], using)
+        if len(won) < len(ids) and not worker_shutting_down()
+        else None
+    )
     ran = run_claimed_batch(claimed, using) if claimed else 0
     if early is not None:
         late_claimed = _claim_when_due(early, using)

@@ -25,6 +25,8 @@ LEASE = 2.0
 POLL = 1.0
 #: Shorter than the lease (a healthy attempt keeps it), long enough to be killed mid-way.
 SLEEP = 1.5
+#: Short enough that the waiting operations of a batch are not given back by the keeper.
+QUICK = 0.8
 
 
 def _claimer_pid(operation: BatchOperation) -> int:
@@ -245,3 +247,51 @@ def test_a_soft_time_limit_ends_the_chunk_and_every_operation_still_runs_once_to
     assert runs.count(2) >= 1, f"no handler was interrupted: {runs}"
     assert set(runs) <= {1, 2}, runs
     assert Effect.objects.filter(key__startswith="sleep-").count() == 5  # each completed once
+
+
+@pytest.mark.timeout(90)
+def test_a_warm_shutdown_ends_the_chunk_after_the_handler_in_hand(
+    private_redis, processes, reliability_report
+):
+    """``SIGTERM`` to a Celery worker (a deployment stopping it) while a chunk message's batch
+    runs: Celery's warm shutdown waits for the task, so the batch ends after the handler in
+    hand instead of running the other operations it claimed. Those go back unprocessed,
+    without a spent attempt and not marked to be claimed alone, and the worker exits without
+    running them (a grace period of one handler's length is enough). Another worker and the
+    poller then run them, each once. (Each handler is shorter than the two thirds of its lease
+    after which the keeper would give the waiting operations back anyway.)"""
+    procs = processes(private_redis.url(), poll_interval=POLL)
+    worker = procs.celery_worker("stopping", concurrency=1)
+    with celery_on(private_redis.url()):
+        ops = enqueue_many("test-sleep", [{"input_data": {"seconds": QUICK}}] * 5)
+    ids = [op.pk for op in ops]
+    first = wait_until(lambda: _started(ids[0]), timeout=20, what="the first handler to start")
+    assert first.status == BatchOperation.STATUS_RUNNING
+    assert BatchOperation.objects.filter(pk__in=ids, status="running").count() == len(ids), (
+        "the five were not claimed as one batch"
+    )
+    os.kill(worker.pid, signal.SIGTERM)
+    stopped = time.monotonic()
+    worker.popen.wait(timeout=30)
+    took = time.monotonic() - stopped
+    assert worker.popen.returncode == 0, worker.log()[-3000:]
+    after = {op.pk: op for op in BatchOperation.objects.filter(pk__in=ids)}
+    assert after[ids[0]].result == BatchOperation.RESULT_SUCCESSFUL
+    rest = [after[pk] for pk in ids[1:]]
+    assert [(op.status, op.attempts, op.claimed_by) for op in rest] == [
+        (BatchOperation.STATUS_UNPROCESSED, 0, "")
+    ] * 4, [(op.pk, op.status, op.attempts, op.claimed_by) for op in rest]
+    assert [_executions(pk) for pk in ids] == [1, 0, 0, 0, 0]
+
+    procs.celery_worker("successor", concurrency=2)
+    procs.poller()
+    wait_until(
+        lambda: BatchOperation.objects.finished().filter(pk__in=ids).count() == len(ids),
+        timeout=60,
+        what="the given-back operations to finish",
+    )
+    reliability_report("warm-shutdown", operations=len(ids), stop_seconds=round(took, 1))
+    finished = BatchOperation.objects.filter(pk__in=ids)
+    assert {op.result for op in finished} == {BatchOperation.RESULT_SUCCESSFUL}
+    assert [op.attempts for op in finished.order_by("pk")] == [1] * 5
+    assert [_executions(pk) for pk in ids] == [1] * 5
