@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from batchframework.conf import get_settings
 from batchframework.dispatch import Dispatcher
-from batchframework.engine import write_alias
+from batchframework.engine import must_be_claimed_alone, write_alias
 from batchframework.models import BatchOperation
 from batchframework.signals import log_event
 
@@ -142,9 +142,15 @@ def publish_operations(
     with Publisher() as publisher:
         for queue, queued in by_queue.items():
             # Operations already due need no ETA: they share chunks whatever their due times.
+            # One to be claimed alone gets a message of its own: a claim stops before it, so in
+            # a shared message it and those after it would wait for the poller's drain.
+            alone = [op for op in queued if must_be_claimed_alone(op)]
+            if alone:
+                queued = [op for op in queued if not must_be_claimed_alone(op)]
             due_now = [op.pk for op in queued if op.run_after <= now]
             chunks = [(now, due_now[i : i + size]) for i in range(0, len(due_now), size)]
             chunks += chunk_by_due_time([op for op in queued if op.run_after > now], size)
+            chunks += [(op.run_after, [op.pk]) for op in alone]
             for due, ids in chunks:
                 eta = due if due > now else None
                 publisher.publish(run_operations, [ids], queue=queue, eta=eta, kwargs=kwargs)

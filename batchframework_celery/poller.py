@@ -172,5 +172,5 @@ def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:
                     run_after__gt=F("started_running_datetime") + settings.DISPATCH_HORIZON,
                 )
             )
-            .only("pk", "run_after", "queue")
+            .only("pk", "run_after", "queue", "claimed_by")
         )

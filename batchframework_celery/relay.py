@@ -153,7 +153,7 @@ class Relay(threading.Thread):
                 BatchOperation.objects.using(self.alias)
                 .unprocessed()
                 .filter(pk__in=ids)
-                .only("pk", "run_after", "queue")
+                .only("pk", "run_after", "queue", "claimed_by")
             )
         publisher = publish_operations(operations, using=self.alias)
         log_event(

@@ -124,16 +124,6 @@ def run_operations(ids: Any, using: Any = None) -> int:
         else None
     )
     ran = run_claimed_batch(claimed, using) if claimed else 0
-    # A claim stops before an operation to be claimed alone (recovery marks those of a lost
-    # batch), so a message naming one among others claims again for the rest, as long as
-    # claims win something. (The early ones are claimed when due, below.)
-    skip = won | set(early.ids if early is not None else ())
-    while claimed and len(skip) < len(ids) and not worker_shutting_down():
-        rest = [i for i in ids if i not in skip]
-        claimed = claim_due(ids=rest, limit=len(rest), using=using)
-        skip.update(op.pk for op in claimed)
-        won.update(op.pk for op in claimed)
-        ran += run_claimed_batch(claimed, using) if claimed else 0
     if early is not None:
         late_claimed = _claim_when_due(early, using)
         ran += run_claimed_batch(late_claimed, using) if late_claimed else 0

@@ -13,7 +13,14 @@ DB-polling worker, ``batchframework_celery``) only decide *when and where* to ca
 
 from ._common import write_alias
 from .batch import BatchRunner
-from .claim import claim, claim_due, claims_needed, release, renew_leases
+from .claim import (
+    claim,
+    claim_due,
+    claims_needed,
+    must_be_claimed_alone,
+    release,
+    renew_leases,
+)
 from .control import CancelOutcome, cancel, postpone, set_progress
 from .enqueue import enqueue, enqueue_many
 from .recover import recover_expired
@@ -29,6 +36,7 @@ __all__ = [
     "claims_needed",
     "enqueue",
     "enqueue_many",
+    "must_be_claimed_alone",
     "postpone",
     "recover_expired",
     "release",

@@ -217,6 +217,14 @@ def claim_due(
     return operations
 
 
+def must_be_claimed_alone(operation: BatchOperation) -> bool:
+    """Whether this unprocessed operation is marked to be claimed alone (see the module
+    docstring), as far as the instance knows: a deferred ``claimed_by`` is not loaded (no
+    query) and counts as not marked. A message that names such an operation among others
+    would claim only those before it: give it a message of its own."""
+    return operation.__dict__.get("claimed_by") == ISOLATED
+
+
 def _alone_or_before_isolated(candidates: list[BatchOperation]) -> list[BatchOperation]:
     """Keep an isolated operation alone in its claim (the others stay unclaimed)."""
     for index, operation in enumerate(candidates):

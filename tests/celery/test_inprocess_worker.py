@@ -387,24 +387,3 @@ def test_a_soft_time_limit_inside_a_handler_ends_the_message_without_failing_any
     finally:
         registry.unregister("limit-interrupted")
         registry.unregister("limit-next")
-
-
-def test_a_message_naming_an_operation_to_be_claimed_alone_runs_it_alone_and_the_rest_too():
-    """Recovery marks the operations of a lost batch to be claimed alone, and a claim stops
-    before such an operation. A message that names one among others (a retry, a replace or a
-    postpone published together with other operations) claims again: those before it, then it
-    alone, then those after it. Nothing waits for the poller."""
-    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
-        ops = [enqueue("test-effect") for _ in range(4)]
-    ids = [op.pk for op in ops]
-    BatchOperation.objects.filter(pk=ids[1]).update(claimed_by="!isolated")
-
-    assert run_operations(ids) == 4
-
-    finished = {op.pk: op for op in BatchOperation.objects.filter(pk__in=ids)}
-    assert {op.result for op in finished.values()} == {BatchOperation.RESULT_SUCCESSFUL}
-    assert [finished[pk].attempts for pk in ids] == [1, 1, 1, 1]
-    # Three claims: the one before it, it alone (neither a batch's token), the two after it.
-    tokens = [finished[pk].claimed_by for pk in ids]
-    assert len({tokens[0], tokens[1], tokens[2]}) == 3, tokens
-    assert not tokens[1].endswith("/batch") and tokens[2] == tokens[3], tokens

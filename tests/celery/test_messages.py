@@ -13,9 +13,10 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from batchframework import enqueue, enqueue_many
+from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework_celery.dispatcher import publish_operations
 from batchframework_celery.poller import poll_once
-from batchframework_celery.tasks import DRAIN_TASK, RUN_OPERATIONS_TASK
+from batchframework_celery.tasks import DRAIN_TASK, RUN_OPERATIONS_TASK, run_operations
 
 from .conftest import CELERY_DISPATCHER, NO_DISPATCH
 
@@ -100,3 +101,34 @@ def test_a_chunk_of_operations_due_together_later_holds_at_most_batch_size_ids(
     assert sorted(len(m["args"][0]) for m in found) == [1, 2, 2]
     assert sorted(i for m in found for i in m["args"][0]) == sorted(op.pk for op in ops)
     assert all(m["eta"] == run_after for m in found)
+
+
+def test_an_operation_to_be_claimed_alone_gets_a_message_of_its_own(
+    celery_dispatch, django_assert_num_queries
+):
+    """Recovery marks the operations of a lost batch to be claimed alone, and a claim stops
+    before such an operation: in a message shared with others, it and those after it would
+    wait for the poller's drain. Published together (a retry, a replace or a postpone in one
+    round with other operations; the poller's window), it gets a message of its own, and
+    every message claims and runs what it names."""
+    broker = celery_dispatch
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        ops = [enqueue("test-noop") for _ in range(4)]
+    ids = [op.pk for op in ops]
+    BatchOperation.objects.filter(pk=ids[1]).update(claimed_by="!isolated")
+    # Loaded as the poller's window and the relay load them: deciding costs no query.
+    loaded = list(
+        BatchOperation.objects.filter(pk__in=ids)
+        .only("pk", "run_after", "queue", "claimed_by")
+        .order_by("pk")
+    )
+    with django_assert_num_queries(0):
+        publish_operations(loaded, using="default")
+
+    found = messages(broker)
+    assert sorted(sorted(m["args"][0]) for m in found) == [sorted([ids[0], *ids[2:]]), [ids[1]]]
+    assert all(m["eta"] is None for m in found)
+    for message in found:
+        run_operations(*message["args"], **message["kwargs"])
+    finished = BatchOperation.objects.filter(pk__in=ids)
+    assert {(op.result, op.attempts) for op in finished} == {(BatchOperation.RESULT_SUCCESSFUL, 1)}
