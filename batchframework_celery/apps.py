@@ -27,7 +27,7 @@ class BatchframeworkCeleryConfig(AppConfig):
         from .beat import register_poller_after_migrate
         from .queues import warn_if_no_queue_is_consumed
         from .relay import start_relay, stop_relay
-        from .shutdown import create_flag, raise_flag
+        from .shutdown import create_flag, raise_flag, raise_flag_on_stop_signals
 
         post_migrate.connect(
             register_poller_after_migrate, dispatch_uid="batchframework_celery.beat"
@@ -39,6 +39,10 @@ class BatchframeworkCeleryConfig(AppConfig):
         worker_init.connect(create_flag, dispatch_uid="batchframework_celery.shutdown.create")
         worker_shutting_down.connect(
             raise_flag, dispatch_uid="batchframework_celery.shutdown.raise"
+        )
+        # Sent after the ``celery worker`` program installed its signal handlers.
+        worker_ready.connect(
+            raise_flag_on_stop_signals, dispatch_uid="batchframework_celery.shutdown.signals"
         )
         celeryd_after_setup.connect(
             warn_if_no_queue_is_consumed, dispatch_uid="batchframework_celery.queues.warn"

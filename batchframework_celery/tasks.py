@@ -114,6 +114,8 @@ def run_operations(ids: Any, using: Any = None) -> int:
     except ValueError as exc:
         log_event(logging.ERROR, "message_rejected", task=RUN_OPERATIONS_TASK, reason=str(exc))
         return 0
+    if _stopping(RUN_OPERATIONS_TASK):
+        return 0
     claimed = reconnecting(using, lambda: claim_due(ids=ids, limit=len(ids), using=using))
     won = {op.pk for op in claimed}
     # Looked for before the batch runs: a long batch must not let them fall due unnoticed
@@ -174,7 +176,23 @@ def _due_soon(ids: list[int], using: str | None) -> _DueSoon | None:
 
 def _claim_when_due(due_soon: _DueSoon, using: str | None) -> list[Any]:
     time.sleep(max(due_soon.due_by - time.monotonic(), 0.0))
+    if worker_shutting_down():
+        return []  # left for the poller's drain to hand to a worker that is not stopping
     return claim_due(ids=due_soon.ids, limit=len(due_soon.ids), using=using)
+
+
+def _stopping(task: str) -> bool:
+    """A task that starts once its worker is shutting down claims nothing: what it would have
+    claimed it would give back at once (see :mod:`.shutdown`)."""
+    if not worker_shutting_down():
+        return False
+    log_event(
+        logging.INFO,
+        "message_noop",
+        task=task,
+        reason="worker shutting down: left for the poller's drain",
+    )
+    return True
 
 
 @shared_task(name=DRAIN_TASK, ignore_result=True)
@@ -187,6 +205,8 @@ def drain(queue: Any, using: Any = None) -> int:
         using = _valid_alias(using)
     except ValueError as exc:
         log_event(logging.ERROR, "message_rejected", task=DRAIN_TASK, reason=str(exc))
+        return 0
+    if _stopping(DRAIN_TASK):
         return 0
     claimed = reconnecting(using, lambda: claim_due(queues=[queue], using=using))
     if not claimed:

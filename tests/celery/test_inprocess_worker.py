@@ -16,12 +16,14 @@ from django.utils import timezone
 
 from batchframework import BatchOperation, CancelOutcome, cancel, enqueue, enqueue_many
 from batchframework.testing import run_due
+from batchframework_celery import shutdown
 from batchframework_celery.poller import poll_once
 from batchframework_celery.tasks import (
     DRAIN_TASK,
     MAX_IDS_PER_MESSAGE,
     POLL_TASK,
     RUN_OPERATIONS_TASK,
+    drain,
     run_operations,
 )
 from tests.celery_app import app as celery_app
@@ -387,3 +389,28 @@ def test_a_soft_time_limit_inside_a_handler_ends_the_message_without_failing_any
     finally:
         registry.unregister("limit-interrupted")
         registry.unregister("limit-next")
+
+
+def test_a_task_starting_once_its_worker_is_shutting_down_claims_nothing(monkeypatch):
+    """Once the worker has begun to shut down, a message or drain that still starts claims
+    nothing (it would only give it back): the operations stay as they were, an operation
+    marked to be claimed alone keeps its mark, and the poller's drain hands them to a worker
+    that is not stopping."""
+    monkeypatch.setattr(shutdown, "_flag", None)  # restored after the test
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        ops = [enqueue("test-effect") for _ in range(3)]
+    shutdown.create_flag()
+    assert run_operations([op.pk for op in ops]) == 3  # the flag is down: they run ...
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        more = [enqueue("test-effect") for _ in range(3)]
+    more_ids = [op.pk for op in more]
+    BatchOperation.objects.filter(pk=more_ids[0]).update(claimed_by="!isolated")
+    shutdown.raise_flag()
+    assert run_operations(more_ids) == 0  # ... and once it is up, nothing is claimed
+    assert drain("default") == 0
+    stored = {op.pk: op for op in BatchOperation.objects.filter(pk__in=more_ids)}
+    assert [(stored[pk].status, stored[pk].attempts, stored[pk].claimed_by) for pk in more_ids] == [
+        (BatchOperation.STATUS_UNPROCESSED, 0, "!isolated"),
+        (BatchOperation.STATUS_UNPROCESSED, 0, ""),
+        (BatchOperation.STATUS_UNPROCESSED, 0, ""),
+    ]

@@ -43,6 +43,10 @@ if os.environ.get("BF_DB_REUSE_MAX"):
         "CONN_HEALTH_CHECKS": True,
     }
 
+# Celery's soft shutdown: a cold shutdown (SIGQUIT) waits this long for the tasks in hand.
+if os.environ.get("BF_SOFT_SHUTDOWN_TIMEOUT"):
+    CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = _seconds("BF_SOFT_SHUTDOWN_TIMEOUT", 0)
+
 # Workers reconnect quickly after a broker restart.
 CELERY_BROKER_CONNECTION_RETRY = True
 CELERY_BROKER_CONNECTION_MAX_RETRIES = None

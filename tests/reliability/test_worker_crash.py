@@ -250,17 +250,26 @@ def test_a_soft_time_limit_ends_the_chunk_and_every_operation_still_runs_once_to
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("stop_signal", "soft_shutdown_timeout"),
+    [(signal.SIGTERM, 0), (signal.SIGQUIT, 10)],
+    ids=["warm", "soft"],
+)
 def test_a_warm_shutdown_ends_the_chunk_after_the_handler_in_hand(
-    private_redis, processes, reliability_report
+    private_redis, processes, reliability_report, stop_signal, soft_shutdown_timeout
 ):
     """``SIGTERM`` to a Celery worker (a deployment stopping it) while a chunk message's batch
     runs: Celery's warm shutdown waits for the task, so the batch ends after the handler in
     hand instead of running the other operations it claimed. Those go back unprocessed,
     without a spent attempt and not marked to be claimed alone, and the worker exits without
     running them (a grace period of one handler's length is enough). Another worker and the
-    poller then run them, each once. (Each handler is shorter than the two thirds of its lease
-    after which the keeper would give the waiting operations back anyway.)"""
-    procs = processes(private_redis.url(), poll_interval=POLL)
+    poller then run them, each once. The same with Celery's soft shutdown (``SIGQUIT`` and
+    ``worker_soft_shutdown_timeout``), whose handler waits out that timeout before it tells
+    anybody: the flag goes up with the signal itself. (Each handler is shorter than the two
+    thirds of its lease after which the keeper would give the waiting operations back
+    anyway.)"""
+    timings = {"soft_shutdown_timeout": soft_shutdown_timeout} if soft_shutdown_timeout else {}
+    procs = processes(private_redis.url(), poll_interval=POLL, **timings)
     worker = procs.celery_worker("stopping", concurrency=1)
     with celery_on(private_redis.url()):
         ops = enqueue_many("test-sleep", [{"input_data": {"seconds": QUICK}}] * 5)
@@ -270,7 +279,7 @@ def test_a_warm_shutdown_ends_the_chunk_after_the_handler_in_hand(
     assert BatchOperation.objects.filter(pk__in=ids, status="running").count() == len(ids), (
         "the five were not claimed as one batch"
     )
-    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.pid, stop_signal)
     stopped = time.monotonic()
     worker.popen.wait(timeout=30)
     took = time.monotonic() - stopped
@@ -290,7 +299,9 @@ def test_a_warm_shutdown_ends_the_chunk_after_the_handler_in_hand(
         timeout=60,
         what="the given-back operations to finish",
     )
-    reliability_report("warm-shutdown", operations=len(ids), stop_seconds=round(took, 1))
+    reliability_report(
+        f"{stop_signal.name}-shutdown", operations=len(ids), stop_seconds=round(took, 1)
+    )
     finished = BatchOperation.objects.filter(pk__in=ids)
     assert {op.result for op in finished} == {BatchOperation.RESULT_SUCCESSFUL}
     assert [op.attempts for op in finished.order_by("pk")] == [1] * 5
