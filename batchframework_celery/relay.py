@@ -16,7 +16,10 @@ A listening session sends nothing, so one the network dropped silently (a failov
 idle timeout) or whose server stopped answering would leave the relay waiting on a dead socket
 for as long as TCP allows, hours by default. So a relay that has heard nothing for a poll
 interval asks its session for a ``SELECT 1``, and cuts a session that does not answer in time
-(:func:`probe_timeout`): the query fails, and the relay starts again on a new session.
+(:func:`probe_timeout`): the query fails, and the relay starts again on a new session. The
+server must let go of the old session's lock too, although it may never hear of the cut: the
+relay's session settings (:func:`session_settings`) end a session the relay stopped talking to,
+and fail a query the server can't finish in time before the relay has to cut it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,37 @@ def probe_timeout() -> timedelta:
     return max(get_settings().POLL_INTERVAL * 2, MIN_PROBE_TIMEOUT)
 
 
+def session_settings(server_version: int) -> dict[str, int]:
+    """What the relay sets on its session, so that the server ends it on its own when the
+    relay can no longer reach it, and with it the lock every other relay waits for:
+
+    - ``idle_session_timeout`` (PostgreSQL 14+): the relay speaks at least every poll interval
+      (a probe, a lock attempt, or a burst's query), and a broker publish between two of them
+      lasts at most ``PUBLISH_TIMEOUT``; a session silent three probe timeouts longer than
+      that has lost its relay;
+    - TCP keepalives: a client host or network gone silent is noticed within about twice the
+      probe timeout (the only way before PostgreSQL 14);
+    - ``statement_timeout``: a query stuck on the server (behind a lock) fails cleanly at half
+      the probe timeout, before the relay would cut a session the server still holds on to.
+    """
+    settings = get_settings()
+    probe = probe_timeout().total_seconds()
+    values = {
+        "statement_timeout": int(probe * 1000 / 2),
+        "tcp_keepalives_idle": max(1, round(probe)),
+        "tcp_keepalives_interval": max(1, round(probe / 3)),
+        "tcp_keepalives_count": 3,
+    }
+    if server_version >= 140000:
+        quiet = (
+            settings.POLL_INTERVAL.total_seconds()
+            + WAIT_SECONDS
+            + settings.PUBLISH_TIMEOUT.total_seconds()
+        )
+        values["idle_session_timeout"] = int((quiet + 3 * probe) * 1000)
+    return values
+
+
 class Relay(threading.Thread):
     """Listens for announced operations on the operations' database and publishes them."""
 
@@ -89,11 +123,16 @@ class Relay(threading.Thread):
         # to the pool, still holding the lock and listening: the relay's next session could
         # never take the lock, nor could another worker's. So let go of both first. (The
         # connection may be broken already; closing it must not end the thread.)
+        # The session settings go too: the pool's next user must not inherit them.
         with contextlib.suppress(Exception):
-            if connection.connection is not None and connection.is_usable():
-                with connection.cursor() as cursor:
-                    cursor.execute("UNLISTEN *")
-                    cursor.execute("SELECT pg_advisory_unlock_all()")
+            if connection.connection is not None:
+                with self._answer_in_time(connection):
+                    if connection.is_usable():
+                        with connection.cursor() as cursor:
+                            cursor.execute("UNLISTEN *")
+                            cursor.execute("SELECT pg_advisory_unlock_all()")
+                            for name in session_settings(_server_version(connection)):
+                                cursor.execute(f"RESET {name}")
         with contextlib.suppress(Exception):
             connection.close()
 
@@ -101,6 +140,9 @@ class Relay(threading.Thread):
         connection = connections[self.alias]
         self._close()  # start from a fresh session: an advisory lock lives as long as it
         connection.ensure_connection()
+        with self._answer_in_time(connection), connection.cursor() as cursor:
+            for name, value in session_settings(_server_version(connection)).items():
+                cursor.execute(f"SET {name} = {int(value)}")
         if not self._wait_for_lock(connection):
             return
         with self._answer_in_time(connection), connection.cursor() as cursor:
@@ -166,7 +208,8 @@ class Relay(threading.Thread):
 
 
 class _CutIfLate:
-    """Shuts down the socket ``fileno`` unless the block ends within ``seconds``.
+    """Shuts down the socket ``fileno`` (its connection, whoever holds it) unless the block
+    ends within ``seconds``.
 
     A query on a session whose server or network went silent waits forever: the server's
     kernel (or nobody at all) has acknowledged it, and no answer comes. Shutting the socket
@@ -176,7 +219,10 @@ class _CutIfLate:
     """
 
     def __init__(self, fileno: int, seconds: float, *, alias: str) -> None:
-        self._fileno = fileno
+        # A socket of our own on the session's connection, for as long as the block lasts:
+        # if the driver closes its descriptor meanwhile, the number may be reused by another
+        # connection, which a shutdown by number would cut.
+        self._socket = socket.socket(fileno=os.dup(fileno))
         self._seconds = seconds
         self._alias = alias
         self._lock = threading.Lock()
@@ -192,6 +238,7 @@ class _CutIfLate:
         with self._lock:
             self._ended = True
         self._timer.cancel()
+        self._socket.close()  # closes our duplicate only
 
     def _cut(self) -> None:
         with self._lock:
@@ -205,11 +252,7 @@ class _CutIfLate:
                 action="closing the session and starting again",
             )
             with contextlib.suppress(OSError):
-                cut = socket.socket(fileno=os.dup(self._fileno))
-                try:
-                    cut.shutdown(socket.SHUT_RDWR)
-                finally:
-                    cut.close()
+                self._socket.shutdown(socket.SHUT_RDWR)
 
 
 _relay: Relay | None = None
@@ -238,6 +281,11 @@ def stop_relay(**kwargs: Any) -> None:
         relay, _relay = _relay, None
     if relay is not None:
         relay.stop(timeout=WAIT_SECONDS * 5)
+
+
+def _server_version(connection: Any) -> int:
+    """The server's version number (150002 for 15.2), as psycopg's session knows it."""
+    return int(connection.connection.info.server_version)
 
 
 def _is_id(payload: str) -> bool:

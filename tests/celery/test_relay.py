@@ -5,7 +5,7 @@ the first is killed. No beat runs here, so nothing but the relay can hand operat
 
 from __future__ import annotations
 
-import os
+import logging
 import re
 import signal
 import subprocess
@@ -13,7 +13,9 @@ import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.db import connection, transaction
@@ -23,15 +25,17 @@ from batchframework import BatchOperation, enqueue
 from batchframework_celery.dispatcher import RelayDispatcher
 from batchframework_celery.poller import poll_once
 from batchframework_celery.publish import bounded_publishing
-from batchframework_celery.relay import CHANNEL, LOCK_KEY
+from batchframework_celery.relay import CHANNEL, LOCK_KEY, Relay
 
 from .helpers import (
     all_finished,
     assert_never_early,
     assert_ran_once_each,
+    database_url_for_subprocesses,
     subprocess_env,
     wait_for,
 )
+from .silent_network import SilentNetwork
 
 pytestmark = [
     pytest.mark.celery,
@@ -124,9 +128,9 @@ def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_brok
         )
         with override_settings(BATCHFRAMEWORK=RELAY):
             later = [enqueue("test-effect").pk for _ in range(5)]
-        assert wait_for(all_finished(later), timeout=20, interval=0.1), (
-            second_log.read_text()[-3000:]
-        )
+        assert wait_for(all_finished(later), timeout=20, interval=0.1), second_log.read_text()[
+            -3000:
+        ]
         assert_ran_once_each(later)
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0, second_log.read_text()[-3000:]
@@ -135,7 +139,6 @@ def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_brok
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-
 
 
 def test_relay_reconnects_when_its_database_session_is_killed(purge_broker, tmp_path):
@@ -174,24 +177,23 @@ def test_relay_reconnects_when_its_database_session_is_killed(purge_broker, tmp_
             worker.wait(10)
 
 
-def _relay_backend_pid() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
-            "AND ((classid::bigint << 32) | objid::bigint) = %s",
-            [LOCK_KEY],
-        )
-        (pid,) = [row[0] for row in cursor.fetchall()]
-    return pid
-
-
-def test_relay_starts_again_when_its_session_stops_answering(purge_broker, tmp_path):
-    """A session that stops answering without closing (a failover or a NAT dropping it
-    silently; here its server process is stopped with SIGSTOP, so its kernel still accepts
-    what the relay sends) would leave the relay waiting forever, deaf to every enqueue. The
-    quiet relay's probe goes unanswered, it cuts that session (``relay_unresponsive``), and
-    once the old session has let go of the lock it listens again on a new one."""
+def test_relay_starts_again_when_the_network_drops_its_session_silently(purge_broker, tmp_path):
+    """A session the network drops without a word (a NAT forgetting it, a failover leaving it
+    half-open; here a relay in between stops forwarding, while both ends' kernels still
+    answer TCP keepalives) would leave the relay waiting on it forever, deaf to every enqueue,
+    and the server holding its lock for every other relay. The quiet relay's probe goes
+    unanswered and it cuts its end (``relay_unresponsive``); the server, which hears nothing
+    of that, ends the silent session itself (the relay set ``idle_session_timeout`` on it),
+    which frees the lock; the relay, standing by on a new session meanwhile, takes it and
+    listens again."""
+    settings_dict = connection.settings_dict
+    network = SilentNetwork(
+        (settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432))
+    )
+    url = urlsplit(database_url_for_subprocesses())
+    through = url._replace(netloc=f"{url.netloc.rsplit('@', 1)[0]}@127.0.0.1:{network.port}")
     env = subprocess_env(
+        DATABASE_URL=urlunsplit(through),
         CELERY_BROKER_URL=purge_broker.url,
         BF_DISPATCHER=RELAY_DISPATCHER,
         BF_POLL_INTERVAL=str(POLL_INTERVAL),
@@ -201,24 +203,16 @@ def test_relay_starts_again_when_its_session_stops_answering(purge_broker, tmp_p
     worker = start_worker(log, env)
     try:
         assert wait_for(lambda: logged(log, "relay_started"), timeout=30), log.read_text()[-3000:]
-        pid = _relay_backend_pid()
         started = log.read_text().count("event=relay_started")
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            # Quiet for a poll interval, then the probe's timeout (5 s at least), then cut.
-            assert wait_for(lambda: logged(log, "relay_unresponsive"), timeout=20), (
-                log.read_text()[-3000:]
-            )
-            assert wait_for(lambda: logged(log, "relay_error"), timeout=10), log.read_text()[
-                -3000:
-            ]
-        finally:
-            # Woken, the old server process finds its client gone and ends, freeing the lock.
-            os.kill(pid, signal.SIGCONT)
+        assert network.silence() >= 1
+        # Quiet for a poll interval, then the probe's timeout (5 s at least), then cut.
+        assert wait_for(lambda: logged(log, "relay_unresponsive"), timeout=20), log.read_text()[
+            -3000:
+        ]
+        # The server ends the silent session (idle_session_timeout: about 17 s here).
         assert wait_for(
-            lambda: log.read_text().count("event=relay_started") > started, timeout=20
+            lambda: log.read_text().count("event=relay_started") > started, timeout=45
         ), log.read_text()[-3000:]
-        assert _relay_backend_pid() != pid
         with override_settings(BATCHFRAMEWORK=RELAY):
             ids = [enqueue("test-effect").pk for _ in range(5)]
         assert wait_for(all_finished(ids), timeout=20, interval=0.1), log.read_text()[-3000:]
@@ -227,6 +221,7 @@ def test_relay_starts_again_when_its_session_stops_answering(purge_broker, tmp_p
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
+        network.close()
 
 
 def test_the_relay_dispatcher_announces_only_on_the_database_its_relay_listens_to():
@@ -236,3 +231,32 @@ def test_the_relay_dispatcher_announces_only_on_the_database_its_relay_listens_t
     dispatcher = RelayDispatcher()
     assert dispatcher.notify_channel("default") == CHANNEL
     assert dispatcher.notify_channel("another_database") is None
+
+
+def test_a_relay_query_stuck_behind_a_lock_fails_cleanly_and_the_relay_starts_again(caplog):
+    """A healthy server can hold the relay's query behind a lock (an ``ALTER TABLE`` waiting
+    for a long transaction). Cut from the relay's end after the probe timeout, that session
+    would stay on the server, still waiting and holding the relay's lock, and every relay
+    would stand by until the blocker ends. The relay's ``statement_timeout`` (half the probe
+    timeout) fails the query on the server instead: the relay lets go of its lock and starts
+    again on a new session while the blocker still holds its lock."""
+    caplog.set_level(logging.INFO, logger="batchframework")
+    blocker = psycopg.connect(**connection.get_connection_params())
+    relay = Relay()
+    with override_settings(BATCHFRAMEWORK={**settings.BATCHFRAMEWORK, "POLL_INTERVAL": 0.2}):
+        relay.start()
+        try:
+            assert wait_for(lambda: caplog.text.count("event=relay_started") == 1, timeout=20)
+            table = BatchOperation._meta.db_table
+            blocker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            with connection.cursor() as cursor:  # the relay's next query waits for the lock
+                cursor.execute("SELECT pg_notify(%s, '1')", [CHANNEL])
+            assert wait_for(lambda: "event=relay_error" in caplog.text, timeout=10), caplog.text
+            assert wait_for(lambda: caplog.text.count("event=relay_started") == 2, timeout=10), (
+                caplog.text
+            )
+            assert "relay_unresponsive" not in caplog.text
+        finally:
+            blocker.rollback()
+            blocker.close()
+            relay.stop(timeout=10)

@@ -5,6 +5,7 @@ LISTEN) before it closes. PostgreSQL only; the relay runs as a thread of the tes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -86,7 +87,22 @@ def test_a_relay_on_pooled_connections_takes_its_lock_again_after_an_error(monke
         assert len(sessions) == 2
         assert sessions[0] != sessions[1], "the pool gave the same session back"
         assert advisory_lock_holders() == [sessions[1]]
+        relay.stop(timeout=10)
+        # The relay's session settings (statement_timeout among them) did not go back to the
+        # pool with its sessions: a task drawing one must not inherit a 5 s statement limit.
+        assert pooled_settings("statement_timeout", "idle_session_timeout") == {("0", "0")}
     finally:
         relay.stop(timeout=10)
         connections[POOLED].close_pool()
     assert not relay.is_alive()
+
+
+def pooled_settings(*names: str) -> set[tuple[str, ...]]:
+    """The values of ``names`` in every session of the pool (all drawn at once)."""
+    pool = connections[POOLED].pool
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(pool.connection(timeout=10)) for _ in range(pool.max_size)]
+        return {
+            tuple(session.execute(f"SHOW {name}").fetchone()[0] for name in names)
+            for session in sessions
+        }
