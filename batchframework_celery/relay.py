@@ -33,7 +33,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from batchframework.conf import get_settings
 from batchframework.dispatch import get_dispatcher
@@ -64,11 +64,13 @@ def session_settings(server_version: int) -> dict[str, int]:
     relay can no longer reach it, and with it the lock every other relay waits for:
 
     - ``idle_session_timeout`` (PostgreSQL 14+): the relay speaks at least every poll interval
-      (a probe, a lock attempt, or a burst's query), and a broker publish between two of them
-      lasts at most ``PUBLISH_TIMEOUT``; a session silent three probe timeouts longer than
-      that has lost its relay;
-    - TCP keepalives: a client host or network gone silent is noticed within about twice the
-      probe timeout (the only way before PostgreSQL 14);
+      (a probe, a lock attempt, or a burst's query) unless a broker publish holds it up, and
+      that has ``PUBLISH_TIMEOUT`` to connect; a session silent three probe timeouts longer
+      than that has most likely lost its relay (if a frozen broker held it up instead, the
+      relay starts again on a new session once the publish returns);
+    - TCP keepalives, and ``tcp_user_timeout`` (PostgreSQL 12+) for when notifications wait
+      unacknowledged (Linux sends no keepalives then): a client host or network gone silent
+      is noticed within about twice the probe timeout (the only way before PostgreSQL 14);
     - ``statement_timeout``: a query stuck on the server (behind a lock) fails cleanly at half
       the probe timeout, before the relay would cut a session the server still holds on to.
     """
@@ -80,6 +82,8 @@ def session_settings(server_version: int) -> dict[str, int]:
         "tcp_keepalives_interval": max(1, round(probe / 3)),
         "tcp_keepalives_count": 3,
     }
+    if server_version >= 120000:
+        values["tcp_user_timeout"] = int(probe * 2 * 1000)
     if server_version >= 140000:
         quiet = (
             settings.POLL_INTERVAL.total_seconds()
@@ -97,6 +101,7 @@ class Relay(threading.Thread):
         super().__init__(name="batchframework-relay", daemon=True)
         self.alias = write_alias()
         self._stopping = threading.Event()
+        self._set: list[str] = []  # the session settings in force, reset before closing
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
@@ -131,8 +136,9 @@ class Relay(threading.Thread):
                         with connection.cursor() as cursor:
                             cursor.execute("UNLISTEN *")
                             cursor.execute("SELECT pg_advisory_unlock_all()")
-                            for name in session_settings(_server_version(connection)):
+                            for name in self._set:
                                 cursor.execute(f"RESET {name}")
+        self._set = []
         with contextlib.suppress(Exception):
             connection.close()
 
@@ -140,9 +146,7 @@ class Relay(threading.Thread):
         connection = connections[self.alias]
         self._close()  # start from a fresh session: an advisory lock lives as long as it
         connection.ensure_connection()
-        with self._answer_in_time(connection), connection.cursor() as cursor:
-            for name, value in session_settings(_server_version(connection)).items():
-                cursor.execute(f"SET {name} = {int(value)}")
+        self._apply_session_settings(connection)
         if not self._wait_for_lock(connection):
             return
         with self._answer_in_time(connection), connection.cursor() as cursor:
@@ -163,6 +167,18 @@ class Relay(threading.Thread):
                 heard_at = time.monotonic()
             for start in range(0, len(payloads), MAX_BURST):
                 self._publish(connection, payloads[start : start + MAX_BURST])
+
+    def _apply_session_settings(self, connection: Any) -> None:
+        """Set :func:`session_settings` one by one: one the server refuses (a PostgreSQL
+        look-alike without it) is logged and done without, not a reason to stop relaying."""
+        for name, value in session_settings(_server_version(connection)).items():
+            try:
+                with self._answer_in_time(connection), connection.cursor() as cursor:
+                    cursor.execute(f"SET {name} = {int(value)}")
+            except DatabaseError as exc:
+                log_event(logging.WARNING, "relay_setting_refused", name=name, error=repr(exc))
+            else:
+                self._set.append(name)
 
     def _answer_in_time(self, connection: Any) -> _CutIfLate:
         """Bound a query of the relay's: a session that does not answer within

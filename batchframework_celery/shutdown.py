@@ -32,6 +32,11 @@ _flag: Any = None
 
 #: The signals that stop a Celery worker (``SIGHUP``: a restart, which stops it first).
 STOP_SIGNALS = ("SIGTERM", "SIGQUIT", "SIGINT", "SIGHUP")
+#: The names of the ``celery worker`` program's handlers that do stop it (``celery.apps.worker``:
+#: warm, cold and soft shutdown, restart). Any other handler of those signals is left alone: a
+#: flag raised by a signal that does not stop the worker (Celery's warning that macOS can't
+#: restart, a project's own handler) would keep its tasks from claiming anything, for good.
+CELERY_STOP_HANDLERS = frozenset({"worker_Warm", "worker_Cold", "restart_worker_sig_handler"})
 
 
 def create_flag(**kwargs: Any) -> None:
@@ -53,9 +58,9 @@ def worker_shutting_down() -> bool:
 
 def raise_flag_on_stop_signals(sender: Any = None, **kwargs: Any) -> None:
     """``worker_ready`` receiver: put :func:`raise_flag` in front of the handlers the
-    ``celery worker`` program installed for the stop signals (by then it has). Only there: a
-    worker embedded in another program (``celery.contrib.testing``) leaves that program's
-    handlers alone."""
+    ``celery worker`` program installed for the stop signals (by then it has), those in
+    :data:`CELERY_STOP_HANDLERS` only. Only there: a worker embedded in another program
+    (``celery.contrib.testing``) leaves that program's handlers alone."""
     from celery.apps.worker import Worker
 
     if _flag is None or not isinstance(getattr(sender, "controller", None), Worker):
@@ -65,7 +70,7 @@ def raise_flag_on_stop_signals(sender: Any = None, **kwargs: Any) -> None:
         if number is None:
             continue
         previous = signal.getsignal(number)
-        if callable(previous):
+        if callable(previous) and getattr(previous, "__name__", "") in CELERY_STOP_HANDLERS:
             signal.signal(number, _raising_first(previous))
 
 

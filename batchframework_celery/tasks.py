@@ -138,7 +138,9 @@ def run_operations(ids: Any, using: Any = None) -> int:
             named=len(ids),
             claimed=len(won),
             ids=",".join(str(i) for i in ids if i not in won)[:500],
-            reason="gone, cancelled, claimed elsewhere, finished or not yet due",
+            reason="worker shutting down: left for the poller's drain"
+            if worker_shutting_down()
+            else "gone, cancelled, claimed elsewhere, finished or not yet due",
         )
     return ran
 
@@ -175,9 +177,13 @@ def _due_soon(ids: list[int], using: str | None) -> _DueSoon | None:
 
 
 def _claim_when_due(due_soon: _DueSoon, using: str | None) -> list[Any]:
+    # A worker shutting down leaves them for the poller's drain (to a worker that is not
+    # stopping); checked again after the wait, in which the shutdown may have begun.
+    if worker_shutting_down():
+        return []
     time.sleep(max(due_soon.due_by - time.monotonic(), 0.0))
     if worker_shutting_down():
-        return []  # left for the poller's drain to hand to a worker that is not stopping
+        return []
     return claim_due(ids=due_soon.ids, limit=len(due_soon.ids), using=using)
 
 

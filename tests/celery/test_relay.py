@@ -22,6 +22,7 @@ from django.db import connection, transaction
 from django.test import override_settings
 
 from batchframework import BatchOperation, enqueue
+from batchframework_celery import relay as relay_module
 from batchframework_celery.dispatcher import RelayDispatcher
 from batchframework_celery.poller import poll_once
 from batchframework_celery.publish import bounded_publishing
@@ -260,3 +261,21 @@ def test_a_relay_query_stuck_behind_a_lock_fails_cleanly_and_the_relay_starts_ag
             blocker.rollback()
             blocker.close()
             relay.stop(timeout=10)
+
+
+def test_a_session_setting_the_server_refuses_is_done_without(caplog, monkeypatch):
+    """A server that refuses one of the relay's session settings (a PostgreSQL look-alike
+    without ``idle_session_timeout``) costs that setting, logged, not the relay."""
+    caplog.set_level(logging.INFO, logger="batchframework")
+    real = relay_module.session_settings
+    monkeypatch.setattr(
+        relay_module, "session_settings", lambda version: {"no_such_setting": 1, **real(version)}
+    )
+    relay = Relay()
+    relay.start()
+    try:
+        assert wait_for(lambda: "event=relay_started" in caplog.text, timeout=20), caplog.text
+        assert "event=relay_setting_refused name=no_such_setting" in caplog.text
+        assert "relay_error" not in caplog.text
+    finally:
+        relay.stop(timeout=10)
