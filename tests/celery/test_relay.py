@@ -51,6 +51,17 @@ POLL_INTERVAL = 0.5
 RELAY = {**settings.BATCHFRAMEWORK, "DISPATCHER": RELAY_DISPATCHER, "DISPATCH_HORIZON": 5}
 
 
+def relay_worker_env(broker_url: str, **extra: str) -> dict[str, str]:
+    """A worker subprocess's environment: RelayDispatcher, short poll interval, this broker."""
+    return subprocess_env(
+        CELERY_BROKER_URL=broker_url,
+        BF_DISPATCHER=RELAY_DISPATCHER,
+        BF_POLL_INTERVAL=str(POLL_INTERVAL),
+        BF_DISPATCH_HORIZON="5",
+        **extra,
+    )
+
+
 def start_worker(log: Path, env: dict[str, str]) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -73,12 +84,7 @@ def logged(log: Path, event: str) -> bool:
 
 def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_broker, tmp_path):
     broker = purge_broker
-    env = subprocess_env(
-        CELERY_BROKER_URL=broker.url,
-        BF_DISPATCHER=RELAY_DISPATCHER,
-        BF_POLL_INTERVAL=str(POLL_INTERVAL),
-        BF_DISPATCH_HORIZON="5",
-    )
+    env = relay_worker_env(broker.url)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     with override_settings(BATCHFRAMEWORK=RELAY):
         # The web side publishes nothing, not even after commit ...
@@ -142,16 +148,23 @@ def test_relay_publishes_for_the_web_process_and_a_standby_takes_over(purge_brok
                 proc.wait(10)
 
 
+def assert_relays_again(log: Path, started: int, *, timeout: float) -> None:
+    """The worker's relay starts listening again (once more than ``started`` times), and
+    publishes what is enqueued from then on: each operation runs once."""
+    assert wait_for(
+        lambda: log.read_text().count("event=relay_started") > started, timeout=timeout
+    ), log.read_text()[-3000:]
+    with override_settings(BATCHFRAMEWORK=RELAY):
+        ids = [enqueue("test-effect").pk for _ in range(5)]
+    assert wait_for(all_finished(ids), timeout=20, interval=0.1), log.read_text()[-3000:]
+    assert_ran_once_each(ids)
+
+
 def test_relay_reconnects_when_its_database_session_is_killed(purge_broker, tmp_path):
     """A relay whose session ends (database restart, failover, an admin's
     ``pg_terminate_backend``) logs ``relay_error``, reconnects, takes the lock again, and
     publishes what is announced afterwards."""
-    env = subprocess_env(
-        CELERY_BROKER_URL=purge_broker.url,
-        BF_DISPATCHER=RELAY_DISPATCHER,
-        BF_POLL_INTERVAL=str(POLL_INTERVAL),
-        BF_DISPATCH_HORIZON="5",
-    )
+    env = relay_worker_env(purge_broker.url)
     log = tmp_path / "worker.log"
     worker = start_worker(log, env)
     try:
@@ -165,13 +178,7 @@ def test_relay_reconnects_when_its_database_session_is_killed(purge_broker, tmp_
             )
             assert [row[0] for row in cursor.fetchall()] == [True]
         assert wait_for(lambda: logged(log, "relay_error"), timeout=15), log.read_text()[-3000:]
-        assert wait_for(
-            lambda: log.read_text().count("event=relay_started") > started, timeout=15
-        ), log.read_text()[-3000:]
-        with override_settings(BATCHFRAMEWORK=RELAY):
-            ids = [enqueue("test-effect").pk for _ in range(5)]
-        assert wait_for(all_finished(ids), timeout=20, interval=0.1), log.read_text()[-3000:]
-        assert_ran_once_each(ids)
+        assert_relays_again(log, started, timeout=15)
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -193,13 +200,7 @@ def test_relay_starts_again_when_the_network_drops_its_session_silently(purge_br
     )
     url = urlsplit(database_url_for_subprocesses())
     through = url._replace(netloc=f"{url.netloc.rsplit('@', 1)[0]}@127.0.0.1:{network.port}")
-    env = subprocess_env(
-        DATABASE_URL=urlunsplit(through),
-        CELERY_BROKER_URL=purge_broker.url,
-        BF_DISPATCHER=RELAY_DISPATCHER,
-        BF_POLL_INTERVAL=str(POLL_INTERVAL),
-        BF_DISPATCH_HORIZON="5",
-    )
+    env = relay_worker_env(purge_broker.url, DATABASE_URL=urlunsplit(through))
     log = tmp_path / "worker.log"
     worker = start_worker(log, env)
     try:
@@ -211,13 +212,7 @@ def test_relay_starts_again_when_the_network_drops_its_session_silently(purge_br
             -3000:
         ]
         # The server ends the silent session (idle_session_timeout: about 17 s here).
-        assert wait_for(
-            lambda: log.read_text().count("event=relay_started") > started, timeout=45
-        ), log.read_text()[-3000:]
-        with override_settings(BATCHFRAMEWORK=RELAY):
-            ids = [enqueue("test-effect").pk for _ in range(5)]
-        assert wait_for(all_finished(ids), timeout=20, interval=0.1), log.read_text()[-3000:]
-        assert_ran_once_each(ids)
+        assert_relays_again(log, started, timeout=45)
     finally:
         if worker.poll() is None:
             worker.kill()
