@@ -141,12 +141,12 @@ def publish_operations(
     size = min(settings.BATCH_SIZE, MAX_IDS_PER_MESSAGE)
     with Publisher() as publisher:
         for queue, queued in by_queue.items():
-            # Operations already due need no ETA: they share chunks whatever their due times.
             # One to be claimed alone gets a message of its own: a claim stops before it, so in
             # a shared message it and those after it would wait for the poller's drain.
             alone = [op for op in queued if must_be_claimed_alone(op)]
             if alone:
                 queued = [op for op in queued if not must_be_claimed_alone(op)]
+            # Operations already due need no ETA: they share chunks whatever their due times.
             due_now = [op.pk for op in queued if op.run_after <= now]
             chunks = [(now, due_now[i : i + size]) for i in range(0, len(due_now), size)]
             chunks += chunk_by_due_time([op for op in queued if op.run_after > now], size)

@@ -230,8 +230,7 @@ class _CutIfLate:
     A query on a session whose server or network went silent waits forever: the server's
     kernel (or nobody at all) has acknowledged it, and no answer comes. Shutting the socket
     down makes that wait end at once with the driver's "connection closed" error. The lock
-    and flag make sure the socket is never touched after the block has ended, when its file
-    descriptor may already belong to another connection.
+    and flag make sure that no cut happens once the block has ended: the session answered.
     """
 
     def __init__(self, fileno: int, seconds: float, *, alias: str) -> None:
