@@ -11,11 +11,11 @@ Used by the DB-polling worker and by the Celery tasks, so both get the same guar
   for other workers (:meth:`.LeaseKeeper.watch_waiting`), and the batch ends after it. A
   long or hung handler does not hold them, and they are not taken for a lost worker's;
 - a stop request gives the waiting operations back (:func:`.release`);
-- successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, at most
-  ``FINISH_WINDOW`` after the handler returned (or, when the next handler runs longer, once it
-  returns), instead of one UPDATE each. Until then their leases are kept alive like a running
-  handler's, so however long the next handler runs, a success is never recovered and run
-  again.
+- successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, about
+  ``FINISH_WINDOW`` after the first of them returned, instead of one UPDATE each. The batch
+  flushes as a handler returns; while a longer one runs, the lease keeper records them in its
+  stead. Until then their leases are kept alive like a running handler's, so a success is never
+  recovered and run again while its worker lives.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 from django.db import connections
 from django.db.models import Case, JSONField, Value, When
@@ -40,6 +40,10 @@ from ._common import write_alias
 from .claim import release, renew_leases
 from .keeper import lease_keeper, lease_point
 from .run import RunOutcome, _call, _finish_failure, _lost, run_interruptible
+
+#: A success not recorded yet: the operation, its handler's output, and the lease keeper's key
+#: for its lease.
+_Success: TypeAlias = tuple[BatchOperation, Any, int]
 
 
 class BatchRunner:
@@ -62,8 +66,7 @@ class BatchRunner:
         self.interruptions = interruptions
         self.window = get_settings().FINISH_WINDOW.total_seconds() if window is None else window
         self.outcomes: list[RunOutcome] = []
-        self._successes: list[tuple[BatchOperation, Any]] = []
-        self._held: list[int] = []  # the lease keeper's keys of the pending successes
+        self._successes: list[_Success] = []
         self._last_flush = time.monotonic()
         # When to renew the batch's leases, and to give back the waiting operations if a
         # handler is still running (time.monotonic(); see _keep_leases).
@@ -100,23 +103,23 @@ class BatchRunner:
                 operation = pending.pop(0)
                 running = operation
                 watched = None
-                # The keeper's thread works on its own connection: it can see and change the
-                # batch's rows only once committed, which in a caller's transaction (an eager
-                # Celery task in a test's atomic block) they are not.
                 if (
                     pending
                     and self._give_back_at is not None  # set by _keep_leases
-                    and not connections[self._alias(operation)].in_atomic_block
+                    and self._keeper_sees(operation)
                 ):
                     watched = lease_keeper.watch_waiting(
                         pending, self._alias(operation), give_back_at=self._give_back_at
                     )
+                finishing = self._finish_meanwhile()
                 try:
                     self._run_handler(operation)
                     running = None  # returned: an interruption from here on is not its own
                 finally:
                     if watched is not None and lease_keeper.let_go_waiting(watched):
                         pending = []  # given back while the handler ran: others run them
+                    if finishing is not None:
+                        self._finished_meanwhile(*finishing)
                 self._flush_if_due()
                 ran += 1
         except BaseException:
@@ -131,6 +134,37 @@ class BatchRunner:
             raise
         self.flush()
         return ran
+
+    def _keeper_sees(self, operation: BatchOperation) -> bool:
+        """Whether the lease keeper's thread, on its own connection, can see and change the
+        operation's row: not while it is in a caller's transaction (an eager Celery task in a
+        test's atomic block), which leaves it uncommitted (and, on PostgreSQL, locked)."""
+        return not connections[self._alias(operation)].in_atomic_block
+
+    def _finish_meanwhile(self) -> tuple[int, int] | None:
+        """Have the lease keeper record the pending successes when their window is over, should
+        the next handler still run then: a long handler would otherwise keep them *running*
+        until it returns, or, if it hangs, until the process dies (and then they run again).
+        Returns the keeper's key and how many successes it was given, for
+        :meth:`_finished_meanwhile`."""
+        if not self._successes or not all(self._keeper_sees(op) for op, _, _ in self._successes):
+            return None
+        successes = list(self._successes)
+        key = lease_keeper.defer(
+            lambda: self._record(successes, let_go="after"),
+            at=self._last_flush + self.window,
+            failed_event="finish_deferred_failed",
+        )
+        return key, len(successes)
+
+    def _finished_meanwhile(self, key: int, count: int) -> None:
+        """Take the keeper's job back; if it recorded the successes, report them here."""
+        job = lease_keeper.take_back(key)
+        if job is None or not job.done:
+            return  # not recorded (in time, or at all): still pending, for the next flush
+        # The first ``count`` are the keeper's (the running handler's success, if any, is last).
+        recorded, self._successes = self._successes[:count], self._successes[count:]
+        self.outcomes.extend(_report_successes(recorded, job.result))
 
     def _interrupted(self, operation: BatchOperation) -> None:
         """Its handler was interrupted and no longer runs: end its lease now (fenced), so that
@@ -206,8 +240,8 @@ class BatchRunner:
                 _finish_failure(operation, registered, describe_exception(exc), alias)
             )
         else:
-            self._successes.append((operation, output))
-            self._held.append(lease_keeper.hold(operation, registered.resolved_lease(), alias))
+            held = lease_keeper.hold(operation, registered.resolved_lease(), alias)
+            self._successes.append((operation, output, held))
 
     def flush(self) -> None:
         """Record every pending success now."""
@@ -215,17 +249,30 @@ class BatchRunner:
         if not self._successes:
             return
         successes, self._successes = self._successes, []
-        held, self._held = self._held, []
-        # Let go before the UPDATE (the keeper renews at a third of the lease, so two thirds
-        # remain): a renewal that then finds the operation finished is one let go of.
-        for held_key in held:
-            lease_keeper.let_go(held_key)
-        groups: dict[tuple[str, str], list[tuple[BatchOperation, Any]]] = {}
-        for operation, output in successes:
-            key = (self._alias(operation), operation.claimed_by)
-            groups.setdefault(key, []).append((operation, output))
-        for (alias, token), group in groups.items():
-            self.outcomes.extend(_finish_successes(group, alias, token))
+        self.outcomes.extend(_report_successes(successes, self._record(successes, let_go="before")))
+
+    def _record(
+        self, successes: list[_Success], *, let_go: Literal["before", "after"]
+    ) -> list[bool]:
+        """Finish ``successes``, one fenced UPDATE per claim; returns whether each was finished
+        (not: its claim was lost). Their leases are let go of ``"before"`` the UPDATE (the
+        batch's thread: the keeper renews at a third of the lease, so two thirds remain, and a
+        renewal that then finds the operation finished is one let go of) or ``"after"`` it (the
+        keeper's thread, which renews them itself: should the UPDATE fail, they stay kept)."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, (operation, _, _) in enumerate(successes):
+            groups.setdefault((self._alias(operation), operation.claimed_by), []).append(index)
+        finished = [False] * len(successes)
+        for (alias, token), indexes in groups.items():
+            group = [successes[index] for index in indexes]
+            if let_go == "before":
+                _let_go(group)
+            recorded = _finish_successes([(op, output) for op, output, _ in group], alias, token)
+            if let_go == "after":
+                _let_go(group)
+            for index in indexes:
+                finished[index] = successes[index][0].pk in recorded
+        return finished
 
     def _alias(self, operation: BatchOperation) -> str:
         return self.using or operation._state.db or write_alias()
@@ -240,10 +287,14 @@ def _same_json(values: list[Any]) -> bool:
     return all(json.dumps(value) == text for value in values)
 
 
-def _finish_successes(
-    group: list[tuple[BatchOperation, Any]], alias: str, token: str
-) -> list[RunOutcome]:
-    """Finish successful operations of one claim in one UPDATE, fenced by the claim."""
+def _let_go(successes: list[_Success]) -> None:
+    for _, _, held in successes:
+        lease_keeper.let_go(held)
+
+
+def _finish_successes(group: list[tuple[BatchOperation, Any]], alias: str, token: str) -> set[Any]:
+    """Finish successful operations of one claim in one UPDATE, fenced by the claim; returns the
+    primary keys of those finished (the others' claims were lost)."""
     outputs = [output for _, output in group]
     output_value: Any = outputs[0]
     if not _same_json(outputs):
@@ -273,9 +324,15 @@ def _finish_successes(
                 claimed_by=token,
             ).values_list("pk", flat=True)
         )
+    return finished
+
+
+def _report_successes(successes: list[_Success], finished: list[bool]) -> list[RunOutcome]:
+    """Update the instances of the successes recorded, send ``operation_finished`` for them, and
+    log the others (their claims were lost); returns the outcomes."""
     outcomes = []
-    for operation, output in group:
-        if operation.pk not in finished:
+    for (operation, output, _), recorded in zip(successes, finished, strict=True):
+        if not recorded:
             outcomes.append(_lost(operation))
             continue
         operation.status = BatchOperation.STATUS_FINISHED

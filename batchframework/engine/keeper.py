@@ -15,7 +15,8 @@ leases are not renewed while it runs: a handler that runs long (or hangs) must n
 operations other workers could run. When a third of such an operation's lease is left, the
 keeper gives the waiting ones back (:func:`~batchframework.engine.release`: unprocessed, due,
 attempt not counted), before their leases expire and recovery would take them for a lost
-worker's.
+worker's. And it records the successes the batch holds (``FINISH_WINDOW``) once their window is
+over, rather than when the running handler returns.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -60,16 +61,20 @@ class _Kept:
 
 
 @dataclass
-class _Waiting:
+class _Deferred:
+    """Work the keeper does for a batch at ``run_at`` (``time.monotonic()``) while the batch's
+    handler runs, unless the batch takes it back first (:meth:`LeaseKeeper.take_back`)."""
+
     key: int
-    operations: Sequence[BatchOperation]
-    alias: str
-    give_back_at: float  # time.monotonic() when the first of them has a third of its lease left
-    # Held while the keeper gives them back, so that the batch learns the outcome (see
-    # :meth:`LeaseKeeper.let_go_waiting`). Only the batch removes an entry.
+    run_at: float
+    job: Callable[[], Any]
+    failed_event: str  # logged when the job's database is unreachable; the batch keeps the work
+    # Held while the keeper does the job, so that the batch learns the outcome. Only the batch
+    # removes an entry.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    tried: bool = False  # the keeper tried to give them back (once)
-    released: bool = False
+    tried: bool = False  # the keeper tried it (once)
+    done: bool = False
+    result: Any = None
 
 
 class LeaseKeeper:
@@ -78,11 +83,14 @@ class LeaseKeeper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: dict[int, _Kept] = {}
-        self._waiting: dict[int, _Waiting] = {}
+        self._deferred: dict[int, _Deferred] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._next_key = 0
+        # Until when (time.monotonic()) the thread sleeps; 0 while it is awake, working from
+        # a snapshot that may miss what is deferred meanwhile.
+        self._sleep_until = 0.0
 
     @contextlib.contextmanager
     def keep(self, operation: BatchOperation, lease: timedelta, alias: str) -> Iterator[None]:
@@ -125,24 +133,44 @@ class LeaseKeeper:
         """Give ``operations`` (claimed, waiting behind a handler of their batch) back at
         ``give_back_at`` (``time.monotonic()``; a batch passes the time a third of their lease
         is left), unless :meth:`let_go_waiting` is called first with the returned key."""
-        with self._lock:
-            self._ensure_thread()
-            self._next_key += 1
-            key = self._next_key
-            self._waiting[key] = _Waiting(key, operations, alias, give_back_at)
-        if give_back_at - time.monotonic() < MAX_INTERVAL:
-            self._wake.set()
-        return key
+        return self.defer(
+            lambda: _give_back(operations, alias),
+            at=give_back_at,
+            failed_event="waiting_release_failed",
+        )
 
     def let_go_waiting(self, key: int) -> bool:
         """Stop watching; ``True`` if the keeper gave the operations back meanwhile (the batch
         must not run them: they are another claimer's now)."""
+        item = self.take_back(key)
+        # Even those not released (their claim was lost meanwhile) are no longer the batch's to
+        # run: fenced by the claim, they are someone else's.
+        return item is not None and item.done
+
+    def defer(self, job: Callable[[], Any], *, at: float, failed_event: str) -> int:
+        """Call ``job()`` on the keeper's thread (and its database connections) at ``at``
+        (``time.monotonic()``, or up to :data:`MIN_INTERVAL` later), unless :meth:`take_back`
+        is called first with the returned key. If the database is unreachable, ``failed_event``
+        is logged and the job is not tried again."""
         with self._lock:
-            item = self._waiting.pop(key, None)
+            self._ensure_thread()
+            self._next_key += 1
+            key = self._next_key
+            self._deferred[key] = _Deferred(key, at, job, failed_event)
+            wake = at < self._sleep_until
+        if wake:
+            self._wake.set()
+        return key
+
+    def take_back(self, key: int) -> _Deferred | None:
+        """Cancel a :meth:`defer` job not started yet; for one the keeper started, wait for it
+        and return it (``done`` and ``result`` say how it went)."""
+        with self._lock:
+            item = self._deferred.pop(key, None)
         if item is None:
-            return False
-        with item.lock:  # a release in progress: wait for its outcome
-            return item.released
+            return None
+        with item.lock:  # the keeper doing it now: wait for its outcome
+            return item if item.tried else None
 
     def _ensure_thread(self) -> None:
         if self._pid != os.getpid():
@@ -150,7 +178,7 @@ class LeaseKeeper:
             # none of the parent's handlers run in it.
             self._pid = os.getpid()
             self._kept = {}
-            self._waiting = {}
+            self._deferred = {}
             self._thread = None
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
@@ -171,30 +199,31 @@ class LeaseKeeper:
     def _tick(self) -> None:
         self._wake.clear()  # before the snapshot: a hold() after it wakes the next wait
         with self._lock:
+            self._sleep_until = 0.0
             kept = list(self._kept.values())
-            waiting = list(self._waiting.values())
-        if not kept and not waiting:
+            deferred = list(self._deferred.values())
+        if not kept and not deferred:
             # Hold no database connection while idle (connections are per thread here).
             connections.close_all()
         now = time.monotonic()
-        for watched in waiting:
-            if watched.give_back_at <= now and not watched.tried:
-                try:
-                    self._give_back(watched)
-                except Exception as exc:  # not given back: the batch still holds them
-                    log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
+        for item in deferred:
+            if item.run_at <= now and not item.tried:
+                self._run_deferred(item)
         due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
-        for item in due:
+        for kept_item in due:
             try:
-                self._renew(item)
+                self._renew(kept_item)
             except Exception as exc:  # one operation's trouble must not starve the others
-                log_event(logging.ERROR, "lease_keeper_error", id=item.pk, error=repr(exc))
+                log_event(logging.ERROR, "lease_keeper_error", id=kept_item.pk, error=repr(exc))
         now = time.monotonic()
         waits = [item.renewed_at + item.lease.total_seconds() / 3 - now for item in kept]
-        waits += [watched.give_back_at - now for watched in waiting if not watched.tried]
+        waits += [item.run_at - now for item in deferred if not item.tried]
         # At least once a second: letting go of the connection once idle never waits long,
         # and hold() wakes the thread only for a renewal due sooner than that.
-        self._wake.wait(max(MIN_INTERVAL, min([*waits, MAX_INTERVAL])))
+        pause = max(MIN_INTERVAL, min([*waits, MAX_INTERVAL]))
+        with self._lock:
+            self._sleep_until = time.monotonic() + pause
+        self._wake.wait(pause)
 
     def _renew(self, item: _Kept) -> None:
         try:
@@ -218,29 +247,35 @@ class LeaseKeeper:
         if still_held:
             log_event(logging.WARNING, "lease_renewal_refused", id=item.pk, reason="claim_lost")
 
-    def _give_back(self, watched: _Waiting) -> None:
-        with watched.lock:
+    def _run_deferred(self, item: _Deferred) -> None:
+        with item.lock:
             with self._lock:
-                if watched.key not in self._waiting:
-                    return  # the batch let go of them first: its handler returned in time
-            watched.tried = True
+                if item.key not in self._deferred:
+                    return  # taken back first: the batch's handler returned in time
+            item.tried = True
             try:
-                released = release(watched.operations, using=watched.alias)
+                item.result = item.job()
             except DatabaseErrors as exc:
-                # Still claimed by the batch, which will run them or renew their leases.
-                log_event(logging.WARNING, "waiting_release_failed", error=repr(exc))
+                # Not done: the batch still holds the work, and does it itself.
+                log_event(logging.WARNING, item.failed_event, error=repr(exc))
                 with contextlib.suppress(*DatabaseErrors):
-                    connections[watched.alias].close()
+                    connections.close_all()  # this thread's: reconnected when next needed
                 return
-            # Even those not released (their claim was lost meanwhile) are no longer the
-            # batch's to run: fenced by the claim, they are someone else's.
-            watched.released = True
-        log_event(
-            logging.INFO,
-            "waiting_released",
-            count=released,
-            reason="the handler before them in their batch ran over half their lease",
-        )
+            except Exception as exc:  # a bug; the batch still holds the work
+                log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
+                return
+            item.done = True
+
+
+def _give_back(operations: Sequence[BatchOperation], alias: str) -> int:
+    released = release(operations, using=alias)
+    log_event(
+        logging.INFO,
+        "waiting_released",
+        count=released,
+        reason="the handler before them in their batch ran over half their lease",
+    )
+    return released
 
 
 def lease_point(operations: Sequence[BatchOperation], *, left: float) -> float:

@@ -10,7 +10,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connections, transaction
+from django.db import OperationalError, connections, transaction
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, handler
@@ -22,9 +22,11 @@ from batchframework.engine import (
     run,
     run_claimed,
 )
+from batchframework.engine import batch as batch_module
 from batchframework.engine import keeper as keeper_module
 from batchframework.engine.keeper import lease_keeper
 from batchframework.registry import registry
+from batchframework.signals import operation_finished
 from batchframework.testing import run_due
 from tests.testapp.models import Execution
 
@@ -393,3 +395,121 @@ def test_a_batch_run_inside_the_callers_transaction_gives_nothing_back(registere
     assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
     assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 2
 
+
+@pytest.fixture
+def finished_signals():
+    """``operation_finished`` as sent: (operation id, succeeded, the sending thread)."""
+    sent: list[tuple[int, bool, threading.Thread]] = []
+
+    def receive(sender, operation, succeeded, error, **kwargs):
+        sent.append((operation.pk, succeeded, threading.current_thread()))
+
+    operation_finished.connect(receive)
+    yield sent
+    operation_finished.disconnect(receive)
+
+
+def _status_while_running(pk: int, *, until: str, seconds: float) -> str:
+    """Poll operation ``pk``'s status from inside a handler until it is ``until`` (or time is
+    up); returns the last one seen."""
+    deadline = time.monotonic() + seconds
+    status = BatchOperation.objects.get(pk=pk).status
+    while status != until and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = BatchOperation.objects.get(pk=pk).status
+    return status
+
+
+def test_a_success_is_recorded_while_the_next_handler_still_runs(registered, finished_signals):
+    """A long handler must not keep the successes held before it *running* until it returns:
+    the lease keeper records them when their window is over. The batch still reports them, on
+    its own thread, once."""
+    seen: list[str] = []
+
+    @registered("runner-first-quick")
+    def quick(operation):
+        return {"quick": operation.pk}
+
+    @registered("runner-then-long")
+    def long(operation):
+        seen.append(_status_while_running(first.pk, until="finished", seconds=5))
+
+    first = enqueue("runner-first-quick", priority=1)
+    second = enqueue("runner-then-long")
+    with BatchRunner(window=0.2) as runner:
+        assert runner.run_batch(claim_due(limit=2)) == 2
+
+    assert seen == [BatchOperation.STATUS_FINISHED], "recorded only once the long one returned"
+    stored = BatchOperation.objects.get(pk=first.pk)
+    assert (stored.result, stored.output_data) == (
+        BatchOperation.RESULT_SUCCESSFUL,
+        {"quick": first.pk},
+    )
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
+    assert [(pk, ok) for pk, ok, _ in finished_signals] == [(first.pk, True), (second.pk, True)]
+    assert {thread for _, _, thread in finished_signals} == {threading.current_thread()}
+
+
+def test_a_success_the_keeper_could_not_record_is_recorded_by_its_batch(
+    registered, monkeypatch, caplog
+):
+    """The keeper's statement fails (the database went away for it): the batch still holds the
+    success, keeps its lease (no recovery takes it while the next handler outlives it) and
+    records it itself."""
+    real_finish = batch_module._finish_successes
+    batch_thread = threading.current_thread()
+
+    def finish_but_not_from_the_keeper(group, alias, token):
+        if threading.current_thread() is not batch_thread:
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_finish(group, alias, token)
+
+    monkeypatch.setattr(batch_module, "_finish_successes", finish_but_not_from_the_keeper)
+    recovered: list[int] = []
+
+    @registered("runner-quick-kept", lease=1)
+    def quick(operation):
+        Execution.objects.create(key=f"kept-{operation.pk}")
+
+    @registered("runner-long-kept", lease=1)
+    def long(operation):
+        time.sleep(2.5)  # over two leases of the quick one
+        recovered.append(recover_expired())
+
+    first = enqueue("runner-quick-kept", priority=1)
+    enqueue("runner-long-kept")
+    with caplog.at_level("WARNING", logger="batchframework"), BatchRunner(window=0.2) as runner:
+        assert runner.run_batch(claim_due(limit=2)) == 2
+    run_due()  # nothing was put back, so nothing runs again
+
+    assert "event=finish_deferred_failed" in caplog.text
+    assert recovered == [0]
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
+    assert Execution.objects.filter(key=f"kept-{first.pk}").count() == 1
+    assert BatchOperation.objects.get(pk=first.pk).result == BatchOperation.RESULT_SUCCESSFUL
+
+
+@pytest.mark.timeout(30)
+def test_successes_in_the_callers_transaction_wait_for_their_batch(registered, caplog):
+    """Uncommitted (and on PostgreSQL locked by the batch's own transaction), they are not the
+    keeper's to record: its statement would wait for a transaction waiting for it."""
+
+    @registered("runner-tx-quick")
+    def quick(operation):
+        return None
+
+    @registered("runner-tx-long")
+    def long(operation):
+        time.sleep(1.0)  # well past the window and the keeper's next tick
+
+    ids = [enqueue("runner-tx-quick", priority=1).pk, enqueue("runner-tx-long").pk]
+    with (
+        caplog.at_level("WARNING", logger="batchframework"),
+        transaction.atomic(),
+        BatchRunner(window=0.1) as runner,
+    ):
+        assert runner.run_batch(claim_due(limit=2)) == 2
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
+    assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 2
+    assert "finish_deferred_failed" not in caplog.text
+    assert "lease_keeper_error" not in caplog.text
