@@ -77,7 +77,13 @@ class BatchRunner:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.flush()
+        try:
+            self.flush()
+        except self.interruptions:
+            # It landed in this very flush, which kept the successes: record them before it
+            # goes on (Celery raises a soft time limit once; what follows is the hard limit).
+            self.flush()
+            raise
 
     def run_batch(
         self, operations: Sequence[BatchOperation], *, stop: Callable[[], bool] | None = None
@@ -249,7 +255,15 @@ class BatchRunner:
         if not self._successes:
             return
         successes, self._successes = self._successes, []
-        self.outcomes.extend(_report_successes(successes, self._record(successes, let_go="before")))
+        try:
+            recorded = self._record(successes, let_go="before")
+        except BaseException:
+            # Interrupted (a soft time limit landing in this very statement) or the database
+            # failed: they are still this batch's to record, at the latest when it exits. Lost
+            # here, they would stay *running* until their leases ran out, and then run again.
+            self._successes = successes + self._successes
+            raise
+        self.outcomes.extend(_report_successes(successes, recorded))
 
     def _record(
         self, successes: list[_Success], *, let_go: Literal["before", "after"]

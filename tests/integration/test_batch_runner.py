@@ -513,3 +513,40 @@ def test_successes_in_the_callers_transaction_wait_for_their_batch(registered, c
     assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 2
     assert "finish_deferred_failed" not in caplog.text
     assert "lease_keeper_error" not in caplog.text
+
+
+class _Interrupted(Exception):
+    """Stands for Celery's soft time limit: raised once, wherever the worker happens to be."""
+
+
+@pytest.mark.parametrize("where", ["between handlers", "at the batch's end"])
+def test_an_interruption_landing_in_the_flush_loses_no_success(registered, monkeypatch, where):
+    """The interruption arrives while the batch records its successes: they must still be
+    recorded as it leaves, not left *running* until their leases run out (and run again)."""
+    real_finish = batch_module._finish_successes
+    calls: list[int] = []
+
+    def interrupted_once(group, alias, token):
+        calls.append(len(group))
+        if len(calls) == 1:
+            raise _Interrupted
+        return real_finish(group, alias, token)
+
+    monkeypatch.setattr(batch_module, "_finish_successes", interrupted_once)
+
+    @registered("runner-flush-quick", lease=1)
+    def quick(operation):
+        Execution.objects.create(key=f"flush-{operation.pk}")
+        if where == "between handlers":
+            time.sleep(0.06)  # the window is over after the first: the batch flushes
+
+    ids = [enqueue("runner-flush-quick").pk for _ in range(3)]
+    with pytest.raises(_Interrupted), BatchRunner(window=0.05, interruptions=(_Interrupted,)) as r:
+        r.run_batch(claim_due(limit=3))
+    time.sleep(1.2)  # past the leases: anything left running would be recovered now
+    assert recover_expired() == 0
+    # Between handlers, the batch ends there and gives the two not started back.
+    assert r.outcomes == [RunOutcome.SUCCEEDED] * (1 if where == "between handlers" else 3)
+    run_due()
+    assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 3
+    assert Execution.objects.filter(key__startswith="flush-").count() == 3  # each ran once
