@@ -1,4 +1,5 @@
-"""System checks for the Celery transport: horizon vs visibility timeout, secure serializers,
+"""System checks for the Celery transport: horizon vs visibility timeout (Redis, SQS) or
+consumer timeout (RabbitMQ), secure serializers,
 a loaded Celery app and a scheduled poller, the relay's database and driver, and (with
 ``--deploy``) workers that reconnect to the database around every task."""
 
@@ -14,6 +15,8 @@ from batchframework.conf import get_settings
 
 #: Celery's default visibility timeout on Redis and SQS, in seconds.
 DEFAULT_VISIBILITY_TIMEOUT = 3600
+#: RabbitMQ's default ``consumer_timeout`` (3.8.17 and later; a server setting), in seconds.
+RABBITMQ_CONSUMER_TIMEOUT = 1800
 
 
 def _celery_conf() -> Any:
@@ -44,6 +47,21 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
                     "and wait in worker memory. Lower DISPATCH_HORIZON (the poller publishes "
                     "operations due later as they come due) or raise visibility_timeout.",
                     id="batchframework_celery.W001",
+                )
+            )
+    elif broker.startswith(("amqp", "pyamqp")):
+        horizon = settings.DISPATCH_HORIZON.total_seconds()
+        if horizon > RABBITMQ_CONSUMER_TIMEOUT / 2:
+            messages.append(
+                checks.Warning(
+                    f"BATCHFRAMEWORK['DISPATCH_HORIZON'] ({horizon:g}s) is more than half "
+                    f"RabbitMQ's default consumer_timeout ({RABBITMQ_CONSUMER_TIMEOUT}s).",
+                    hint="A worker holds a message with an ETA unacknowledged until it is due, and "
+                    "RabbitMQ closes the channel of a consumer that holds one longer than "
+                    "consumer_timeout (PRECONDITION_FAILED): the worker restarts. Lower "
+                    "DISPATCH_HORIZON, or, if your server's consumer_timeout is raised, silence "
+                    "this check (SILENCED_SYSTEM_CHECKS).",
+                    id="batchframework_celery.W008",
                 )
             )
     unsafe = {"pickle", "application/x-python-serialize", "yaml", "application/x-yaml"}

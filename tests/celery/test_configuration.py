@@ -281,6 +281,19 @@ def test_check_warns_when_the_horizon_nears_the_visibility_timeout(celery_conf):
     assert "batchframework_celery.W001" not in _ids(check_celery())
 
 
+def test_check_warns_when_the_horizon_nears_rabbitmqs_consumer_timeout(celery_conf):
+    """RabbitMQ closes the channel of a consumer holding a message unacknowledged for longer
+    than its consumer_timeout (30 minutes by default), as Celery holds an ETA message."""
+    celery_conf(broker_url="amqp://guest:guest@127.0.0.1:5672//")
+    assert "batchframework_celery.W008" not in _ids(check_celery())  # 10 s
+    with override_settings(BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 900}):
+        assert "batchframework_celery.W008" not in _ids(check_celery())
+    with override_settings(BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 901}):
+        assert "batchframework_celery.W008" in _ids(check_celery())
+        celery_conf(broker_url="redis://127.0.0.1:6379/0")
+        assert "batchframework_celery.W008" not in _ids(check_celery())
+
+
 def test_check_warns_when_no_celery_app_is_loaded(monkeypatch):
     """A web process whose project never imports its Celery app (no ``proj/__init__.py``
     import) would publish through Celery's made-up default app, to another broker."""
