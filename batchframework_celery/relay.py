@@ -30,6 +30,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -102,6 +103,7 @@ class Relay(threading.Thread):
         self.alias = write_alias()
         self._stopping = threading.Event()
         self._set: list[str] = []  # the session settings in force, reset before closing
+        self._watchdog = _Watchdog(self.alias)
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
@@ -121,6 +123,7 @@ class Relay(threading.Thread):
                     self._stopping.wait(retry_in)
         finally:
             self._close()
+            self._watchdog.close()
 
     def _close(self) -> None:
         connection = connections[self.alias]
@@ -141,11 +144,13 @@ class Relay(threading.Thread):
         self._set = []
         with contextlib.suppress(Exception):
             connection.close()
+        self._watchdog.forget()
 
     def _serve(self) -> None:
         connection = connections[self.alias]
         self._close()  # start from a fresh session: an advisory lock lives as long as it
         connection.ensure_connection()
+        self._watchdog.watch(connection.connection.fileno())
         self._apply_session_settings(connection)
         if not self._wait_for_lock(connection):
             return
@@ -180,11 +185,10 @@ class Relay(threading.Thread):
             else:
                 self._set.append(name)
 
-    def _answer_in_time(self, connection: Any) -> _CutIfLate:
+    def _answer_in_time(self, connection: Any) -> contextlib.AbstractContextManager[None]:
         """Bound a query of the relay's: a session that does not answer within
         :func:`probe_timeout` is cut, which fails the query (and so this :meth:`_serve`)."""
-        timeout = probe_timeout().total_seconds()
-        return _CutIfLate(connection.connection.fileno(), timeout, alias=self.alias)
+        return self._watchdog.bound(probe_timeout().total_seconds())
 
     def _wait_for_lock(self, connection: Any) -> bool:
         """Hold the lock (``True``), or wait for it until told to stop (``False``)."""
@@ -223,49 +227,100 @@ class Relay(threading.Thread):
         )
 
 
-class _CutIfLate:
-    """Shuts down the socket ``fileno`` (its connection, whoever holds it) unless the block
-    ends within ``seconds``.
+class _Watchdog:
+    """Shuts the relay's session socket down when a query on it does not end in time.
 
     A query on a session whose server or network went silent waits forever: the server's
     kernel (or nobody at all) has acknowledged it, and no answer comes. Shutting the socket
-    down makes that wait end at once with the driver's "connection closed" error. The lock
-    and flag make sure that no cut happens once the block has ended: the session answered.
+    down makes that wait end at once with the driver's "connection closed" error. One thread
+    for the relay's life, not a timer thread per query: it sleeps until the query in hand is
+    due to end, and is woken only when it has nothing to wait for.
     """
 
-    def __init__(self, fileno: int, seconds: float, *, alias: str) -> None:
-        # A socket of our own on the session's connection, for as long as the block lasts:
-        # if the driver closes its descriptor meanwhile, the number may be reused by another
-        # connection, which a shutdown by number would cut.
-        self._socket = socket.socket(fileno=os.dup(fileno))
-        self._seconds = seconds
+    def __init__(self, alias: str) -> None:
         self._alias = alias
-        self._lock = threading.Lock()
-        self._ended = False
-        self._timer = threading.Timer(seconds, self._cut)
-        self._timer.daemon = True
+        self._condition = threading.Condition()
+        # A socket of our own on the session's connection, for as long as the session lasts:
+        # if the driver closed its descriptor, the number could be reused by another
+        # connection, which a shutdown by number would cut.
+        self._socket: socket.socket | None = None
+        self._deadline: float | None = None  # time.monotonic() when the query in hand is late
+        self._seconds = 0.0
+        # When the thread wakes up next by itself (time.monotonic()); None: only when woken.
+        self._wakes_at: float | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> _CutIfLate:
-        self._timer.start()
-        return self
+    def watch(self, fileno: int) -> None:
+        """Watch the session on socket ``fileno`` (a new session: the last one is forgotten)."""
+        with self._condition:
+            self._forget()
+            self._socket = socket.socket(fileno=os.dup(fileno))
 
-    def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
-            self._ended = True
-        self._timer.cancel()
-        self._socket.close()  # closes our duplicate only
+    def forget(self) -> None:
+        """The session is closed: nothing to cut any more."""
+        with self._condition:
+            self._forget()
+
+    def _forget(self) -> None:
+        self._deadline = None
+        if self._socket is not None:
+            self._socket.close()  # closes our duplicate only
+            self._socket = None
+
+    def close(self) -> None:
+        """End the thread (the relay stops)."""
+        with self._condition:
+            self._forget()
+            self._closed = True
+            self._condition.notify()
+
+    @contextlib.contextmanager
+    def bound(self, seconds: float) -> Iterator[None]:
+        """Cut the session if the block has not ended within ``seconds``."""
+        with self._condition:
+            if self._socket is not None:
+                self._deadline = time.monotonic() + seconds
+                self._seconds = seconds
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="batchframework-relay-watchdog", daemon=True
+                    )
+                    self._thread.start()
+                elif self._wakes_at is None or self._deadline < self._wakes_at:
+                    self._condition.notify()
+        try:
+            yield
+        finally:
+            with self._condition:  # no cut from here on: the session answered
+                self._deadline = None
+
+    def _run(self) -> None:
+        with self._condition:
+            while not self._closed:
+                if self._deadline is None:
+                    self._wakes_at = None
+                    self._condition.wait()
+                    continue
+                # Asleep until the deadline of the query it saw: a query ending meanwhile needs
+                # no wake-up, and the next one's deadline is later (unless the timeout shrank).
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._wakes_at = self._deadline
+                    self._condition.wait(left)
+                    continue
+                self._deadline = None
+                self._cut()
 
     def _cut(self) -> None:
-        with self._lock:
-            if self._ended:
-                return
-            log_event(
-                logging.WARNING,
-                "relay_unresponsive",
-                alias=self._alias,
-                timeout=f"{self._seconds:g}s",
-                action="closing the session and starting again",
-            )
+        log_event(
+            logging.WARNING,
+            "relay_unresponsive",
+            alias=self._alias,
+            timeout=f"{self._seconds:g}s",
+            action="closing the session and starting again",
+        )
+        if self._socket is not None:
             with contextlib.suppress(OSError):
                 self._socket.shutdown(socket.SHUT_RDWR)
 
