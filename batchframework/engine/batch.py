@@ -11,11 +11,11 @@ Used by the DB-polling worker and by the Celery tasks, so both get the same guar
   for other workers (:meth:`.LeaseKeeper.watch_waiting`), and the batch ends after it. A
   long or hung handler does not hold them, and they are not taken for a lost worker's;
 - a stop request gives the waiting operations back (:func:`.release`);
-- successes of non-``atomic`` handlers are finished in one fenced UPDATE per flush, about
-  ``FINISH_WINDOW`` after the first of them returned, instead of one UPDATE each. The batch
-  flushes as a handler returns; while a longer one runs, the lease keeper records them in its
-  stead. Until then their leases are kept alive like a running handler's, so a success is never
-  recovered and run again while its worker lives.
+- successes of non-``atomic`` handlers are finished in one fenced UPDATE per ``FINISH_WINDOW``
+  (counted from the last flush) and at the end of the batch, instead of one UPDATE each. The
+  batch flushes as a handler returns; while a longer one runs, the lease keeper records them
+  in its stead when the window is over. Until then their leases are kept alive like a running
+  handler's, so a success is never recovered and run again while its worker lives.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class BatchRunner:
         self.window = get_settings().FINISH_WINDOW.total_seconds() if window is None else window
         self.outcomes: list[RunOutcome] = []
         self._successes: list[_Success] = []
+        self._success_aliases: set[str] = set()  # the databases of the pending successes
+        # Whether the lease keeper's thread can see a database's rows (see _keeper_sees).
+        self._visible: dict[str, bool] = {}
         self._last_flush = time.monotonic()
         # When to renew the batch's leases, and to give back the waiting operations if a
         # handler is still running (time.monotonic(); see _keep_leases).
@@ -97,6 +100,7 @@ class BatchRunner:
         running: BatchOperation | None = None
         ran = 0
         self._renew_at = self._give_back_at = None
+        self._visible = {}
         try:
             while pending:
                 if stop is not None and stop():
@@ -106,19 +110,19 @@ class BatchRunner:
                 pending = self._keep_leases(pending)
                 if not pending:
                     break
-                operation = pending.pop(0)
-                running = operation
-                watched = None
-                if (
-                    pending
-                    and self._give_back_at is not None  # set by _keep_leases
-                    and self._keeper_sees(operation)
-                ):
-                    watched = lease_keeper.watch_waiting(
-                        pending, self._alias(operation), give_back_at=self._give_back_at
-                    )
-                finishing = self._finish_meanwhile()
+                operation, behind = pending[0], pending[1:]
+                watched = finishing = None
                 try:
+                    if (
+                        behind
+                        and self._give_back_at is not None  # set by _keep_leases
+                        and self._keeper_sees(self._alias(operation))
+                    ):
+                        watched = lease_keeper.watch_waiting(
+                            behind, self._alias(operation), give_back_at=self._give_back_at
+                        )
+                    finishing = self._finish_meanwhile(operation)
+                    pending, running = behind, operation
                     self._run_handler(operation)
                     running = None  # returned: an interruption from here on is not its own
                 finally:
@@ -141,27 +145,38 @@ class BatchRunner:
         self.flush()
         return ran
 
-    def _keeper_sees(self, operation: BatchOperation) -> bool:
+    def _keeper_sees(self, alias: str) -> bool:
         """Whether the lease keeper's thread, on its own connection, can see and change the
-        operation's row: not while it is in a caller's transaction (an eager Celery task in a
-        test's atomic block), which leaves it uncommitted (and, on PostgreSQL, locked)."""
-        return not connections[self._alias(operation)].in_atomic_block
+        batch's rows on ``alias``: not while they are in a caller's transaction (an eager
+        Celery task in a test's atomic block), which leaves them uncommitted (and, on
+        PostgreSQL, locked). Asked once per batch: it can't change while the batch runs."""
+        visible = self._visible.get(alias)
+        if visible is None:
+            visible = self._visible[alias] = not connections[alias].in_atomic_block
+        return visible
 
-    def _finish_meanwhile(self) -> tuple[int, int] | None:
+    def _finish_meanwhile(self, operation: BatchOperation) -> tuple[int, int] | None:
         """Have the lease keeper record the pending successes when their window is over, should
-        the next handler still run then: a long handler would otherwise keep them *running*
-        until it returns, or, if it hangs, until the process dies (and then they run again).
-        Returns the keeper's key and how many successes it was given, for
+        ``operation``'s handler still run then: a long handler would otherwise keep them
+        *running* until it returns, or, if it hangs, until the process dies (and then they run
+        again). Returns the keeper's key and how many successes it was given, for
         :meth:`_finished_meanwhile`."""
-        if not self._successes or not all(self._keeper_sees(op) for op, _, _ in self._successes):
+        if not self._successes or not all(map(self._keeper_sees, self._success_aliases)):
             return None
-        successes = list(self._successes)
+        alias = self._alias(operation)
+        if registry[operation.operationtype].atomic and connections[alias].vendor == "sqlite":
+            # Its transaction holds SQLite's one write lock while it runs: the keeper's UPDATE
+            # would wait for it, and renew nothing meanwhile.
+            return None
+        successes, count = self._successes, len(self._successes)
         key = lease_keeper.defer(
-            lambda: self._record(successes, let_go="after"),
+            # The first ``count``: this list only grows (by the handler's own success) until
+            # the batch takes the job back.
+            lambda: self._record(successes[:count], let_go="after"),
             at=self._last_flush + self.window,
             failed_event="finish_deferred_failed",
         )
-        return key, len(successes)
+        return key, count
 
     def _finished_meanwhile(self, key: int, count: int) -> None:
         """Take the keeper's job back; if it recorded the successes, report them here."""
@@ -248,6 +263,7 @@ class BatchRunner:
         else:
             held = lease_keeper.hold(operation, registered.resolved_lease(), alias)
             self._successes.append((operation, output, held))
+            self._success_aliases.add(alias)
 
     def flush(self) -> None:
         """Record every pending success now."""
@@ -255,6 +271,7 @@ class BatchRunner:
         if not self._successes:
             return
         successes, self._successes = self._successes, []
+        aliases, self._success_aliases = self._success_aliases, set()
         try:
             recorded = self._record(successes, let_go="before")
         except BaseException:
@@ -262,6 +279,7 @@ class BatchRunner:
             # failed: they are still this batch's to record, at the latest when it exits. Lost
             # here, they would stay *running* until their leases ran out, and then run again.
             self._successes = successes + self._successes
+            self._success_aliases |= aliases
             raise
         self.outcomes.extend(_report_successes(successes, recorded))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -68,11 +69,10 @@ class _Deferred:
     key: int
     run_at: float
     job: Callable[[], Any]
-    failed_event: str  # logged when the job's database is unreachable; the batch keeps the work
+    failed_event: str  # logged when the job's database is unreachable (it is tried again)
     # Held while the keeper does the job, so that the batch learns the outcome. Only the batch
     # removes an entry.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    tried: bool = False  # the keeper tried it (once)
     done: bool = False
     result: Any = None
 
@@ -88,9 +88,9 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._next_key = 0
-        # Until when (time.monotonic()) the thread sleeps; 0 while it is awake, working from
-        # a snapshot that may miss what is deferred meanwhile.
-        self._sleep_until = 0.0
+        # Until when (time.monotonic()) the thread sleeps; infinity while it is awake, working
+        # from a snapshot that may miss what is deferred meanwhile (so that defer() wakes it).
+        self._sleep_until = math.inf
 
     @contextlib.contextmanager
     def keep(self, operation: BatchOperation, lease: timedelta, alias: str) -> Iterator[None]:
@@ -151,26 +151,28 @@ class LeaseKeeper:
         """Call ``job()`` on the keeper's thread (and its database connections) at ``at``
         (``time.monotonic()``, or up to :data:`MIN_INTERVAL` later), unless :meth:`take_back`
         is called first with the returned key. If the database is unreachable, ``failed_event``
-        is logged and the job is not tried again."""
+        is logged and the job is tried again :data:`MAX_INTERVAL` later."""
         with self._lock:
             self._ensure_thread()
             self._next_key += 1
             key = self._next_key
             self._deferred[key] = _Deferred(key, at, job, failed_event)
-            wake = at < self._sleep_until
+            # Woken only if it would otherwise be later than that: a batch defers work before
+            # every handler, and each wake-up costs the batch's thread the GIL for a tick.
+            wake = at + MIN_INTERVAL < self._sleep_until
         if wake:
             self._wake.set()
         return key
 
     def take_back(self, key: int) -> _Deferred | None:
-        """Cancel a :meth:`defer` job not started yet; for one the keeper started, wait for it
-        and return it (``done`` and ``result`` say how it went)."""
+        """Cancel a :meth:`defer` job; if the keeper has done it (waiting for it to finish if
+        it is doing it now), return it with its ``result``."""
         with self._lock:
             item = self._deferred.pop(key, None)
         if item is None:
             return None
         with item.lock:  # the keeper doing it now: wait for its outcome
-            return item if item.tried else None
+            return item if item.done else None
 
     def _ensure_thread(self) -> None:
         if self._pid != os.getpid():
@@ -199,7 +201,7 @@ class LeaseKeeper:
     def _tick(self) -> None:
         self._wake.clear()  # before the snapshot: a hold() after it wakes the next wait
         with self._lock:
-            self._sleep_until = 0.0
+            self._sleep_until = math.inf
             kept = list(self._kept.values())
             deferred = list(self._deferred.values())
         if not kept and not deferred:
@@ -207,7 +209,7 @@ class LeaseKeeper:
             connections.close_all()
         now = time.monotonic()
         for item in deferred:
-            if item.run_at <= now and not item.tried:
+            if item.run_at <= now and not item.done:
                 self._run_deferred(item)
         due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
         for kept_item in due:
@@ -217,7 +219,7 @@ class LeaseKeeper:
                 log_event(logging.ERROR, "lease_keeper_error", id=kept_item.pk, error=repr(exc))
         now = time.monotonic()
         waits = [item.renewed_at + item.lease.total_seconds() / 3 - now for item in kept]
-        waits += [item.run_at - now for item in deferred if not item.tried]
+        waits += [item.run_at - now for item in deferred if not item.done]
         # At least once a second: letting go of the connection once idle never waits long,
         # and hold() wakes the thread only for a renewal due sooner than that.
         pause = max(MIN_INTERVAL, min([*waits, MAX_INTERVAL]))
@@ -252,17 +254,18 @@ class LeaseKeeper:
             with self._lock:
                 if item.key not in self._deferred:
                     return  # taken back first: the batch's handler returned in time
-            item.tried = True
             try:
                 item.result = item.job()
-            except DatabaseErrors as exc:
-                # Not done: the batch still holds the work, and does it itself.
-                log_event(logging.WARNING, item.failed_event, error=repr(exc))
-                with contextlib.suppress(*DatabaseErrors):
-                    connections.close_all()  # this thread's: reconnected when next needed
-                return
-            except Exception as exc:  # a bug; the batch still holds the work
-                log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
+            except Exception as exc:
+                # Not done: the batch still holds the work. Tried again in a while, for a
+                # handler that may run (or hang) much longer; the batch does it otherwise.
+                item.run_at = time.monotonic() + MAX_INTERVAL
+                if isinstance(exc, DatabaseErrors):
+                    log_event(logging.WARNING, item.failed_event, error=repr(exc))
+                    with contextlib.suppress(*DatabaseErrors):
+                        connections.close_all()  # this thread's: reconnected when next needed
+                else:  # a bug
+                    log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
                 return
             item.done = True
 

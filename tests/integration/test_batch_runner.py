@@ -24,7 +24,7 @@ from batchframework.engine import (
 )
 from batchframework.engine import batch as batch_module
 from batchframework.engine import keeper as keeper_module
-from batchframework.engine.keeper import lease_keeper
+from batchframework.engine.keeper import LeaseKeeper, lease_keeper
 from batchframework.registry import registry
 from batchframework.signals import operation_finished
 from batchframework.testing import run_due
@@ -550,3 +550,60 @@ def test_an_interruption_landing_in_the_flush_loses_no_success(registered, monke
     run_due()
     assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 3
     assert Execution.objects.filter(key__startswith="flush-").count() == 3  # each ran once
+
+
+def test_work_deferred_while_the_keeper_is_busy_is_done_in_time():
+    """The keeper is in the middle of other work (a slow statement) when a batch defers work
+    due in 50 ms: it must not then sleep its full second before looking again."""
+    keeper = LeaseKeeper()  # a private one: nothing else runs on it
+    busy = threading.Event()
+    done_at: list[float] = []
+
+    def slow_statement():
+        busy.set()
+        time.sleep(0.3)
+
+    keeper.defer(slow_statement, at=time.monotonic(), failed_event="test_failed")
+    assert busy.wait(5)
+    due = time.monotonic() + 0.05
+    keeper.defer(lambda: done_at.append(time.monotonic()), at=due, failed_event="test_failed")
+    deadline = time.monotonic() + 3
+    while not done_at and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # At most the rest of the slow statement, then up to MIN_INTERVAL (0.2 s) late.
+    assert done_at and done_at[0] - due < 0.3 + keeper_module.MIN_INTERVAL + 0.1, done_at
+
+
+def test_the_keeper_tries_again_when_the_database_did_not_answer(registered, monkeypatch, caplog):
+    """The database does not answer the keeper's first try: a handler that runs on (or hangs)
+    must not keep the successes before it *running* for good."""
+    real_finish = batch_module._finish_successes
+    batch_thread = threading.current_thread()
+    keeper_tries: list[float] = []
+
+    def first_keeper_try_fails(group, alias, token):
+        if threading.current_thread() is not batch_thread:
+            keeper_tries.append(time.monotonic())
+            if len(keeper_tries) == 1:
+                raise OperationalError("server closed the connection unexpectedly")
+        return real_finish(group, alias, token)
+
+    monkeypatch.setattr(batch_module, "_finish_successes", first_keeper_try_fails)
+    seen: list[str] = []
+
+    @registered("runner-quick-retried")
+    def quick(operation):
+        return None
+
+    @registered("runner-long-retried")
+    def long(operation):
+        seen.append(_status_while_running(first.pk, until="finished", seconds=5))
+
+    first = enqueue("runner-quick-retried", priority=1)
+    enqueue("runner-long-retried")
+    with caplog.at_level("WARNING", logger="batchframework"), BatchRunner(window=0.1) as runner:
+        assert runner.run_batch(claim_due(limit=2)) == 2
+    assert "event=finish_deferred_failed" in caplog.text
+    assert len(keeper_tries) == 2
+    assert seen == [BatchOperation.STATUS_FINISHED]
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
