@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -88,9 +87,9 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._next_key = 0
-        # Until when (time.monotonic()) the thread sleeps; infinity while it is awake, working
-        # from a snapshot that may miss what is deferred meanwhile (so that defer() wakes it).
-        self._sleep_until = math.inf
+        # Until when (time.monotonic()) the thread sleeps; None while it is awake (it then
+        # plans its next wake-up from everything deferred until it goes to sleep).
+        self._sleep_until: float | None = None
 
     @contextlib.contextmanager
     def keep(self, operation: BatchOperation, lease: timedelta, alias: str) -> Iterator[None]:
@@ -147,19 +146,26 @@ class LeaseKeeper:
         # run: fenced by the claim, they are someone else's.
         return item is not None and item.done
 
-    def defer(self, job: Callable[[], Any], *, at: float, failed_event: str) -> int:
+    def defer(
+        self, job: Callable[[], Any], *, at: float, failed_event: str, punctual: bool = True
+    ) -> int:
         """Call ``job()`` on the keeper's thread (and its database connections) at ``at``
         (``time.monotonic()``, or up to :data:`MIN_INTERVAL` later), unless :meth:`take_back`
         is called first with the returned key. If the database is unreachable, ``failed_event``
-        is logged and the job is tried again :data:`MAX_INTERVAL` later."""
+        is logged and the job is tried again :data:`MAX_INTERVAL` later.
+
+        Not ``punctual``: up to :data:`MAX_INTERVAL` later, and the thread is never woken for
+        it, for work deferred before every handler: each wake-up costs the batch's thread the
+        GIL for a tick."""
         with self._lock:
             self._ensure_thread()
             self._next_key += 1
             key = self._next_key
             self._deferred[key] = _Deferred(key, at, job, failed_event)
-            # Woken only if it would otherwise be later than that: a batch defers work before
-            # every handler, and each wake-up costs the batch's thread the GIL for a tick.
-            wake = at + MIN_INTERVAL < self._sleep_until
+            # Woken only if it would otherwise be late.
+            wake = (
+                punctual and self._sleep_until is not None and at + MIN_INTERVAL < self._sleep_until
+            )
         if wake:
             self._wake.set()
         return key
@@ -183,6 +189,7 @@ class LeaseKeeper:
             self._deferred = {}
             self._thread = None
         if self._thread is None or not self._thread.is_alive():
+            self._sleep_until = None  # its first tick plans from everything there is
             self._thread = threading.Thread(
                 target=self._loop, name="batchframework-lease-keeper", daemon=True
             )
@@ -201,7 +208,7 @@ class LeaseKeeper:
     def _tick(self) -> None:
         self._wake.clear()  # before the snapshot: a hold() after it wakes the next wait
         with self._lock:
-            self._sleep_until = math.inf
+            self._sleep_until = None
             kept = list(self._kept.values())
             deferred = list(self._deferred.values())
         if not kept and not deferred:
@@ -217,14 +224,15 @@ class LeaseKeeper:
                 self._renew(kept_item)
             except Exception as exc:  # one operation's trouble must not starve the others
                 log_event(logging.ERROR, "lease_keeper_error", id=kept_item.pk, error=repr(exc))
-        now = time.monotonic()
-        waits = [item.renewed_at + item.lease.total_seconds() / 3 - now for item in kept]
-        waits += [item.run_at - now for item in deferred if not item.done]
-        # At least once a second: letting go of the connection once idle never waits long,
-        # and hold() wakes the thread only for a renewal due sooner than that.
-        pause = max(MIN_INTERVAL, min([*waits, MAX_INTERVAL]))
         with self._lock:
-            self._sleep_until = time.monotonic() + pause
+            # From what is held and deferred now, including what came while it worked.
+            now = time.monotonic()
+            waits = [k.renewed_at + k.lease.total_seconds() / 3 - now for k in self._kept.values()]
+            waits += [item.run_at - now for item in self._deferred.values() if not item.done]
+            # At least once a second: letting go of the connection once idle never waits long,
+            # and hold() wakes the thread only for a renewal due sooner than that.
+            pause = max(MIN_INTERVAL, min([*waits, MAX_INTERVAL]))
+            self._sleep_until = now + pause
         self._wake.wait(pause)
 
     def _renew(self, item: _Kept) -> None:
