@@ -15,7 +15,8 @@ from batchframework.conf import get_settings
 
 #: Celery's default visibility timeout on Redis and SQS, in seconds.
 DEFAULT_VISIBILITY_TIMEOUT = 3600
-#: RabbitMQ's default ``consumer_timeout`` (3.8.17 and later; a server setting), in seconds.
+#: RabbitMQ's default ``consumer_timeout`` (since 3.8.17; 15 minutes in 3.8.15 and 3.8.16), in
+#: seconds. A server setting: a client can't read it.
 RABBITMQ_CONSUMER_TIMEOUT = 1800
 
 
@@ -33,7 +34,7 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
         settings = get_settings()
     except ImproperlyConfigured:
         return []  # reported as batchframework.E002 by batchframework's own checks
-    broker = str(conf.broker_url or "")
+    broker = _first_broker_url(conf.broker_url)
     options = conf.broker_transport_options or {}
     if broker.startswith(("redis", "rediss", "sqs", "sentinel")):
         visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
@@ -58,9 +59,11 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
                     f"RabbitMQ's default consumer_timeout ({RABBITMQ_CONSUMER_TIMEOUT}s).",
                     hint="A worker holds a message with an ETA unacknowledged until it is due, and "
                     "RabbitMQ closes the channel of a consumer that holds one longer than "
-                    "consumer_timeout (PRECONDITION_FAILED): the worker restarts. Lower "
-                    "DISPATCH_HORIZON, or, if your server's consumer_timeout is raised, silence "
-                    "this check (SILENCED_SYSTEM_CHECKS).",
+                    "consumer_timeout (PRECONDITION_FAILED): the worker restarts, and the "
+                    "messages it held are delivered again. Lower DISPATCH_HORIZON, or silence "
+                    "this check (SILENCED_SYSTEM_CHECKS) if your server's consumer_timeout is "
+                    "raised, or your queues are quorum queues (Celery 5.5+ then delays ETA "
+                    "messages in RabbitMQ, not in the worker).",
                     id="batchframework_celery.W008",
                 )
             )
@@ -87,6 +90,14 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
             )
         )
     return messages
+
+
+def _first_broker_url(url: Any) -> str:
+    """The broker Celery connects to first: ``broker_url`` may be a failover list (or a
+    ``;``-separated string), and unset means Celery's default, RabbitMQ on localhost."""
+    if isinstance(url, list | tuple):
+        url = url[0] if url else None
+    return str(url or "amqp://").split(";")[0].strip()
 
 
 def _is_celerys_fallback_app(app: Any) -> bool:

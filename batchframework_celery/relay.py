@@ -282,7 +282,7 @@ class _Watchdog:
             if self._socket is not None:
                 self._deadline = time.monotonic() + seconds
                 self._seconds = seconds
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(
                         target=self._run, name="batchframework-relay-watchdog", daemon=True
                     )
@@ -310,7 +310,9 @@ class _Watchdog:
                     self._condition.wait(left)
                     continue
                 self._deadline = None
-                self._cut()
+                # The thread must live on: without it, no query of the relay's is bounded.
+                with contextlib.suppress(Exception):
+                    self._cut()
 
     def _cut(self) -> None:
         log_event(

@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeAlias
 
 from django.db import connections
@@ -79,14 +79,37 @@ class BatchRunner:
     def __enter__(self) -> BatchRunner:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None and issubclass(exc_type, self.interruptions):
+            self._flush_after_interruption()
+            return  # and the interruption goes on
         try:
             self.flush()
         except self.interruptions:
-            # It landed in this very flush, which kept the successes: record them before it
-            # goes on (Celery raises a soft time limit once; what follows is the hard limit).
-            self.flush()
+            # It landed in this very flush, which kept the successes.
+            self._flush_after_interruption()
             raise
+
+    def _flush_after_interruption(self) -> None:
+        """Record the successes before an interruption goes on (Celery raises a soft time
+        limit once; what follows is the hard limit), on a new session if it cut a statement
+        short. Never raises: the interruption must be what the caller sees."""
+        self._drop_interrupted_sessions(op for op, _, _ in self._successes)
+        try:
+            self.flush()
+        except Exception as exc:  # left to recovery, as after a crash before a finish
+            log_event(logging.WARNING, "finish_failed", error=repr(exc), fallback="recovery")
+
+    def _drop_interrupted_sessions(self, operations: Iterable[BatchOperation]) -> None:
+        """Close the connections to the databases of ``operations``, where an interruption (a
+        signal's exception) may have cut a statement short: psycopg leaves the session busy
+        with it, and the next statement on it fails. Django opens a new one when next needed.
+        Not in a caller's transaction, which is the caller's."""
+        for alias in {self._alias(operation) for operation in operations}:
+            connection = connections[alias]
+            if not connection.in_atomic_block:
+                with contextlib.suppress(Exception):
+                    connection.close()
 
     def run_batch(
         self, operations: Sequence[BatchOperation], *, stop: Callable[[], bool] | None = None
@@ -116,7 +139,7 @@ class BatchRunner:
                     if (
                         behind
                         and self._give_back_at is not None  # set by _keep_leases
-                        and self._keeper_sees(self._alias(operation))
+                        and self._keeper_may_write(operation)
                     ):
                         watched = lease_keeper.watch_waiting(
                             behind, self._alias(operation), give_back_at=self._give_back_at
@@ -126,16 +149,20 @@ class BatchRunner:
                     self._run_handler(operation)
                     running = None  # returned: an interruption from here on is not its own
                 finally:
-                    if watched is not None and lease_keeper.let_go_waiting(watched):
-                        pending = []  # given back while the handler ran: others run them
-                    if finishing is not None:
-                        self._finished_meanwhile(*finishing)
+                    try:
+                        if watched is not None and lease_keeper.let_go_waiting(watched):
+                            pending = []  # given back while the handler ran: others run them
+                    finally:  # both taken back, or the keeper would hold on to them for good
+                        if finishing is not None:
+                            self._finished_meanwhile(*finishing)
                 self._flush_if_due()
                 ran += 1
-        except BaseException:
+        except BaseException as exc:
             # Leaving early (a second stop signal, KeyboardInterrupt, an error between
             # handlers): give back what never started, or it would wait for its lease to expire
             # and then, as part of a lost batch, be claimed alone from then on.
+            if isinstance(exc, self.interruptions):
+                self._drop_interrupted_sessions([*pending, *([running] if running else [])])
             with contextlib.suppress(Exception):
                 release(pending, using=self.using)
             if running is not None:
@@ -155,18 +182,29 @@ class BatchRunner:
             visible = self._visible[alias] = not connections[alias].in_atomic_block
         return visible
 
+    def _keeper_may_write(self, operation: BatchOperation) -> bool:
+        """Whether the lease keeper may write the batch's rows while ``operation``'s handler
+        runs: it must see them (:meth:`_keeper_sees`), and not on SQLite when the handler is
+        ``atomic``: its transaction holds SQLite's one write lock while it runs, so the
+        keeper's statement would wait for it, and renew nothing meanwhile."""
+        alias = self._alias(operation)
+        if not self._keeper_sees(alias):
+            return False
+        return not (
+            registry[operation.operationtype].atomic and connections[alias].vendor == "sqlite"
+        )
+
     def _finish_meanwhile(self, operation: BatchOperation) -> tuple[int, int] | None:
         """Have the lease keeper record the pending successes when their window is over, should
         ``operation``'s handler still run then: a long handler would otherwise keep them
         *running* until it returns, or, if it hangs, until the process dies (and then they run
         again). Returns the keeper's key and how many successes it was given, for
         :meth:`_finished_meanwhile`."""
-        if not self._successes or not all(map(self._keeper_sees, self._success_aliases)):
-            return None
-        alias = self._alias(operation)
-        if registry[operation.operationtype].atomic and connections[alias].vendor == "sqlite":
-            # Its transaction holds SQLite's one write lock while it runs: the keeper's UPDATE
-            # would wait for it, and renew nothing meanwhile.
+        if (
+            not self._successes
+            or not all(map(self._keeper_sees, self._success_aliases))
+            or not self._keeper_may_write(operation)
+        ):
             return None
         successes, count = self._successes, len(self._successes)
         key = lease_keeper.defer(
@@ -186,6 +224,7 @@ class BatchRunner:
             return  # not recorded (in time, or at all): still pending, for the next flush
         # The first ``count`` are the keeper's (the running handler's success, if any, is last).
         recorded, self._successes = self._successes[:count], self._successes[count:]
+        self._last_flush = time.monotonic()  # a flush: the next one is a window away
         self.outcomes.extend(_report_successes(recorded, job.result))
 
     def _interrupted(self, operation: BatchOperation) -> None:
@@ -262,9 +301,13 @@ class BatchRunner:
                 _finish_failure(operation, registered, describe_exception(exc), alias)
             )
         else:
-            held = lease_keeper.hold(operation, registered.resolved_lease(), alias)
-            self._successes.append((operation, output, held))
+            self._successes.append(self._hold(operation, output))
             self._success_aliases.add(alias)
+
+    def _hold(self, operation: BatchOperation, output: Any) -> _Success:
+        """A success to record later; its lease is kept alive until then."""
+        lease = registry[operation.operationtype].resolved_lease()
+        return operation, output, lease_keeper.hold(operation, lease, self._alias(operation))
 
     def flush(self) -> None:
         """Record every pending success now."""
@@ -277,9 +320,13 @@ class BatchRunner:
             recorded = self._record(successes, let_go="before")
         except BaseException:
             # Interrupted (a soft time limit landing in this very statement) or the database
-            # failed: they are still this batch's to record, at the latest when it exits. Lost
-            # here, they would stay *running* until their leases ran out, and then run again.
-            self._successes = successes + self._successes
+            # failed: they are still this batch's to record, at the latest when it exits, and
+            # their leases are kept again meanwhile. Lost here, they would stay *running* until
+            # their leases ran out, and then run again.
+            _let_go(successes)  # those of the groups not reached yet too, before holding anew
+            self._successes = [self._hold(op, output) for op, output, _ in successes] + (
+                self._successes
+            )
             self._success_aliases |= aliases
             raise
         self.outcomes.extend(_report_successes(successes, recorded))

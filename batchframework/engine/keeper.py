@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -152,7 +153,8 @@ class LeaseKeeper:
         """Call ``job()`` on the keeper's thread (and its database connections) at ``at``
         (``time.monotonic()``, or up to :data:`MIN_INTERVAL` later), unless :meth:`take_back`
         is called first with the returned key. If the database is unreachable, ``failed_event``
-        is logged and the job is tried again :data:`MAX_INTERVAL` later.
+        is logged and the job is tried again :data:`MAX_INTERVAL` later (after any other error,
+        a bug, it is left to the caller).
 
         Not ``punctual``: up to :data:`MAX_INTERVAL` later, and the thread is never woken for
         it, for work deferred before every handler: each wake-up costs the batch's thread the
@@ -264,16 +266,17 @@ class LeaseKeeper:
                     return  # taken back first: the batch's handler returned in time
             try:
                 item.result = item.job()
-            except Exception as exc:
+            except DatabaseErrors as exc:
                 # Not done: the batch still holds the work. Tried again in a while, for a
                 # handler that may run (or hang) much longer; the batch does it otherwise.
                 item.run_at = time.monotonic() + MAX_INTERVAL
-                if isinstance(exc, DatabaseErrors):
-                    log_event(logging.WARNING, item.failed_event, error=repr(exc))
-                    with contextlib.suppress(*DatabaseErrors):
-                        connections.close_all()  # this thread's: reconnected when next needed
-                else:  # a bug
-                    log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
+                log_event(logging.WARNING, item.failed_event, error=repr(exc))
+                with contextlib.suppress(*DatabaseErrors):
+                    connections.close_all()  # this thread's: reconnected when next needed
+                return
+            except Exception as exc:  # a bug, which trying again would repeat: the batch's
+                item.run_at = math.inf
+                log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
                 return
             item.done = True
 

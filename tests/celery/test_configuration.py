@@ -24,7 +24,12 @@ from batchframework.dispatch import ImmediateDispatcher, get_dispatcher
 from batchframework.signals import operation_started
 from batchframework.testing import run_due
 from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
-from batchframework_celery.checks import check_celery, check_wiring, check_worker_connections
+from batchframework_celery.checks import (
+    _first_broker_url,
+    check_celery,
+    check_wiring,
+    check_worker_connections,
+)
 from batchframework_celery.dispatcher import CeleryDispatcher
 from batchframework_celery.poller import poll_once
 from batchframework_celery.tasks import POLL_TASK, reconnecting
@@ -292,6 +297,13 @@ def test_check_warns_when_the_horizon_nears_rabbitmqs_consumer_timeout(celery_co
         assert "batchframework_celery.W008" in _ids(check_celery())
         celery_conf(broker_url="redis://127.0.0.1:6379/0")
         assert "batchframework_celery.W008" not in _ids(check_celery())
+        # Failover lists: the first is the one connected to.
+        celery_conf(broker_url="amqp://a//;amqp://b//")
+        assert "batchframework_celery.W008" in _ids(check_celery())
+    # A list in the settings (the environment's CELERY_BROKER_URL, which the fixture sets,
+    # is a string); unset means Celery's default, RabbitMQ.
+    assert _first_broker_url(["pyamqp://a//", "redis://b"]) == "pyamqp://a//"
+    assert _first_broker_url(None) == "amqp://"
 
 
 def test_check_warns_when_no_celery_app_is_loaded(monkeypatch):

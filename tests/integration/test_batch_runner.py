@@ -5,6 +5,7 @@ its own output; the lease keeper outlives its own errors."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -607,3 +608,80 @@ def test_the_keeper_tries_again_when_the_database_did_not_answer(registered, mon
     assert len(keeper_tries) == 2
     assert seen == [BatchOperation.STATUS_FINISHED]
     assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_cutting_the_flush_statement_short_still_ends_the_batch_with_it(registered):
+    """A soft time limit's exception, raised by a real signal while the flush's UPDATE waits
+    on the server: psycopg leaves that session busy with the statement. The batch must record
+    the successes on a new session and end with the interruption, not with the driver's
+    "another command is already in progress"."""
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("a row lock to make the UPDATE wait, and a driver interruptible mid-query")
+
+    @registered("runner-cut-flush")
+    def quick(operation):
+        return None
+
+    ids = [enqueue("runner-cut-flush").pk for _ in range(2)]
+    claimed = claim_due(limit=2)
+    locked = threading.Event()
+
+    def hold_a_row_lock():  # another session holds one row for a while: the UPDATE waits
+        try:
+            with transaction.atomic():
+                list(BatchOperation.objects.select_for_update().filter(pk=ids[0]))
+                locked.set()
+                time.sleep(1.5)
+        finally:
+            connections.close_all()
+
+    locker = threading.Thread(target=hold_a_row_lock)
+    locker.start()
+    assert locked.wait(5)
+
+    previous = signal.signal(signal.SIGALRM, _raise_interrupted)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)  # while the batch's closing flush waits
+    try:
+        with (
+            pytest.raises(_Interrupted),
+            BatchRunner(window=60, interruptions=(_Interrupted,)) as r,
+        ):
+            r.run_batch(claimed)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        locker.join(10)
+    assert r.outcomes == [RunOutcome.SUCCEEDED] * 2
+    assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_cutting_a_handlers_query_short_still_gives_the_rest_back(registered):
+    """The interruption lands in the handler's own query: the batch must still give back the
+    operations it had not started (on a new session), not leave them claimed until their
+    leases run out, to be claimed alone from then on."""
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("a driver interruptible mid-query")
+
+    @registered("runner-cut-query", lease=60)
+    def slow_query(operation):
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(2)")
+
+    ids = [enqueue("runner-cut-query").pk for _ in range(3)]
+    previous = signal.signal(signal.SIGALRM, _raise_interrupted)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)  # while the first handler's query runs
+    try:
+        with pytest.raises(_Interrupted), BatchRunner(interruptions=(_Interrupted,)) as runner:
+            runner.run_batch(claim_due(limit=3))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    statuses = dict(BatchOperation.objects.filter(pk__in=ids).values_list("pk", "status"))
+    assert [statuses[pk] for pk in ids[1:]] == [BatchOperation.STATUS_UNPROCESSED] * 2
+    assert not BatchOperation.objects.filter(pk__in=ids, claimed_by="!isolated").exists()
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted
