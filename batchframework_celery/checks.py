@@ -36,37 +36,41 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
         return []  # reported as batchframework.E002 by batchframework's own checks
     broker = _first_broker_url(conf.broker_url)
     options = conf.broker_transport_options or {}
+    # How long a worker may hold an ETA message before the broker acts: Redis and SQS deliver
+    # it again, RabbitMQ closes the consumer's channel.
+    limit: tuple[float, str, str, str] | None = None
     if broker.startswith(("redis", "rediss", "sqs", "sentinel")):
-        visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
-        horizon = settings.DISPATCH_HORIZON.total_seconds()
-        if horizon > visibility / 2:
-            messages.append(
-                checks.Warning(
-                    f"BATCHFRAMEWORK['DISPATCH_HORIZON'] ({horizon:g}s) is more than half the "
-                    f"broker's visibility timeout ({visibility:g}s).",
-                    hint="Messages with an ETA beyond the visibility timeout are delivered again, "
-                    "and wait in worker memory. Lower DISPATCH_HORIZON (the poller publishes "
-                    "operations due later as they come due) or raise visibility_timeout.",
-                    id="batchframework_celery.W001",
-                )
-            )
+        limit = (
+            float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)),
+            "the broker's visibility timeout",
+            "Messages with an ETA beyond the visibility timeout are delivered again, and wait "
+            "in worker memory. Lower DISPATCH_HORIZON (the poller publishes operations due "
+            "later as they come due) or raise visibility_timeout.",
+            "batchframework_celery.W001",
+        )
     elif broker.startswith(("amqp", "pyamqp")):
-        horizon = settings.DISPATCH_HORIZON.total_seconds()
-        if horizon > RABBITMQ_CONSUMER_TIMEOUT / 2:
-            messages.append(
-                checks.Warning(
-                    f"BATCHFRAMEWORK['DISPATCH_HORIZON'] ({horizon:g}s) is more than half "
-                    f"RabbitMQ's default consumer_timeout ({RABBITMQ_CONSUMER_TIMEOUT}s).",
-                    hint="A worker holds a message with an ETA unacknowledged until it is due, and "
-                    "RabbitMQ closes the channel of a consumer that holds one longer than "
-                    "consumer_timeout (PRECONDITION_FAILED): the worker restarts, and the "
-                    "messages it held are delivered again. Lower DISPATCH_HORIZON, or silence "
-                    "this check (SILENCED_SYSTEM_CHECKS) if your server's consumer_timeout is "
-                    "raised, or your queues are quorum queues (Celery 5.5+ then delays ETA "
-                    "messages in RabbitMQ, not in the worker).",
-                    id="batchframework_celery.W008",
-                )
+        limit = (
+            RABBITMQ_CONSUMER_TIMEOUT,
+            "RabbitMQ's default consumer_timeout",
+            "A worker holds a message with an ETA unacknowledged until it is due, and RabbitMQ "
+            "closes the channel of a consumer that holds one longer than consumer_timeout "
+            "(PRECONDITION_FAILED): the worker restarts, and the messages it held are delivered "
+            "again. Lower DISPATCH_HORIZON, or silence this check (SILENCED_SYSTEM_CHECKS) if "
+            "your server's consumer_timeout is raised, or your queues are quorum queues (Celery "
+            "5.5+ then delays ETA messages in RabbitMQ, not in the worker).",
+            "batchframework_celery.W008",
+        )
+    horizon = settings.DISPATCH_HORIZON.total_seconds()
+    if limit is not None and horizon > limit[0] / 2:
+        seconds, name, hint, check_id = limit
+        messages.append(
+            checks.Warning(
+                f"BATCHFRAMEWORK['DISPATCH_HORIZON'] ({horizon:g}s) is more than half {name} "
+                f"({seconds:g}s).",
+                hint=hint,
+                id=check_id,
             )
+        )
     unsafe = {"pickle", "application/x-python-serialize", "yaml", "application/x-yaml"}
     accepted = set(conf.accept_content or [])
     if accepted & unsafe or conf.task_serializer in unsafe:
