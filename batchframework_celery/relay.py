@@ -315,6 +315,9 @@ class _Watchdog:
                     self._cut()
 
     def _cut(self) -> None:
+        if self._socket is not None:  # first: nothing may stand between a late query and this
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
         log_event(
             logging.WARNING,
             "relay_unresponsive",
@@ -322,9 +325,6 @@ class _Watchdog:
             timeout=f"{self._seconds:g}s",
             action="closing the session and starting again",
         )
-        if self._socket is not None:
-            with contextlib.suppress(OSError):
-                self._socket.shutdown(socket.SHUT_RDWR)
 
 
 _relay: Relay | None = None

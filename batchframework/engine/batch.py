@@ -9,7 +9,8 @@ Used by the DB-polling worker and by the Celery tasks, so both get the same guar
 - while a handler runs, the operations waiting behind it are watched, not renewed: if it runs
   until a third of their lease is left (over half of it), the lease keeper gives them back
   for other workers (:meth:`.LeaseKeeper.watch_waiting`), and the batch ends after it. A
-  long or hung handler does not hold them, and they are not taken for a lost worker's;
+  long or hung handler does not hold them, and they are not taken for a lost worker's (not in
+  a caller's transaction, nor while an ``atomic`` handler holds SQLite's write lock);
 - a stop request gives the waiting operations back (:func:`.release`);
 - successes of non-``atomic`` handlers are finished in one fenced UPDATE per ``FINISH_WINDOW``
   (counted from the last flush) and at the end of the batch, instead of one UPDATE each. The
@@ -24,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeAlias
 
 from django.db import connections
@@ -80,33 +81,37 @@ class BatchRunner:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        if exc_type is not None and issubclass(exc_type, self.interruptions):
-            self._flush_after_interruption()
-            return  # and the interruption goes on
         try:
-            self.flush()
-        except self.interruptions:
-            # It landed in this very flush, which kept the successes.
-            self._flush_after_interruption()
-            raise
+            if exc_type is not None and issubclass(exc_type, self.interruptions):
+                self._flush_after_interruption()
+                return  # and the interruption goes on
+            try:
+                self.flush()
+            except self.interruptions:
+                # It landed in this very flush, which kept the successes.
+                self._flush_after_interruption()
+                raise
+        finally:
+            # What could not be recorded is recovery's now: its leases must run out.
+            _let_go(self._successes)
 
     def _flush_after_interruption(self) -> None:
         """Record the successes before an interruption goes on (Celery raises a soft time
         limit once; what follows is the hard limit), on a new session if it cut a statement
         short. Never raises: the interruption must be what the caller sees."""
-        self._drop_interrupted_sessions(op for op, _, _ in self._successes)
+        self._drop_interrupted_sessions()
         try:
             self.flush()
         except Exception as exc:  # left to recovery, as after a crash before a finish
             log_event(logging.WARNING, "finish_failed", error=repr(exc), fallback="recovery")
 
-    def _drop_interrupted_sessions(self, operations: Iterable[BatchOperation]) -> None:
-        """Close the connections to the databases of ``operations``, where an interruption (a
+    def _drop_interrupted_sessions(self) -> None:
+        """Close this thread's database connections, on any of which an interruption (a
         signal's exception) may have cut a statement short: psycopg leaves the session busy
-        with it, and the next statement on it fails. Django opens a new one when next needed.
-        Not in a caller's transaction, which is the caller's."""
-        for alias in {self._alias(operation) for operation in operations}:
-            connection = connections[alias]
+        with it, and the next statement on it (the batch's, or the next task's) fails. Django
+        opens new ones when next needed. Not one in a caller's transaction, which is the
+        caller's."""
+        for connection in connections.all(initialized_only=True):
             if not connection.in_atomic_block:
                 with contextlib.suppress(Exception):
                     connection.close()
@@ -162,7 +167,7 @@ class BatchRunner:
             # handlers): give back what never started, or it would wait for its lease to expire
             # and then, as part of a lost batch, be claimed alone from then on.
             if isinstance(exc, self.interruptions):
-                self._drop_interrupted_sessions([*pending, *([running] if running else [])])
+                self._drop_interrupted_sessions()
             with contextlib.suppress(Exception):
                 release(pending, using=self.using)
             if running is not None:
@@ -316,33 +321,48 @@ class BatchRunner:
             return
         successes, self._successes = self._successes, []
         aliases, self._success_aliases = self._success_aliases, set()
+        finished: list[bool | None] = [None] * len(successes)
         try:
-            recorded = self._record(successes, let_go="before")
+            self._record(successes, let_go="before", finished=finished)
         except BaseException:
             # Interrupted (a soft time limit landing in this very statement) or the database
-            # failed: they are still this batch's to record, at the latest when it exits, and
-            # their leases are kept again meanwhile. Lost here, they would stay *running* until
-            # their leases ran out, and then run again.
-            _let_go(successes)  # those of the groups not reached yet too, before holding anew
-            self._successes = [self._hold(op, output) for op, output, _ in successes] + (
-                self._successes
-            )
+            # failed: those not recorded are still this batch's to record, at the latest when
+            # it exits, and their leases are kept again meanwhile. Lost here, they would stay
+            # *running* until their leases ran out, and then run again.
+            pairs = list(zip(successes, finished, strict=True))
+            left = [success for success, done in pairs if done is None]
+            _let_go(left)  # those of the claims not reached yet too, before holding anew
+            self._successes = [self._hold(op, output) for op, output, _ in left] + self._successes
             self._success_aliases |= aliases
+            with contextlib.suppress(Exception):  # what was recorded is reported all the same
+                recorded = [(success, done) for success, done in pairs if done is not None]
+                self.outcomes.extend(
+                    _report_successes(
+                        [success for success, _ in recorded], [d for _, d in recorded]
+                    )
+                )
             raise
-        self.outcomes.extend(_report_successes(successes, recorded))
+        self.outcomes.extend(_report_successes(successes, finished))
 
     def _record(
-        self, successes: list[_Success], *, let_go: Literal["before", "after"]
-    ) -> list[bool]:
+        self,
+        successes: list[_Success],
+        *,
+        let_go: Literal["before", "after"],
+        finished: list[bool | None] | None = None,
+    ) -> list[bool | None]:
         """Finish ``successes``, one fenced UPDATE per claim; returns whether each was finished
-        (not: its claim was lost). Their leases are let go of ``"before"`` the UPDATE (the
-        batch's thread: the keeper renews at a third of the lease, so two thirds remain, and a
-        renewal that then finds the operation finished is one let go of) or ``"after"`` it (the
-        keeper's thread, which renews them itself: should the UPDATE fail, they stay kept)."""
+        (``False``: its claim was lost), in ``finished`` if given, claim by claim (``None``: not
+        recorded yet, should a later claim's UPDATE fail). Their leases are let go of
+        ``"before"`` the UPDATE (the batch's thread: the keeper renews at a third of the lease,
+        so two thirds remain, and a renewal that then finds the operation finished is one let
+        go of) or ``"after"`` it (the keeper's thread, which renews them itself: should the
+        UPDATE fail, they stay kept)."""
         groups: dict[tuple[str, str], list[int]] = {}
         for index, (operation, _, _) in enumerate(successes):
             groups.setdefault((self._alias(operation), operation.claimed_by), []).append(index)
-        finished = [False] * len(successes)
+        if finished is None:
+            finished = [None] * len(successes)
         for (alias, token), indexes in groups.items():
             group = [successes[index] for index in indexes]
             if let_go == "before":
@@ -407,7 +427,7 @@ def _finish_successes(group: list[tuple[BatchOperation, Any]], alias: str, token
     return finished
 
 
-def _report_successes(successes: list[_Success], finished: list[bool]) -> list[RunOutcome]:
+def _report_successes(successes: list[_Success], finished: list[bool | None]) -> list[RunOutcome]:
     """Update the instances of the successes recorded, send ``operation_finished`` for them, and
     log the others (their claims were lost); returns the outcomes."""
     outcomes = []

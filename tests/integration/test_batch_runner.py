@@ -4,6 +4,7 @@ its own output; the lease keeper outlives its own errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -601,33 +602,28 @@ def test_a_signal_cutting_the_flush_statement_short_still_ends_the_batch_with_it
 
     ids = [enqueue("runner-cut-flush").pk for _ in range(2)]
     claimed = claim_due(limit=2)
-    locked = threading.Event()
+    locked, interrupted = threading.Event(), threading.Event()
 
-    def hold_a_row_lock():  # another session holds one row for a while: the UPDATE waits
+    def hold_a_row_lock():  # another session holds one row: the flush's UPDATE waits for it
         try:
             with transaction.atomic():
                 list(BatchOperation.objects.select_for_update().filter(pk=ids[0]))
                 locked.set()
-                time.sleep(1.5)
+                interrupted.wait(10)
+                time.sleep(0.2)  # the batch's retry now waits for it too
         finally:
             connections.close_all()
 
     locker = threading.Thread(target=hold_a_row_lock)
     locker.start()
     assert locked.wait(5)
-
-    previous = signal.signal(signal.SIGALRM, _raise_interrupted)
-    signal.setitimer(signal.ITIMER_REAL, 0.5)  # while the batch's closing flush waits
-    try:
-        with (
-            pytest.raises(_Interrupted),
-            BatchRunner(window=60, interruptions=(_Interrupted,)) as r,
-        ):
-            r.run_batch(claimed)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        locker.join(10)
+    with (
+        _interrupted_once_waiting("UPDATE %batchframework_batchoperation%", then=interrupted),
+        pytest.raises(_Interrupted),
+        BatchRunner(window=60, interruptions=(_Interrupted,)) as r,
+    ):
+        r.run_batch(claimed)
+    locker.join(10)
     assert r.outcomes == [RunOutcome.SUCCEEDED] * 2
     assert BatchOperation.objects.filter(pk__in=ids).successful().count() == 2
 
@@ -646,18 +642,124 @@ def test_a_signal_cutting_a_handlers_query_short_still_gives_the_rest_back(regis
             cursor.execute("SELECT pg_sleep(2)")
 
     ids = [enqueue("runner-cut-query").pk for _ in range(3)]
-    previous = signal.signal(signal.SIGALRM, _raise_interrupted)
-    signal.setitimer(signal.ITIMER_REAL, 0.5)  # while the first handler's query runs
-    try:
-        with pytest.raises(_Interrupted), BatchRunner(interruptions=(_Interrupted,)) as runner:
-            runner.run_batch(claim_due(limit=3))
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with (
+        _interrupted_once_waiting("SELECT pg_sleep(2)"),
+        pytest.raises(_Interrupted),
+        BatchRunner(interruptions=(_Interrupted,)) as runner,
+    ):
+        runner.run_batch(claim_due(limit=3))
     statuses = dict(BatchOperation.objects.filter(pk__in=ids).values_list("pk", "status"))
     assert [statuses[pk] for pk in ids[1:]] == [BatchOperation.STATUS_UNPROCESSED] * 2
     assert not BatchOperation.objects.filter(pk__in=ids, claimed_by="!isolated").exists()
 
 
-def _raise_interrupted(signum, frame):
-    raise _Interrupted
+@contextlib.contextmanager
+def _interrupted_once_waiting(query: str, then: threading.Event | None = None):
+    """Raise :class:`_Interrupted` in this (the main) thread, with a real signal, once another
+    session of this database runs a statement like ``query`` (SQL ``LIKE``); set ``then``."""
+    main = threading.main_thread().ident
+    assert main == threading.get_ident(), "signals are delivered to the main thread"
+    stop = threading.Event()
+
+    def watch():
+        try:
+            with connections["default"].cursor() as cursor:
+                while not stop.is_set():
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND state = 'active' "
+                        "AND query LIKE %s AND pid <> pg_backend_pid()",
+                        [query],
+                    )
+                    if cursor.fetchone()[0]:
+                        time.sleep(0.05)  # well inside the statement
+                        signal.pthread_kill(main, signal.SIGALRM)
+                        break
+                    time.sleep(0.01)
+        finally:
+            if then is not None:
+                then.set()
+            connections.close_all()
+
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(10)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("how", ["the database fails at the end", "interrupted, then it fails"])
+def test_successes_a_batch_could_not_record_are_left_to_recovery(registered, monkeypatch, how):
+    """The batch is over and could not record its successes (the database was down): once the
+    database is back, recovery must find them when their leases run out (as the log says,
+    ``fallback=recovery``); the keeper must not keep them alive for as long as the worker
+    process lives."""
+    database_up = [True]
+    real_finish = batch_module._finish_successes
+
+    def finish(group, alias, token):
+        if not database_up[0]:
+            raise OperationalError("the database is down")
+        return real_finish(group, alias, token)
+
+    monkeypatch.setattr(batch_module, "_finish_successes", finish)
+
+    @registered("runner-unrecorded", lease=1)
+    def quick(operation):
+        if how == "interrupted, then it fails" and operation.pk == ids[1]:
+            database_up[0] = False
+            raise _Interrupted
+
+    ids = [enqueue("runner-unrecorded").pk for _ in range(2)]
+    if how == "the database fails at the end":
+        database_up[0] = False
+    raised = OperationalError if how == "the database fails at the end" else _Interrupted
+    with pytest.raises(raised), BatchRunner(window=60, interruptions=(_Interrupted,)) as runner:
+        runner.run_batch(claim_due(limit=2))
+    database_up[0] = True  # back; the worker process lives on
+    time.sleep(2.2)  # two leases
+    assert recover_expired() >= 1
+    assert BatchOperation.objects.get(pk=ids[0]).status == BatchOperation.STATUS_UNPROCESSED
+
+
+def test_a_claim_recorded_before_a_later_one_failed_is_reported_not_kept(
+    registered, monkeypatch, caplog
+):
+    """One flush, two claims: the first claim's UPDATE commits, the second's fails. The first
+    is reported as finished now; kept alive again, the keeper would renew a finished row and
+    log its claim as lost."""
+    calls: list[str] = []
+    real_finish = batch_module._finish_successes
+
+    def second_claim_fails(group, alias, token):
+        calls.append(token)
+        if len(calls) == 2:
+            raise OperationalError("the database is down")
+        return real_finish(group, alias, token)
+
+    monkeypatch.setattr(batch_module, "_finish_successes", second_claim_fails)
+
+    @registered("runner-two-claims", lease=1)
+    def quick(operation):
+        return None
+
+    enqueue("runner-two-claims")
+    enqueue("runner-two-claims")
+    first, second = claim_due(limit=1)[0], claim_due(limit=1)[0]
+    with caplog.at_level("WARNING", logger="batchframework"), BatchRunner(window=60) as runner:
+        runner.run(first)
+        runner.run(second)
+        with pytest.raises(OperationalError):
+            runner.flush()
+        assert runner.outcomes == [RunOutcome.SUCCEEDED]  # the first claim's
+        time.sleep(0.8)  # past a third of the lease: the keeper renews what it keeps
+    assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2  # the second, at the runner's exit
+    assert BatchOperation.objects.filter(pk__in=[first.pk, second.pk]).successful().count() == 2
+    assert "lease_renewal_refused" not in caplog.text
