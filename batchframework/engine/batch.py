@@ -16,7 +16,9 @@ Used by the DB-polling worker and by the Celery tasks, so both get the same guar
   (counted from the last flush) and at the end of the batch, instead of one UPDATE each. The
   batch flushes as a handler returns; while a longer one runs, the lease keeper records them
   in its stead when the window is over. Until then their leases are kept alive like a running
-  handler's, so a success is never recovered and run again while its worker lives.
+  handler's, so a success is not recovered and run again while its worker lives (unless the
+  database fails the batch's last flush and its retry: then the batch ends by letting go of
+  them, for recovery, as after a crash).
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ class BatchRunner:
                 self._flush_after_interruption()
                 raise
         finally:
-            # What could not be recorded is recovery's now: its leases must run out.
+            # What could not be recorded is recovery's now: its leases must run out (and a
+            # runner used again must not record it).
             _let_go(self._successes)
+            self._successes, self._success_aliases = [], set()
 
     def _flush_after_interruption(self) -> None:
         """Record the successes before an interruption goes on (Celery raises a soft time
@@ -334,13 +338,18 @@ class BatchRunner:
             _let_go(left)  # those of the claims not reached yet too, before holding anew
             self._successes = [self._hold(op, output) for op, output, _ in left] + self._successes
             self._success_aliases |= aliases
-            with contextlib.suppress(Exception):  # what was recorded is reported all the same
-                recorded = [(success, done) for success, done in pairs if done is not None]
-                self.outcomes.extend(
-                    _report_successes(
-                        [success for success, _ in recorded], [d for _, d in recorded]
-                    )
-                )
+            # What was recorded is reported all the same, each on its own: a receiver's error
+            # must not cost the others their signal (and an interruption goes on at once).
+            for success, done in pairs:
+                if done is None:
+                    continue
+                try:
+                    self.outcomes.extend(_report_successes([success], [done]))
+                except self.interruptions:
+                    raise
+                except Exception as exc:  # a receiver's: the operation did finish
+                    self.outcomes.append(RunOutcome.SUCCEEDED)
+                    log_event(logging.ERROR, "report_failed", id=success[0].pk, error=repr(exc))
             raise
         self.outcomes.extend(_report_successes(successes, finished))
 

@@ -763,3 +763,53 @@ def test_a_claim_recorded_before_a_later_one_failed_is_reported_not_kept(
     assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2  # the second, at the runner's exit
     assert BatchOperation.objects.filter(pk__in=[first.pk, second.pk]).successful().count() == 2
     assert "lease_renewal_refused" not in caplog.text
+
+
+@pytest.mark.parametrize("receiver_raises", ["a bug", "an interruption"])
+def test_a_partly_recorded_flush_reports_each_recorded_success(
+    registered, monkeypatch, receiver_raises
+):
+    """A flush of three successes from two claims records the first claim's two, then the
+    second claim's UPDATE fails. A receiver of ``operation_finished`` that raises a bug for the
+    first must not cost the second its signal (nor either its outcome); one that raises an
+    interruption (a soft time limit) makes the interruption, not the database's error, what
+    the flush raises."""
+    calls: list[str] = []
+    real_finish = batch_module._finish_successes
+
+    def second_claim_fails(group, alias, token):
+        calls.append(token)
+        if len(calls) == 2:
+            raise OperationalError("the database is down")
+        return real_finish(group, alias, token)
+
+    monkeypatch.setattr(batch_module, "_finish_successes", second_claim_fails)
+
+    @registered("runner-partly")
+    def quick(operation):
+        return None
+
+    for _ in range(3):
+        enqueue("runner-partly")
+    claims = [*claim_due(limit=2), *claim_due(limit=1)]
+    signalled: list[int] = []
+
+    def receiver(sender, operation, **kwargs):
+        signalled.append(operation.pk)
+        if len(signalled) == 1:
+            raise RuntimeError("a receiver's bug") if receiver_raises == "a bug" else _Interrupted
+
+    operation_finished.connect(receiver)
+    try:
+        with BatchRunner(window=60, interruptions=(_Interrupted,)) as runner:
+            for operation in claims:
+                runner.run(operation)
+            expected = OperationalError if receiver_raises == "a bug" else _Interrupted
+            with pytest.raises(expected):
+                runner.flush()
+            if receiver_raises == "a bug":
+                assert signalled == [op.pk for op in claims[:2]]
+                assert runner.outcomes == [RunOutcome.SUCCEEDED] * 2
+    finally:
+        operation_finished.disconnect(receiver)
+    assert BatchOperation.objects.filter(pk__in=[op.pk for op in claims]).successful().count() == 3
