@@ -729,12 +729,9 @@ def test_successes_a_batch_could_not_record_are_left_to_recovery(registered, mon
     assert BatchOperation.objects.get(pk=ids[0]).status == BatchOperation.STATUS_UNPROCESSED
 
 
-def test_a_claim_recorded_before_a_later_one_failed_is_reported_not_kept(
-    registered, monkeypatch, caplog
-):
-    """One flush, two claims: the first claim's UPDATE commits, the second's fails. The first
-    is reported as finished now; kept alive again, the keeper would renew a finished row and
-    log its claim as lost."""
+@pytest.fixture
+def second_claim_refused(monkeypatch):
+    """The database fails the UPDATE of the second claim a flush records (and only that)."""
     calls: list[str] = []
     real_finish = batch_module._finish_successes
 
@@ -745,6 +742,13 @@ def test_a_claim_recorded_before_a_later_one_failed_is_reported_not_kept(
         return real_finish(group, alias, token)
 
     monkeypatch.setattr(batch_module, "_finish_successes", second_claim_fails)
+
+
+@pytest.mark.usefixtures("second_claim_refused")
+def test_a_claim_recorded_before_a_later_one_failed_is_reported_not_kept(registered, caplog):
+    """One flush, two claims: the first claim's UPDATE commits, the second's fails. The first
+    is reported as finished now; kept alive again, the keeper would renew a finished row and
+    log its claim as lost."""
 
     @registered("runner-two-claims", lease=1)
     def quick(operation):
@@ -765,25 +769,14 @@ def test_a_claim_recorded_before_a_later_one_failed_is_reported_not_kept(
     assert "lease_renewal_refused" not in caplog.text
 
 
+@pytest.mark.usefixtures("second_claim_refused")
 @pytest.mark.parametrize("receiver_raises", ["a bug", "an interruption"])
-def test_a_partly_recorded_flush_reports_each_recorded_success(
-    registered, monkeypatch, receiver_raises
-):
+def test_a_partly_recorded_flush_reports_each_recorded_success(registered, receiver_raises):
     """A flush of three successes from two claims records the first claim's two, then the
     second claim's UPDATE fails. A receiver of ``operation_finished`` that raises a bug for the
     first must not cost the second its signal (nor either its outcome); one that raises an
     interruption (a soft time limit) makes the interruption, not the database's error, what
     the flush raises."""
-    calls: list[str] = []
-    real_finish = batch_module._finish_successes
-
-    def second_claim_fails(group, alias, token):
-        calls.append(token)
-        if len(calls) == 2:
-            raise OperationalError("the database is down")
-        return real_finish(group, alias, token)
-
-    monkeypatch.setattr(batch_module, "_finish_successes", second_claim_fails)
 
     @registered("runner-partly")
     def quick(operation):
