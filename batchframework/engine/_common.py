@@ -27,14 +27,25 @@ BATCH_SUFFIX = "/batch"
 #: ``claimed_by`` of an unprocessed operation that must be claimed alone: it was held in a batch
 #: whose worker died, so it may be the one that killed it.
 ISOLATED = "!isolated"
+#: Ends the claim token of a claim that took an operation marked :data:`ISOLATED`: the claim
+#: overwrites the mark, and an attempt put back without finishing (given back, or failed with
+#: attempts left) must get it back, or the operation would be batched again.
+ALONE_SUFFIX = "/alone"
 
 
-def new_claim_token(worker: str | None = None, *, batch: bool = False) -> str:
+def new_claim_token(worker: str | None = None, *, batch: bool = False, alone: bool = False) -> str:
     """A claim identity: who claims (host:pid unless given), a fresh token per claim, and
-    whether the claim took a batch (recovery treats those differently)."""
+    whether the claim took a batch (recovery treats those differently) or an operation marked
+    to be claimed alone (see :func:`unclaimed_mark`)."""
     who = worker or f"{_HOSTNAME}:{os.getpid()}"
-    suffix = BATCH_SUFFIX if batch else ""
+    suffix = BATCH_SUFFIX if batch else ALONE_SUFFIX if alone else ""
     return f"{who[: 255 - 13 - len(suffix)]}:{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def unclaimed_mark(token: str) -> str:
+    """``claimed_by`` for an operation that goes back to unprocessed from the claim ``token``:
+    still marked to be claimed alone if it was claimed so."""
+    return ISOLATED if token.endswith(ALONE_SUFFIX) else ""
 
 
 def time_after(delta: timedelta, now: object = None) -> Expression:

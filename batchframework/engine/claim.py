@@ -36,6 +36,7 @@ from ._common import (
     new_claim_token,
     supports_skip_locked,
     time_after,
+    unclaimed_mark,
     write_alias,
 )
 from .claim_postgresql import claim_due_postgresql
@@ -101,7 +102,7 @@ def claim(
             logging.INFO, "claim_skipped", id=operation_id, reason=f"already_{operation.status}"
         )
         return None
-    token = new_claim_token(worker)
+    token = new_claim_token(worker, alone=operation.claimed_by == ISOLATED)
     lease = registered.resolved_lease()
     won = manager.filter(
         pk=operation.pk,
@@ -195,7 +196,9 @@ def claim_due(
         operations = _alone_or_before_isolated(list(candidates[:limit]))
         if not operations:
             return []
-        token = new_claim_token(worker, batch=len(operations) > 1)
+        token = new_claim_token(
+            worker, batch=len(operations) > 1, alone=operations[0].claimed_by == ISOLATED
+        )
         by_lease: dict[timedelta, list[BatchOperation]] = defaultdict(list)
         for operation in operations:
             by_lease[registry[operation.operationtype].resolved_lease()].append(operation)
@@ -236,8 +239,8 @@ def _alone_or_before_isolated(candidates: list[BatchOperation]) -> list[BatchOpe
 def release(operations: Sequence[BatchOperation], *, using: str | None = None) -> int:
     """Give back claimed operations whose turn has not come (e.g. on worker shutdown).
 
-    Fenced by each operation's claim; the attempt the claim counted is taken back. Returns how
-    many went back.
+    Fenced by each operation's claim; the attempt the claim counted is taken back, and so is
+    the claim itself: one marked to be claimed alone stays so. Returns how many went back.
     """
     if not operations:
         return 0
@@ -253,7 +256,7 @@ def release(operations: Sequence[BatchOperation], *, using: str | None = None) -
             .update(
                 status=BatchOperation.STATUS_UNPROCESSED,
                 attempts=F("attempts") - 1,
-                claimed_by="",
+                claimed_by=unclaimed_mark(token),
                 lease_expires_at=None,
             )
         )

@@ -12,7 +12,8 @@ or inside the caller's transaction:
     the same rule as the portable path for operations to be claimed alone: an isolated first
     candidate is taken alone, otherwise the batch stops before the first isolated one;
 the ``UPDATE``
-    counts the attempt, sets the claim token (a batch token when it took several), the start
+    counts the attempt, sets the claim token (a batch token when it took several, an "alone"
+    token when it took an isolated one), the start
     time and each operationtype's lease, on the database clock.
 """
 
@@ -64,15 +65,15 @@ def claim_due_postgresql(
                    row_number() OVER (ORDER BY priority DESC, run_after, id) AS n
             FROM candidates
         ), chosen AS (
-            SELECT id, operationtype FROM ranked
+            SELECT id, operationtype, isolated FROM ranked
             WHERE n = 1 OR n < COALESCE((SELECT min(n) FROM ranked WHERE isolated), n + 1)
         )
         UPDATE {table} AS op SET
             status = %(running)s,
             result = %(not_available)s,
             attempts = op.attempts + 1,
-            claimed_by = CASE WHEN (SELECT count(*) FROM chosen) > 1
-                              THEN %(batch_token)s ELSE %(token)s END,
+            claimed_by = CASE WHEN (SELECT count(*) FROM chosen) > 1 THEN %(batch_token)s
+                              WHEN chosen.isolated THEN %(alone_token)s ELSE %(token)s END,
             started_running_datetime = {clock},
             lease_expires_at = {clock} + leases.lease,
             debounce_key = NULL
@@ -94,6 +95,7 @@ def claim_due_postgresql(
         "limit": limit,
         "token": new_claim_token(worker),
         "batch_token": new_claim_token(worker, batch=True),
+        "alone_token": new_claim_token(worker, alone=True),
         "now": now,
     }
     connection = connections[alias]

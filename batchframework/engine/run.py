@@ -22,7 +22,7 @@ from ..jsondata import encode_json
 from ..models import BatchOperation
 from ..registry import Handler, registry
 from ..signals import log_event, operation_finished, operation_retry_scheduled, operation_started
-from ._common import time_after, write_alias
+from ._common import time_after, unclaimed_mark, write_alias
 from .claim import claim
 from .keeper import lease_keeper
 
@@ -68,15 +68,19 @@ def _finish_failure(
     last_error = format_error(error)
     if operation.attempts < registered.resolved_max_attempts():
         backoff = registered.backoff_for(operation.attempts)
+        # Claimed alone because it was marked so: it stays marked, and its retry's message
+        # names it alone (see claim.must_be_claimed_alone).
+        unclaimed = unclaimed_mark(operation.claimed_by)
         if not _fenced(operation, alias).update(
             status=BatchOperation.STATUS_UNPROCESSED,
             run_after=time_after(backoff),
             last_error=last_error,
-            claimed_by="",
+            claimed_by=unclaimed,
             lease_expires_at=None,
         ):
             return _lost(operation)
         operation.status = BatchOperation.STATUS_UNPROCESSED
+        operation.claimed_by = unclaimed
         operation.last_error = last_error
         operation_retry_scheduled.send(
             sender=BatchOperation, operation=operation, error=error, attempt=operation.attempts

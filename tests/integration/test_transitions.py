@@ -182,6 +182,48 @@ def test_release_takes_back_the_claim_and_its_attempt():
     assert changed(before, after) == {"started_running_datetime"}
 
 
+def _claimed_alone(path: str, op: BatchOperation) -> BatchOperation:
+    """Claim ``op`` (marked to be claimed alone) by id, or as the first due one: with another
+    operation due behind it, a batch claim must still take it alone."""
+    if path == "by id":
+        claimed = claim(op.pk)
+        assert claimed is not None
+        return claimed
+    [claimed] = claim_due(limit=10)
+    assert claimed.pk == op.pk
+    return claimed
+
+
+@pytest.mark.parametrize("path", ["by id", "batch claim"])
+def test_release_gives_back_the_mark_to_be_claimed_alone(path):
+    """A worker that stops gives back the operations it has not started as if it never claimed
+    them, and that includes the mark recovery set: released without it, an operation that may
+    have killed a worker would be claimed in a batch again, and the next death would cost its
+    batch an uncounted attempt each instead of costing it its own."""
+    op = enqueue("test-noop", run_after=timezone.now() - timedelta(minutes=1))
+    enqueue("test-noop")
+    BatchOperation.objects.filter(pk=op.pk).update(claimed_by="!isolated")
+    before = columns(op)
+    assert release([_claimed_alone(path, op)]) == 1
+    after = columns(op)
+    assert changed(before, after) == {"started_running_datetime"}
+    assert [o.pk for o in claim_due(limit=10)] == [op.pk]
+
+
+@pytest.mark.parametrize("path", ["by id", "batch claim"])
+def test_a_retry_of_an_operation_claimed_alone_stays_alone(path):
+    op = enqueue("test-fails-once", run_after=timezone.now() - timedelta(minutes=1))
+    BatchOperation.objects.filter(pk=op.pk).update(claimed_by="!isolated")
+    enqueue("test-noop")
+    claimed = _claimed_alone(path, op)
+    before = columns(op)
+    assert run_claimed(claimed) is RunOutcome.RETRY_SCHEDULED
+    after = columns(op)
+    assert changed(before, after) == RETRY_WRITES
+    assert after["claimed_by"] == "!isolated" and after["lease_expires_at"] is None
+    assert claimed.claimed_by == "!isolated"  # as stored: its retry's message names it alone
+
+
 # --- Recovery --------------------------------------------------------------------------------
 def test_recovering_an_operation_claimed_alone_retries_it_alone():
     op = enqueue("test-always-fails")  # three attempts
