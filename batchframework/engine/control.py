@@ -82,10 +82,13 @@ def postpone(
     run_after: datetime | None = None,
     using: str | None = None,
 ) -> bool:
-    """Move a pending operation's due time to ``now + delay`` (or ``run_after``).
+    """Move a pending operation's due time to ``now + delay`` (or ``run_after``), and dispatch
+    it again once the transaction commits.
 
-    Returns ``False`` and changes nothing when the operation is no longer pending.
+    Returns ``False`` and changes nothing when the operation is no longer pending. The
+    conditional UPDATE, and a read of the row when there is a dispatcher to hand it to.
     """
+    from ..dispatch import get_dispatcher
     from .enqueue import dispatch_on_commit, resolve_run_after
 
     pk = _pk(operation)
@@ -100,10 +103,11 @@ def postpone(
             return False
         if isinstance(operation, BatchOperation):
             operation.run_after = due
-            dispatched = operation
-        else:
-            dispatched = manager.get(pk=pk)
-        dispatch_on_commit([dispatched], alias)
+        if get_dispatcher().dispatches_anything:
+            # Dispatched as stored, not as the caller's instance says: recovery may have marked
+            # it to be claimed alone since the instance was read, and its message must then
+            # name it alone. The UPDATE locked the row until the commit.
+            dispatch_on_commit([manager.get(pk=pk)], alias)
     log_event(logging.INFO, "postponed", id=pk, run_after=due.isoformat())
     return True
 

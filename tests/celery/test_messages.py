@@ -10,12 +10,14 @@ import json
 from datetime import datetime, timedelta
 
 import pytest
+from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework_celery.dispatcher import publish_operations
 from batchframework_celery.poller import poll_once
+from batchframework_celery.publish import bounded_publishing
 from batchframework_celery.tasks import DRAIN_TASK, RUN_OPERATIONS_TASK, run_operations
 
 from .conftest import CELERY_DISPATCHER, NO_DISPATCH
@@ -132,3 +134,25 @@ def test_an_operation_to_be_claimed_alone_gets_a_message_of_its_own(
         run_operations(*message["args"], **message["kwargs"])
     finished = BatchOperation.objects.filter(pk__in=ids)
     assert {(op.result, op.attempts) for op in finished} == {(BatchOperation.RESULT_SUCCESSFUL, 1)}
+
+
+def test_postponing_a_stale_instance_sends_what_the_database_holds(purge_broker):
+    """A view postpones an operation it read before recovery marked it to be claimed alone.
+    Published in one round with another operation (``PUBLISH_IN_BACKGROUND`` shares messages
+    between the enqueues of a moment), it must still get a message of its own: the dispatcher
+    is given the row, not the caller's stale instance."""
+    broker = purge_broker
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        stale = enqueue("test-noop", delay=timedelta(hours=1))
+    BatchOperation.objects.filter(pk=stale.pk).update(claimed_by="!isolated")
+    background = {**CELERY_DISPATCHER, "PUBLISH_IN_BACKGROUND": True}
+    with override_settings(BATCHFRAMEWORK=background), transaction.atomic():
+        other = enqueue("test-noop")
+        assert stale.postpone() is True
+    bounded_publishing.drain()
+    found = messages(broker)
+    assert sorted(m["args"][0] for m in found) == [[stale.pk], [other.pk]]
+    for message in found:
+        run_operations(*message["args"], **message["kwargs"])
+    ran = BatchOperation.objects.filter(pk__in=[stale.pk, other.pk])
+    assert {op.result for op in ran} == {BatchOperation.RESULT_SUCCESSFUL}
