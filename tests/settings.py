@@ -58,8 +58,6 @@ if _engine.endswith("sqlite3"):
 elif _engine.endswith("mysql"):
     DATABASES["default"].setdefault("OPTIONS", {})["charset"] = "utf8mb4"
     DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
-    # MariaDB ignores partial-index conditions (the indexes still apply, unconditionally).
-    SILENCED_SYSTEM_CHECKS = ["models.W037"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 BATCHFRAMEWORK = {

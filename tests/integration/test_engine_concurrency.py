@@ -18,11 +18,19 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework import worker as worker_module
-from batchframework.engine import CancelOutcome, RunOutcome, cancel, recover_expired, run
+from batchframework.engine import (
+    CancelOutcome,
+    RunOutcome,
+    cancel,
+    claim_due,
+    recover_expired,
+    run,
+)
 from batchframework.testing import run_due
 from batchframework.worker import Worker
 from tests.testapp.models import Effect, Execution, Post
@@ -437,6 +445,72 @@ def test_a_worker_backs_off_while_the_due_operations_are_locked(monkeypatch):
         stopper.cancel()
     assert sum(claims) == 0
     assert 2 <= len(claims) <= 12, f"{len(claims)} claims in 1.5 s while the row was locked"
+
+
+def test_a_claim_reads_and_locks_only_unprocessed_rows():
+    """While a claim's transaction is open, finished operations stay writable (pruning, the
+    admin), and the claim reads only unprocessed rows, however long the history. MySQL and
+    MariaDB have no partial indexes; there it takes migration 0004's index. Without it the
+    claim walked the whole history (a full scan, or the old index in claim order, which the
+    optimizer picks for a large table and which kept every row it passed locked)."""
+    if not connection.features.has_select_for_update_skip_locked:
+        pytest.skip("SQLite has no row locks")
+    now = timezone.now()
+    finished = {
+        "operationtype": "test-noop",
+        "status": BatchOperation.STATUS_FINISHED,
+        "result": BatchOperation.RESULT_SUCCESSFUL,
+        "run_after": now - timedelta(minutes=1),
+        "started_running_datetime": now,
+        "finished_datetime": now,
+    }
+    BatchOperation.objects.bulk_create([BatchOperation(**finished) for _ in range(300)])
+    history = list(BatchOperation.objects.order_by("pk").values_list("pk", flat=True))
+    pending = sorted(op.pk for op in enqueue_many("test-noop", [{}] * 3))
+    if connection.vendor == "mysql":
+        plan = _claim_plan()
+        assert (plan["key"], plan["type"]) == ("batchop_ready_idx", "ref"), plan
+        assert int(plan["rows"]) < 10, plan
+    claimed: list[int] = []
+    holding, let_go = threading.Event(), threading.Event()
+
+    def claim_and_hold() -> None:
+        with transaction.atomic():
+            claimed.extend(op.pk for op in claim_due(operationtypes=["test-noop"], limit=10))
+            holding.set()
+            let_go.wait(20)
+
+    threads = Threads()
+    threads.start(claim_and_hold)
+    try:
+        assert holding.wait(20)
+        with connection.cursor() as cursor:
+            if connection.vendor == "mysql":
+                cursor.execute("SET SESSION innodb_lock_wait_timeout = 2")
+            else:
+                cursor.execute("SET lock_timeout = '2s'")
+        # The oldest first: claim order walks past it before it reaches the pending ones.
+        for pk in (history[0], history[-1]):
+            assert BatchOperation.objects.filter(pk=pk).update(last_error="edited") == 1
+    finally:
+        let_go.set()
+        threads.join(30)
+        connection.close()  # the shortened lock wait goes with the session
+    assert sorted(claimed) == pending
+
+
+def _claim_plan() -> dict[str, str]:
+    """MySQL's plan for the claim's SELECT (a rolled-back claim, to capture it)."""
+    with transaction.atomic():
+        with CaptureQueriesContext(connection) as queries:
+            claim_due(operationtypes=["test-noop"], limit=10)
+        transaction.set_rollback(True)
+    [select] = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN {select}")
+        names = [column[0] for column in cursor.description]
+        [row] = cursor.fetchall()
+    return dict(zip(names, (str(value) for value in row), strict=True))
 
 
 @pytest.mark.timeout(10)
