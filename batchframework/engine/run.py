@@ -8,6 +8,7 @@ together with the finish so that they happen exactly once.
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 from datetime import datetime, timedelta
@@ -68,19 +69,16 @@ def _finish_failure(
     last_error = format_error(error)
     if operation.attempts < registered.resolved_max_attempts():
         backoff = registered.backoff_for(operation.attempts)
-        # Claimed alone because it was marked so: it stays marked, and its retry's message
-        # names it alone (see claim.must_be_claimed_alone).
-        unclaimed = unclaimed_mark(operation.claimed_by)
         if not _fenced(operation, alias).update(
             status=BatchOperation.STATUS_UNPROCESSED,
             run_after=time_after(backoff),
             last_error=last_error,
-            claimed_by=unclaimed,
+            # Claimed alone because it was marked so: it stays marked.
+            claimed_by=unclaimed_mark(operation.claimed_by),
             lease_expires_at=None,
         ):
             return _lost(operation)
         operation.status = BatchOperation.STATUS_UNPROCESSED
-        operation.claimed_by = unclaimed
         operation.last_error = last_error
         operation_retry_scheduled.send(
             sender=BatchOperation, operation=operation, error=error, attempt=operation.attempts
@@ -120,7 +118,12 @@ def _dispatch_retry(operation: BatchOperation, backoff: timedelta, alias: str) -
     # The row holds the database's own ``now + backoff``; this estimate only times the message
     # (a message that arrives early claims nothing, and the poller's drain runs the retry).
     operation.run_after = database_now(alias) + backoff
-    dispatch_on_commit([operation], alias)
+    # The dispatcher gets the row as it will be once committed: still marked to be claimed
+    # alone if it was (its message must name it alone). The instance keeps its claim token:
+    # the runner fences by it should the retry's transaction roll back (an atomic handler).
+    retry = copy.copy(operation)
+    retry.claimed_by = unclaimed_mark(operation.claimed_by)
+    dispatch_on_commit([retry], alias)
 
 
 def _lost(operation: BatchOperation) -> RunOutcome:

@@ -27,12 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class RecordingDispatcher(Dispatcher):
-    """Records every dispatch as ``(alias, [pk, ...])``; dispatches nothing else."""
+    """Records every dispatch as ``(alias, [pk, ...])``, and the operations it was given;
+    dispatches nothing else."""
 
     calls: ClassVar[list[tuple[str, list[Any]]]] = []
+    operations: ClassVar[list[Any]] = []
 
     def dispatch(self, operations: Sequence[Any], *, using: str) -> None:
         RecordingDispatcher.calls.append((using, [op.pk for op in operations]))
+        RecordingDispatcher.operations.extend(operations)
 
 
 RECORDING_DISPATCHER = f"{__name__}.RecordingDispatcher"

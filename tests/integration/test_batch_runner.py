@@ -28,7 +28,7 @@ from batchframework.engine import batch as batch_module
 from batchframework.engine import keeper as keeper_module
 from batchframework.engine.keeper import LeaseKeeper, lease_keeper
 from batchframework.registry import registry
-from batchframework.signals import operation_finished
+from batchframework.signals import operation_finished, operation_retry_scheduled
 from batchframework.testing import run_due
 from tests.testapp.models import Execution
 
@@ -806,3 +806,35 @@ def test_a_partly_recorded_flush_reports_each_recorded_success(registered, recei
     finally:
         operation_finished.disconnect(receiver)
     assert BatchOperation.objects.filter(pk__in=[op.pk for op in claims]).successful().count() == 3
+
+
+@pytest.mark.parametrize("marked_alone", [False, True])
+def test_a_retry_rolled_back_with_its_atomic_handler_leaves_the_lease_ended(
+    registered, marked_alone
+):
+    """An ``atomic=True`` handler's failure is recorded in its transaction: if a receiver of
+    ``operation_retry_scheduled`` raises, the retry rolls back and the row is still running
+    under the claim. The runner must still fence by that claim when it ends the lease, so
+    that the next recovery takes the operation back instead of waiting out the lease."""
+
+    @registered("runner-atomic-fails", atomic=True, max_attempts=2, retry_backoff=60)
+    def fails(operation):
+        raise LookupError("fails")
+
+    def receiver_fails(**kwargs):
+        raise RuntimeError("receiver failed")
+
+    op = enqueue("runner-atomic-fails")
+    if marked_alone:
+        BatchOperation.objects.filter(pk=op.pk).update(claimed_by="!isolated")
+    claimed = claim_due(limit=1)
+    operation_retry_scheduled.connect(receiver_fails, dispatch_uid="test-receiver-fails")
+    try:
+        with pytest.raises(RuntimeError, match="receiver failed"), BatchRunner() as runner:
+            runner.run_batch(claimed)
+    finally:
+        operation_retry_scheduled.disconnect(dispatch_uid="test-receiver-fails")
+    row = BatchOperation.objects.get(pk=op.pk)
+    assert (row.status, row.claimed_by) == (BatchOperation.STATUS_RUNNING, claimed[0].claimed_by)
+    assert row.lease_expires_at <= timezone.now()
+    assert recover_expired() == 1

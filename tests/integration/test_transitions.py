@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import override_settings
 from django.utils import timezone
@@ -29,6 +30,7 @@ from batchframework.engine import (
     RunOutcome,
     claim,
     claim_due,
+    must_be_claimed_alone,
     recover_expired,
     release,
     set_progress,
@@ -38,7 +40,7 @@ from batchframework.exceptions import HandlerRegistrationError
 from batchframework.registry import registry
 from tests.testapp.models import Post
 
-from .helpers import assert_close
+from .helpers import RECORDING_DISPATCHER, RecordingDispatcher, assert_close
 
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
 
@@ -211,17 +213,28 @@ def test_release_gives_back_the_mark_to_be_claimed_alone(path):
 
 
 @pytest.mark.parametrize("path", ["by id", "batch claim"])
-def test_a_retry_of_an_operation_claimed_alone_stays_alone(path):
+def test_a_retry_of_an_operation_claimed_alone_stays_alone(
+    path, django_capture_on_commit_callbacks
+):
     op = enqueue("test-fails-once", run_after=timezone.now() - timedelta(minutes=1))
     BatchOperation.objects.filter(pk=op.pk).update(claimed_by="!isolated")
     enqueue("test-noop")
     claimed = _claimed_alone(path, op)
     before = columns(op)
-    assert run_claimed(claimed) is RunOutcome.RETRY_SCHEDULED
+    RecordingDispatcher.operations.clear()
+    recording = {**settings.BATCHFRAMEWORK, "DISPATCHER": RECORDING_DISPATCHER}
+    with (
+        override_settings(BATCHFRAMEWORK=recording),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        assert run_claimed(claimed) is RunOutcome.RETRY_SCHEDULED
     after = columns(op)
     assert changed(before, after) == RETRY_WRITES
     assert after["claimed_by"] == "!isolated" and after["lease_expires_at"] is None
-    assert claimed.claimed_by == "!isolated"  # as stored: its retry's message names it alone
+    # Its retry's message must name it alone; the instance keeps its claim.
+    [retry] = RecordingDispatcher.operations
+    assert retry.pk == op.pk and must_be_claimed_alone(retry)
+    assert claimed.claimed_by.endswith("/alone")
 
 
 # --- Recovery --------------------------------------------------------------------------------
