@@ -61,6 +61,28 @@ def _combine(base: Expression, delta: timedelta) -> Expression:
     )
 
 
+def read_committed_next(alias: str) -> None:
+    """On MySQL/MariaDB, run the next transaction on ``alias`` at READ COMMITTED, unless the
+    connection is there already (Django's default) or inside a transaction (too late).
+
+    A claim's UPDATE moves its rows' entries in the claim's index (led by ``status`` there,
+    see migration 0004), and at REPEATABLE READ concurrent claims' ``SKIP LOCKED`` scans hold
+    gap locks on the very gaps those entries move into: the claims deadlock, dozens of times a
+    second with four claimers. READ COMMITTED takes no such gap locks. One statement, only
+    when the connection's ``isolation_level`` option asks for another level or leaves the
+    server's (whose default is REPEATABLE READ)."""
+    from django.db import connections
+
+    connection = connections[alias]
+    if connection.vendor != "mysql" or connection.in_atomic_block:
+        return
+    connection.ensure_connection()
+    if getattr(connection, "isolation_level", None) == "read committed":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+
 def supports_skip_locked(alias: str) -> bool:
     from django.db import connections
 

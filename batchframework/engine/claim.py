@@ -34,6 +34,7 @@ from ..signals import log_event
 from ._common import (
     ISOLATED,
     new_claim_token,
+    read_committed_next,
     supports_skip_locked,
     time_after,
     unclaimed_mark,
@@ -184,6 +185,7 @@ def claim_due(
             now=now,
         )
     manager = BatchOperation.objects.db_manager(alias)
+    read_committed_next(alias)
     with transaction.atomic(using=alias):
         candidates = manager.due(now).filter(operationtype__in=types)
         if ids is not None:

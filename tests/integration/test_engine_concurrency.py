@@ -24,6 +24,7 @@ from django.utils import timezone
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework import worker as worker_module
 from batchframework.engine import (
+    BatchRunner,
     CancelOutcome,
     RunOutcome,
     cancel,
@@ -497,6 +498,54 @@ def test_a_claim_reads_and_locks_only_unprocessed_rows():
         threads.join(30)
         connection.close()  # the shortened lock wait goes with the session
     assert sorted(claimed) == pending
+
+
+def test_claims_at_repeatable_read_do_not_deadlock_each_other():
+    """A claim moves its rows' entries in the claim's index, which MySQL leads with the status
+    (migration 0004). At REPEATABLE READ, concurrent claims' scans hold gap locks where those
+    entries move, and the claims deadlocked dozens of times a second; so a claim runs at READ
+    COMMITTED (Django's default on MySQL) whatever the connection is set to. Any deadlock
+    raises in its thread and fails the test."""
+    if connection.vendor != "mysql":
+        pytest.skip("REPEATABLE READ's gap locks: MySQL/MariaDB")
+    options = connection.settings_dict["OPTIONS"]
+    saved = dict(options)
+    options["isolation_level"] = "repeatable read"  # for the threads' new connections
+    ran: list[int] = []
+    levels: list[str] = []
+    stop_at = time.monotonic() + 3
+
+    def enqueuer() -> None:
+        while time.monotonic() < stop_at:
+            enqueue_many("test-noop", [{}] * 20)
+            time.sleep(0.01)
+
+    def claimer() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT @@tx_isolation")
+            levels.append(cursor.fetchone()[0])
+        while time.monotonic() < stop_at:
+            claimed = claim_due(operationtypes=["test-noop"], limit=10)
+            ran.append(run_claimed_batch(claimed))
+
+    threads = Threads()
+    try:
+        for target in (enqueuer, enqueuer, claimer, claimer, claimer, claimer):
+            threads.start(target)
+        threads.join(30)
+    finally:
+        options.clear()
+        options.update(saved)
+    assert levels == ["REPEATABLE-READ"] * 4
+    assert sum(ran) > 100
+
+
+def run_claimed_batch(claimed: list[BatchOperation]) -> int:
+    if not claimed:
+        time.sleep(0.01)
+        return 0
+    with BatchRunner() as runner:
+        return runner.run_batch(claimed)
 
 
 def _claim_plan() -> dict[str, str]:
