@@ -34,7 +34,8 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
         settings = get_settings()
     except ImproperlyConfigured:
         return []  # reported as batchframework.E002 by batchframework's own checks
-    broker = _first_broker_url(conf.broker_url)
+    # Workers consume, and so hold ETA messages, on broker_read_url (broker_url unless set).
+    broker = _first_broker_url(conf.broker_read_url)
     options = conf.broker_transport_options or {}
     # How long a worker may hold an ETA message before the broker acts: Redis and SQS deliver
     # it again, RabbitMQ closes the consumer's channel.

@@ -300,6 +300,11 @@ def test_check_warns_when_the_horizon_nears_rabbitmqs_consumer_timeout(celery_co
         # Failover lists: the first is the one connected to.
         celery_conf(broker_url="amqp://a//;amqp://b//")
         assert "batchframework_celery.W008" in _ids(check_celery())
+        # Workers hold ETA messages where they consume: broker_read_url, when it is set.
+        celery_conf(broker_url="redis://127.0.0.1:6379/0", broker_read_url="amqp://a//")
+        assert "batchframework_celery.W008" in _ids(check_celery())
+        celery_conf(broker_url="amqp://a//", broker_read_url="redis://127.0.0.1:6379/0")
+        assert "batchframework_celery.W008" not in _ids(check_celery())
     # A list in the settings (the environment's CELERY_BROKER_URL, which the fixture sets,
     # is a string); unset means Celery's default, RabbitMQ.
     assert _first_broker_url(["pyamqp://a//", "redis://b"]) == "pyamqp://a//"
