@@ -63,7 +63,7 @@ def _combine(base: Expression, delta: timedelta) -> Expression:
 
 def read_committed_next(alias: str) -> None:
     """On MySQL/MariaDB, run the next transaction on ``alias`` at READ COMMITTED, unless the
-    connection is there already (Django's default) or inside a transaction (too late).
+    connection is there already (Django's default) or may be in a transaction (too late).
 
     A claim's UPDATE moves its rows' entries in the claim's index (led by ``status`` there,
     see migration 0004), and at REPEATABLE READ concurrent claims' ``SKIP LOCKED`` scans hold
@@ -79,6 +79,8 @@ def read_committed_next(alias: str) -> None:
     connection.ensure_connection()
     if getattr(connection, "isolation_level", None) == "read committed":
         return
+    if not connection.get_autocommit():
+        return  # AUTOCOMMIT = False: a transaction may be open already, which MySQL refuses
     with connection.cursor() as cursor:
         cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
 

@@ -470,8 +470,9 @@ def test_a_claim_reads_and_locks_only_unprocessed_rows():
     pending = sorted(op.pk for op in enqueue_many("test-noop", [{}] * 3))
     if connection.vendor == "mysql":
         plan = _claim_plan()
-        assert (plan["key"], plan["type"]) == ("batchop_ready_idx", "ref"), plan
-        assert int(plan["rows"]) < 10, plan
+        # A lookup of the status in the status-led index (its row estimate counts rows that
+        # earlier tests deleted and InnoDB has not purged yet), not a scan of the table.
+        assert plan["key"] == "batchop_ready_idx" and plan["type"] in ("ref", "range"), plan
     claimed: list[int] = []
     holding, let_go = threading.Event(), threading.Event()
 
@@ -522,8 +523,12 @@ def test_claims_at_repeatable_read_do_not_deadlock_each_other():
 
     def claimer() -> None:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT @@tx_isolation")
-            levels.append(cursor.fetchone()[0])
+            # tx_isolation (MariaDB) or transaction_isolation (MySQL 8, MariaDB 11.1+).
+            cursor.execute(
+                "SHOW SESSION VARIABLES WHERE Variable_name IN "
+                "('tx_isolation', 'transaction_isolation')"
+            )
+            levels.append(cursor.fetchall()[0][1])
         while time.monotonic() < stop_at:
             claimed = claim_due(operationtypes=["test-noop"], limit=10)
             ran.append(run_claimed_batch(claimed))
@@ -549,7 +554,11 @@ def run_claimed_batch(claimed: list[BatchOperation]) -> int:
 
 
 def _claim_plan() -> dict[str, str]:
-    """MySQL's plan for the claim's SELECT (a rolled-back claim, to capture it)."""
+    """MySQL's plan for the claim's SELECT (a rolled-back claim, to capture it), on fresh
+    table statistics: an earlier test's thousands of rows would skew them."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE TABLE {BatchOperation._meta.db_table}")
+        cursor.fetchall()
     with transaction.atomic():
         with CaptureQueriesContext(connection) as queries:
             claim_due(operationtypes=["test-noop"], limit=10)
