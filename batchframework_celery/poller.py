@@ -148,29 +148,33 @@ def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:
     """
     settings = get_settings()
     manager = BatchOperation.objects.db_manager(alias)
-    with transaction.atomic(using=alias):
-        now = database_now(alias)
-        end = now + settings.POLL_INTERVAL * 3 / 2
-        mark, created = (
-            PollerWatermark.objects.using(alias)
-            .select_for_update()
-            .get_or_create(name=WATERMARK_NAME, defaults={"published_until": end})
-        )
-        start: datetime = now if created else max(now, mark.published_until)
-        if start >= end:
-            return []
-        if not created:
-            mark.published_until = end
-            mark.save(update_fields=["published_until"], using=alias)
-        return list(
-            manager.unprocessed()
-            .filter(operationtype__in=types, run_after__gt=start, run_after__lte=end)
-            .filter(
-                Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON)
-                | Q(
-                    attempts__gt=0,
-                    run_after__gt=F("started_running_datetime") + settings.DISPATCH_HORIZON,
+    marks = PollerWatermark.objects.using(alias)
+    for _ in range(2):  # the second time, the mark exists
+        with transaction.atomic(using=alias):
+            now = database_now(alias)
+            end = now + settings.POLL_INTERVAL * 3 / 2
+            mark = marks.select_for_update().filter(name=WATERMARK_NAME).first()
+            if mark is not None:
+                start: datetime = max(now, mark.published_until)
+                if start >= end:
+                    return []
+                mark.published_until = end
+                mark.save(update_fields=["published_until"], using=alias)
+                return list(
+                    manager.unprocessed()
+                    .filter(operationtype__in=types, run_after__gt=start, run_after__lte=end)
+                    .filter(
+                        Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON)
+                        | Q(
+                            attempts__gt=0,
+                            run_after__gt=F("started_running_datetime") + settings.DISPATCH_HORIZON,
+                        )
+                    )
+                    .only("pk", "run_after", "queue", "claimed_by")
                 )
-            )
-            .only("pk", "run_after", "queue", "claimed_by")
-        )
+        # The first tick on this database: the mark is created, due now, in a transaction of
+        # its own that commits at once, and then taken as above. Created under the lock
+        # instead, concurrent first ticks deadlocked on MySQL (each locked the gap where the
+        # row would go, or waited on another's uncommitted duplicate, then inserted).
+        marks.get_or_create(name=WATERMARK_NAME, defaults={"published_until": now})
+    return []

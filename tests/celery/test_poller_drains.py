@@ -4,15 +4,18 @@ message until a consumer comes, however expired it is)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
 import pytest
+from django.db import connections
 from django.test import override_settings
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework.clock import forget_clock_offsets
+from batchframework_celery.models import PollerWatermark
 from batchframework_celery.poller import poll_once
 from batchframework_celery.tasks import drain
 
@@ -98,3 +101,33 @@ def test_an_operation_without_a_message_runs_while_its_queue_never_empties(inpro
         time.sleep(0.02)
     assert lost.status == BatchOperation.STATUS_FINISHED, f"drains per tick: {drains}"
     assert sum(drains) <= len(drains), "one drain per tick at most, while messages wait"
+
+
+def test_pollers_ticking_at_once_for_the_first_time_all_succeed():
+    """Two beats (a deployment's overlap) tick together on a database no poller has ticked on:
+    the watermark both need is created by one of them, and no tick fails. Created under the
+    row lock, as it once was, three first ticks deadlocked on MariaDB in about one round in
+    four."""
+
+    def tick(start: threading.Barrier, errors: list[BaseException]) -> None:
+        try:
+            start.wait(10)
+            poll_once()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        for _ in range(12):
+            PollerWatermark.objects.all().delete()
+            start = threading.Barrier(3)
+            errors: list[BaseException] = []
+            threads = [threading.Thread(target=tick, args=(start, errors)) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert not any(thread.is_alive() for thread in threads)
+            assert errors == []
+            assert PollerWatermark.objects.count() == 1
