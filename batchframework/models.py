@@ -203,7 +203,7 @@ BatchOperationManager.__module__ = __name__
 
 
 #: The partial indexes that serve MySQL/MariaDB too, which build them without their condition:
-#: migration 0004 leads the claim's index with ``status`` there instead, and the other two
+#: there migration 0004 leads the claim's index with ``status`` instead, and the other two
 #: index columns that are NULL outside the status their condition names.
 WITHOUT_CONDITION_TOO = frozenset(
     {"batchop_ready_idx", "batchop_lease_idx", "batchop_finished_idx"}

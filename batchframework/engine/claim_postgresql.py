@@ -13,8 +13,8 @@ or inside the caller's transaction:
     candidate is taken alone, otherwise the batch stops before the first isolated one;
 the ``UPDATE``
     counts the attempt, sets the claim token (a batch token when it took several, an "alone"
-    token when it took an isolated one), the start
-    time and each operationtype's lease, on the database clock.
+    token when it took an isolated one), the start time and each operationtype's lease, on
+    the database clock.
 """
 
 from __future__ import annotations
