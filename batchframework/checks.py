@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -36,49 +35,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             checks.Error(
                 f"Invalid BATCHFRAMEWORK setting: {exc}",
                 hint=_hint_settings(),
-                id="batchframework.E002",
+                # E003/E004: a number out of range; E002: anything else unusable.
+                id=getattr(exc, "check_id", "batchframework.E002"),
             )
         )
         return messages
-    positive = {
-        "BATCH_SIZE": conf.BATCH_SIZE,
-        "DEFAULT_MAX_ATTEMPTS": conf.DEFAULT_MAX_ATTEMPTS,
-        "MAX_INPUT_BYTES": conf.MAX_INPUT_BYTES,
-    }
-    for name, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            messages.append(
-                checks.Error(
-                    f"BATCHFRAMEWORK[{name!r}] must be a positive integer, not {value!r}.",
-                    hint=_hint_settings(),
-                    id="batchframework.E003",
-                )
-            )
-    durations = {
-        "DEFAULT_LEASE": conf.DEFAULT_LEASE,
-        "POLL_INTERVAL": conf.POLL_INTERVAL,
-        "PUBLISH_TIMEOUT": conf.PUBLISH_TIMEOUT,
-        "DISPATCH_HORIZON": conf.DISPATCH_HORIZON,
-        "MAX_RETRY_BACKOFF": conf.MAX_RETRY_BACKOFF,
-    }
-    for name, duration in durations.items():
-        if duration <= timedelta(0):
-            messages.append(
-                checks.Error(
-                    f"BATCHFRAMEWORK[{name!r}] must be positive, not {duration!r}.",
-                    hint=_hint_settings(),
-                    id="batchframework.E004",
-                )
-            )
-    for name in ("DEFAULT_RETRY_BACKOFF", "FINISH_WINDOW"):
-        if timedelta(0) > getattr(conf, name):
-            messages.append(
-                checks.Error(
-                    f"BATCHFRAMEWORK[{name!r}] must not be negative.",
-                    hint=_hint_settings(),
-                    id="batchframework.E004",
-                )
-            )
     if conf.DISPATCHER:
         try:
             import_string(conf.DISPATCHER)

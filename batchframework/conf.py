@@ -20,20 +20,59 @@ from django.dispatch import receiver
 
 SETTING_NAME = "BATCHFRAMEWORK"
 
+#: The longest duration any setting or handler option may have: far beyond any sensible value,
+#: and short enough that a time that far from now is still one every database can store.
+MAX_DURATION = timedelta(days=36525)  # a hundred years
 
-def _invalid(name: str, wanted: str, value: Any) -> ImproperlyConfigured:
-    return ImproperlyConfigured(f"{SETTING_NAME}[{name!r}] must be {wanted}, got {value!r}.")
+
+class InvalidSettingError(ImproperlyConfigured):
+    """A ``BATCHFRAMEWORK`` value that can't be used; ``check_id`` is the system check that
+    reports it (``manage.py check``), though it stops every process at startup first."""
+
+    def __init__(self, message: str, check_id: str = "batchframework.E002") -> None:
+        super().__init__(message)
+        self.check_id = check_id
+
+
+def _invalid(
+    name: str, wanted: str, value: Any, check_id: str = "batchframework.E002"
+) -> InvalidSettingError:
+    return InvalidSettingError(
+        f"{SETTING_NAME}[{name!r}] must be {wanted}, got {value!r}.", check_id
+    )
 
 
 def _as_timedelta(name: str, value: Any) -> timedelta:
     if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        duration = value
+    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         try:
-            return timedelta(seconds=value)
+            duration = timedelta(seconds=value)
         except OverflowError:
-            pass
-    raise _invalid(name, "a number of seconds or a timedelta", value)
+            raise _invalid(name, "a number of seconds or a timedelta", value) from None
+    else:
+        raise _invalid(name, "a number of seconds or a timedelta", value)
+    if name in _MAY_BE_ZERO:
+        if duration < timedelta(0):
+            raise _invalid(name, "zero or more", value, "batchframework.E004")
+    elif duration <= timedelta(0):
+        raise _invalid(name, "positive", value, "batchframework.E004")
+    if duration > MAX_DURATION:
+        raise _invalid(name, "at most a hundred years", value, "batchframework.E004")
+    return duration
+
+
+def _as_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(name, "an integer", value)
+    if value < 1:
+        raise _invalid(name, "a positive integer", value, "batchframework.E003")
+    return value
+
+
+def is_queue_name(value: Any) -> bool:
+    """Whether ``value`` fits the ``queue`` column and every broker: 1-100 characters, no NUL."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_QUEUE_LENGTH and "\x00" not in value
 
 
 def _as_names(name: str, value: Any, what: str = "module names") -> tuple[str, ...]:
@@ -53,20 +92,17 @@ def _as_aliases(name: str, value: Any) -> tuple[str, ...]:
 
 def _as_routes(name: str, value: Any) -> dict[str, str]:
     if isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, str) and 0 < len(v) <= MAX_QUEUE_LENGTH
-        for k, v in value.items()
+        isinstance(k, str) and is_queue_name(v) for k, v in value.items()
     ):
         return dict(value)
-    raise _invalid(name, "a dict of operationtype to queue name (1-100 characters)", value)
+    raise _invalid(name, "a dict of operationtype to queue name (1-100 characters, no NUL)", value)
 
 
 def _check_value(name: str, value: Any) -> None:
     if name in _FLAGS and not isinstance(value, bool):
         raise _invalid(name, "True or False", value)
-    if name == "DEFAULT_QUEUE" and not (
-        isinstance(value, str) and 0 < len(value) <= MAX_QUEUE_LENGTH
-    ):
-        raise _invalid(name, "a queue name of 1-100 characters", value)
+    if name == "DEFAULT_QUEUE" and not is_queue_name(value):
+        raise _invalid(name, "a queue name of 1-100 characters (no NUL)", value)
     if name == "DISPATCHER" and not (value is None or (isinstance(value, str) and value)):
         raise _invalid(name, "a dotted path or None", value)
 
@@ -75,6 +111,10 @@ def _check_value(name: str, value: Any) -> None:
 _FLAGS = frozenset({"ALWAYS_SYNCHRONOUS", "CORRECT_CLOCK_SKEW", "PUBLISH_IN_BACKGROUND"})
 #: The ``queue`` column's length.
 MAX_QUEUE_LENGTH = 100
+#: Durations that may be zero (the others must be positive).
+_MAY_BE_ZERO = frozenset({"DEFAULT_RETRY_BACKOFF", "FINISH_WINDOW"})
+#: Settings that are positive integers.
+_POSITIVE_INTS = frozenset({"BATCH_SIZE", "DEFAULT_MAX_ATTEMPTS", "MAX_INPUT_BYTES"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +195,8 @@ class BatchframeworkSettings:
                 value = _as_aliases(name, value)
             elif name == "ROUTES":
                 value = _as_routes(name, value)
+            elif name in _POSITIVE_INTS:
+                value = _as_positive_int(name, value)
             else:
                 _check_value(name, value)
             kwargs[name] = value

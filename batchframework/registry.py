@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 import math
 import re
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from django.apps import apps
 from django.utils.module_loading import module_has_submodule
 
-from .conf import get_settings
+from .conf import MAX_DURATION, MAX_QUEUE_LENGTH, get_settings, is_queue_name
 from .exceptions import HandlerRegistrationError, UnknownOperationTypeError
 from .signals import log_event
 
@@ -209,15 +210,25 @@ def handler(
         raise HandlerRegistrationError(
             f"Invalid operationtype {operationtype!r}: use 1-255 letters, digits and . _ : -"
         )
-    if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+    if queue is not None and not is_queue_name(queue):
+        raise HandlerRegistrationError(
+            f"queue must be a string of 1-{MAX_QUEUE_LENGTH} characters (no NUL), not {queue!r}"
+        )
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+    ):
         raise HandlerRegistrationError(
             f"max_attempts must be a positive integer, not {max_attempts!r}"
         )
+    if not isinstance(atomic, bool):
+        # A truthy string such as "no" would make the handler atomic.
+        raise HandlerRegistrationError(f"atomic must be True or False, not {atomic!r}")
     if lease is not None:
         checked_lease = as_backoff(lease)
-        if checked_lease is None or checked_lease <= timedelta(0):
+        if checked_lease is None or not timedelta(0) < checked_lease <= MAX_DURATION:
             raise HandlerRegistrationError(
-                f"lease must be positive (a timedelta or a number of seconds), not {lease!r}"
+                "lease must be positive and at most a hundred years (a timedelta or a number "
+                f"of seconds), not {lease!r}"
             )
         lease = checked_lease
     if retry_backoff is not None and not callable(retry_backoff):
@@ -232,6 +243,14 @@ def handler(
     def decorator(fn: F) -> F:
         if not callable(fn):
             raise HandlerRegistrationError(f"@handler({operationtype!r}) must decorate a callable")
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            # Called as fn(operation), it would return a coroutine that never runs, and every
+            # attempt would fail on that return value.
+            raise HandlerRegistrationError(
+                f"@handler({operationtype!r}) must decorate a plain function, not an async "
+                "one: handlers are called synchronously (run async code inside them with "
+                "asgiref's async_to_sync)"
+            )
         registry.register(
             Handler(
                 operationtype=operationtype,

@@ -19,6 +19,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import IntegrityError, connection, transaction
@@ -30,6 +31,7 @@ from django.utils import timezone
 import batchframework
 from batchframework import BatchOperation, enqueue, enqueue_many, handler
 from batchframework.clock import forget_clock_offsets
+from batchframework.conf import get_settings
 from batchframework.dispatch import NULL_DISPATCHER
 from batchframework.engine import (
     CancelOutcome,
@@ -122,13 +124,44 @@ def test_registering_an_operationtype_twice_names_both_functions():
     assert "test-api-duplicate" not in registry
 
 
-def test_handler_options_are_validated():
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": True}, "max_attempts"),  # a bool is an int to Python
+        ({"lease": -1}, "lease"),
+        ({"lease": timedelta(days=3_000_000)}, "lease"),  # its expiry would be past year 9999
+        ({"queue": "q" * 101}, "queue"),  # longer than the column
+        ({"queue": ""}, "queue"),
+        ({"queue": 5}, "queue"),
+        ({"queue": "q\x00"}, "queue"),
+        ({"atomic": "no"}, "atomic"),  # truthy: the handler would run atomic
+    ],
+)
+def test_handler_options_are_validated(options, needle):
+    with pytest.raises(HandlerRegistrationError, match=needle):
+        handler("test-api-bad", **options)
+    assert "test-api-bad" not in registry
+
+
+def test_an_invalid_operationtype_is_refused():
     with pytest.raises(HandlerRegistrationError):
         handler("has spaces")
-    with pytest.raises(HandlerRegistrationError):
-        handler("test-api-bad", max_attempts=0)
-    with pytest.raises(HandlerRegistrationError):
-        handler("test-api-bad", lease=-1)
+
+
+def test_an_async_handler_is_refused():
+    """Called as fn(operation), it returned a coroutine that never ran, and every attempt
+    failed on that return value."""
+
+    async def coroutine_handler(operation):
+        return 1
+
+    async def generator_handler(operation):
+        yield 1
+
+    for fn in (coroutine_handler, generator_handler):
+        with pytest.raises(HandlerRegistrationError, match="async"):
+            handler("test-api-bad")(fn)
     assert "test-api-bad" not in registry
 
 
@@ -1409,6 +1442,9 @@ def test_default_settings_pass_the_checks():
         ({"POLL_INTERVAL": 0}, "batchframework.E004", "POLL_INTERVAL"),
         ({"DEFAULT_RETRY_BACKOFF": -1}, "batchframework.E004", "DEFAULT_RETRY_BACKOFF"),
         ({"FINISH_WINDOW": -0.1}, "batchframework.E004", "FINISH_WINDOW"),
+        # Longer than a hundred years: a lease or retry that long ended past year 9999.
+        ({"DEFAULT_LEASE": timedelta(days=3_000_000)}, "batchframework.E004", "DEFAULT_LEASE"),
+        ({"MAX_RETRY_BACKOFF": timedelta.max}, "batchframework.E004", "MAX_RETRY_BACKOFF"),
         ({"DISPATCHER": "no.such.Dispatcher"}, "batchframework.E005", "no.such.Dispatcher"),
         ({"POLL_INTERVAL": 600}, "batchframework.W001", "POLL_INTERVAL"),
         ({"ROUTES": {"no-such-type": "q"}}, "batchframework.W002", "no-such-type"),
@@ -1426,6 +1462,11 @@ def test_checks_report_bad_settings_with_hints(settings, setting, check_id, need
         with override_settings(BATCHFRAMEWORK=bad), pytest.raises(SystemCheckError) as excinfo:
             call_command("check")
         assert check_id in str(excinfo.value) and "HINT" in str(excinfo.value)
+        if check_id in ("batchframework.E003", "batchframework.E004"):
+            # A number out of range stops every process, not only those that run the checks
+            # (a Celery worker doesn't): with BATCH_SIZE 0, workers claimed nothing, silently.
+            with override_settings(BATCHFRAMEWORK=bad), pytest.raises(ImproperlyConfigured):
+                get_settings()
     else:
         assert matching[0].level == checks.WARNING
 
@@ -1453,6 +1494,12 @@ def test_check_requires_use_tz():
         ({"PUBLISH_IN_BACKGROUND": 1}, "PUBLISH_IN_BACKGROUND"),
         ({"DEFAULT_QUEUE": None}, "DEFAULT_QUEUE"),
         ({"DEFAULT_QUEUE": "q" * 101}, "DEFAULT_QUEUE"),
+        ({"DEFAULT_QUEUE": "q\x00"}, "DEFAULT_QUEUE"),
+        ({"ROUTES": {"test-noop": "q\x00"}}, "ROUTES"),
+        # Not integers: they failed later, at a claim (TypeError) or an enqueue.
+        ({"BATCH_SIZE": "5"}, "BATCH_SIZE"),
+        ({"MAX_INPUT_BYTES": "100"}, "MAX_INPUT_BYTES"),
+        ({"DEFAULT_MAX_ATTEMPTS": True}, "DEFAULT_MAX_ATTEMPTS"),
         ({"DISPATCHER": ""}, "DISPATCHER"),
         ([], "must be a dict"),  # falsy, but not "no settings"
         ([("BATCH_SIZE", 10)], "must be a dict"),
