@@ -50,6 +50,25 @@ class DatabaseNow(Func):
         )
 
 
+#: The times an operation may be due at, or record: what every supported database stores
+#: (MySQL's DATETIME begins with the year 1000) and reads back into a Python ``datetime`` shown
+#: in any time zone (the last year before Python's limit is kept free for that).
+EARLIEST_TIME = datetime(1000, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def storable(value: datetime) -> bool:
+    """Whether the aware ``value`` lies from :data:`EARLIEST_TIME` to :data:`LATEST_TIME`."""
+    try:
+        return EARLIEST_TIME <= value.astimezone(UTC) <= LATEST_TIME
+    except OverflowError:  # in UTC, before the year 1 or after 9999
+        return False
+
+
+#: How :func:`storable`'s range reads in messages.
+STORABLE_RANGE = "from the year 1000 to 9999 (UTC)"
+
+
 def now_expression(now: datetime | None = None) -> Expression:
     """``now`` as a query value, or the database clock when ``now`` is ``None``."""
     if now is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -18,18 +19,19 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
-from django.core.exceptions import ValidationError
-from django.db import models
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.db import DatabaseError, models
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .clock import now_expression
+from .clock import STORABLE_RANGE, now_expression, storable
 from .conf import get_settings
 from .errors import describe_exception
 from .exceptions import InvalidOperationError, OperationFieldsError
 from .jsondata import encode_json
 from .registry import registry
+from .signals import log_event
 
 if TYPE_CHECKING:
     from .engine import CancelOutcome
@@ -56,10 +58,21 @@ def check_context_object(context_object: Any) -> None:
         )
     if context_object.pk is None:
         raise InvalidOperationError("context_object must be saved (it has no primary key yet).")
+    if len(str(context_object.pk)) > CONTEXT_ID_LENGTH:
+        # A database would refuse it, or (PostgreSQL's cast in enqueue_many) cut it short
+        # and point the operation at another object.
+        raise InvalidOperationError(
+            f"context_object's primary key is longer than {CONTEXT_ID_LENGTH} characters as "
+            "text, which context_object_id can't hold."
+        )
 
 
-#: Fields whose value is checked by the database instead: validating a foreign key costs a
-#: query, and the INSERT fails on a missing row anyway.
+#: The length of ``context_object_id``: a context object's primary key as text.
+CONTEXT_ID_LENGTH = 255
+
+
+#: Foreign keys, which ``clean_fields`` would check with a query each:
+#: :func:`_check_cleaned` checks them without one when they were given as instances.
 _NOT_CLEANED = ("started_by", "context_content_type")
 #: Datetimes a caller may pass to the create methods (a naive one is ambiguous).
 _DATETIME_FIELDS = (
@@ -69,6 +82,56 @@ _DATETIME_FIELDS = (
     "run_after",
     "lease_expires_at",
 )
+
+
+def _take_json_text(kwargs: dict[str, Any], name: str, value: Any) -> Any:
+    """The value of the JSON field ``name``, given as itself or as the original's JSON text
+    (``<name>_json``), which is decoded here so that it is validated like the value."""
+    text = kwargs.pop(f"{name}_json", None)
+    if not text:
+        return value
+    if value is not None:
+        raise InvalidOperationError(f"Pass either {name} or {name}_json, not both.")
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise OperationFieldsError(
+            ValidationError({f"{name}_json": [f"Must be JSON text: {exc}."]})
+        ) from None
+
+
+def _check_cleaned(operation: BatchOperation, alias: str | None) -> None:
+    """What ``clean_fields`` leaves to the database, which would refuse it with an error of its
+    own or, in a caller's transaction, break that transaction: times it can't store, NUL in
+    text, related objects that are unsaved or missing."""
+    errors: dict[str, list[str]] = {}
+    for name in _DATETIME_FIELDS:
+        value = getattr(operation, name)
+        if value is None:
+            continue
+        if timezone.is_naive(value):
+            errors[name] = ["A naive datetime is ambiguous; pass a timezone-aware one."]
+        elif not storable(value):
+            errors[name] = [f"Must be {STORABLE_RANGE}."]
+    for field in operation._meta.concrete_fields:
+        value = getattr(operation, field.attname)
+        if isinstance(value, str) and "\x00" in value:
+            errors[field.name] = ["Text can't contain NUL characters."]
+    for name in _NOT_CLEANED:
+        key = operation._meta.get_field(name)
+        assert isinstance(key, models.ForeignKey)
+        if key.is_cached(operation):
+            related = key.get_cached_value(operation)
+            if related is not None and related.pk is None:
+                errors[name] = ["Must be saved (it has no primary key yet)."]
+        elif getattr(operation, key.attname) is not None:
+            # Given as an id: one query, only then.
+            target: type[models.Model] = key.related_model
+            rows = target._default_manager.db_manager(alias)
+            if not rows.filter(pk=getattr(operation, key.attname)).exists():
+                errors[name] = [f"No {target._meta.verbose_name} has this id."]
+    if errors:
+        raise ValidationError(errors)
 
 
 class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
@@ -117,27 +180,30 @@ class _CreationMethods(models.Manager["BatchOperation"]):
 
     def _create_validated(self, input_data: Any, **kwargs: Any) -> BatchOperation:
         take_context_arguments(kwargs)
+        input_data = _take_json_text(kwargs, "input_data", input_data)
+        kwargs["output_data"] = _take_json_text(kwargs, "output_data", kwargs.get("output_data"))
         # Like enqueue's: workers that take only their queues must find it where they look.
         kwargs.setdefault("queue", registry.queue_for(kwargs.get("operationtype", "")))
         if input_data is not None:
             encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
-        operation = self.model(**kwargs)
-        operation.input_data = input_data
+        if kwargs["output_data"] is not None:
+            encode_json(kwargs["output_data"], what="output_data")
         try:
-            errors: dict[str, list[str]] = {}
-            for name in _DATETIME_FIELDS:
-                value = kwargs.get(name)
-                if isinstance(value, datetime) and timezone.is_naive(value):
-                    errors[name] = ["A naive datetime is ambiguous; pass a timezone-aware one."]
+            try:
+                operation = self.model(**kwargs)
+            except (TypeError, ValueError) as exc:  # an unknown field, a wrong related object
+                raise ValidationError({NON_FIELD_ERRORS: [str(exc)]}) from None
+            operation.input_data = input_data
             priority = kwargs.get("priority", 0)
             if isinstance(priority, bool) or not isinstance(priority, int):
-                errors["priority"] = [f"Must be an integer, not {priority!r}."]
-            elif not -32768 <= priority <= 32767:
+                raise ValidationError({"priority": [f"Must be an integer, not {priority!r}."]})
+            if not -32768 <= priority <= 32767:
                 # A small integer column everywhere; SQLite would store any number.
-                errors["priority"] = [f"Must be from -32768 to 32767, not {priority}."]
-            if errors:
-                raise ValidationError(errors)
+                raise ValidationError(
+                    {"priority": [f"Must be from -32768 to 32767, not {priority}."]}
+                )
             operation.clean_fields(exclude=_NOT_CLEANED)
+            _check_cleaned(operation, self._db)
             operation.clean()
         except ValidationError as exc:
             raise OperationFieldsError(exc) from None
@@ -186,10 +252,25 @@ class _CreationMethods(models.Manager["BatchOperation"]):
             yield operation
         except BaseException as exc:
             if operation.status != BatchOperation.STATUS_FINISHED:
-                operation.finish(failed=True, output_data={"error": describe_exception(exc)})
+                _record_failure(operation, exc)
             raise
         if operation.status != BatchOperation.STATUS_FINISHED:
             operation.finish()
+
+
+def _record_failure(operation: BatchOperation, exc: BaseException) -> None:
+    """Finish ``operation`` as failed by ``exc``, if the database still lets us: the block's
+    error may have broken the transaction (an ``IntegrityError`` in ``atomic()``), and then the
+    caller must see that error, not ours. Its rollback takes the operation's row with it."""
+    try:
+        operation.finish(failed=True, output_data={"error": describe_exception(exc)})
+    except DatabaseError as finish_error:
+        log_event(
+            logging.WARNING,
+            "synchronous_failure_not_recorded",
+            operation_id=operation.pk,
+            reason=repr(finish_error),
+        )
 
 
 #: ``BatchOperation.objects``: the original's creation API, a context manager for synchronous
@@ -259,7 +340,7 @@ class BatchOperation(models.Model):
     #: Text, so objects with integer, UUID and string primary keys all fit. NULL (not "") when
     #: there is no context object, as the generic foreign key expects.
     context_object_id = models.CharField(  # noqa: DJ001
-        _("context object id"), max_length=255, null=True, blank=True
+        _("context object id"), max_length=CONTEXT_ID_LENGTH, null=True, blank=True
     )
     #: The object this operation concerns (a generic foreign key).
     context_object = GenericForeignKey("context_content_type", "context_object_id")
@@ -448,8 +529,9 @@ class BatchOperation(models.Model):
     def finish(self, failed: bool = False, output_data: Any = None) -> None:
         """Mark the operation as finished, successful unless ``failed``, and save it."""
         if output_data is not None:
-            encode_json(output_data, what="output_data")
             self.output_data = output_data
+        if self.output_data is not None:  # passed, or assigned before the call
+            encode_json(self.output_data, what="output_data")
         self.status = self.STATUS_FINISHED
         self.result = self.RESULT_FAILED if failed else self.RESULT_SUCCESSFUL
         self.finished_datetime = timezone.now()

@@ -17,8 +17,8 @@ from django.db import IntegrityError, OperationalError, connections, models, tra
 from django.db.models import F
 from django.utils import timezone
 
-from ..clock import database_now
-from ..conf import get_settings
+from ..clock import STORABLE_RANGE, database_now, storable
+from ..conf import get_settings, is_queue_name
 from ..exceptions import InvalidOperationError, OperationStateError
 from ..jsondata import encode_json
 from ..models import BatchOperation, check_context_object
@@ -49,6 +49,8 @@ def resolve_run_after(
                 "run_after must be timezone-aware (e.g. django.utils.timezone.now() + delta); "
                 "a naive datetime is ambiguous."
             )
+        if not storable(run_after):
+            raise InvalidOperationError(f"run_after must be {STORABLE_RANGE}, not {run_after}.")
         return run_after
     if delay is None:
         # Due now: by this process's clock and by the database's, whichever is earlier, and
@@ -59,9 +61,14 @@ def resolve_run_after(
     delay = _as_delay(delay)
     now = database_now(using)
     try:
-        return now + delay
-    except OverflowError as exc:
-        raise InvalidOperationError(f"delay {delay!r} is too large.") from exc
+        due = now + delay
+    except OverflowError:
+        due = None
+    if due is None or not storable(due):
+        raise InvalidOperationError(
+            f"delay {delay!r} is too large: the due time must be {STORABLE_RANGE}."
+        )
+    return due
 
 
 def _as_delay(delay: Any) -> timedelta:
@@ -142,9 +149,7 @@ def _build(
     registered = registry[operationtype]  # raises UnknownOperationTypeError, listing known types
     if input_data is not None:
         encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
-    if queue is not None and (
-        not isinstance(queue, str) or not queue or len(queue) > 100 or "\x00" in queue
-    ):
+    if queue is not None and not is_queue_name(queue):
         raise InvalidOperationError(
             "queue must be a non-empty string of at most 100 characters (and no NUL), "
             f"not {queue!r}."

@@ -5,6 +5,7 @@ check constraints, JSON data, and refusal of bad input before anything is writte
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
 from unittest import mock
@@ -12,6 +13,7 @@ from unittest import mock
 import pytest
 from django.apps import AppConfig, apps
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, models, transaction
@@ -572,6 +574,33 @@ def test_input_data_json_can_be_set_as_json_text():
     assert BatchOperation.objects.get(pk=operation.pk).input_data is None
 
 
+@pytest.mark.parametrize("method", ["create_asynchronous", "create_asyncronous"])
+def test_the_create_methods_take_json_text_as_the_original_did(method):
+    """``input_data_json`` as a creation argument was stored as ``None``: the JSON value given
+    with it was overwritten."""
+    create = getattr(BatchOperation.objects, method)
+    operation = create(operationtype="x", input_data_json='{"a": 1}', output_data_json="[2]")
+    loaded = BatchOperation.objects.get(pk=operation.pk)
+    assert (loaded.input_data, loaded.output_data) == ({"a": 1}, [2])
+    assert (operation.input_data, operation.output_data) == ({"a": 1}, [2])
+
+
+def test_json_text_to_the_create_methods_is_validated_like_the_value():
+    create = BatchOperation.objects.create_asynchronous
+    with pytest.raises(InvalidOperationError, match="input_data_json"):
+        create(operationtype="x", input_data_json="{not json")
+    with pytest.raises(InvalidOperationError, match="either input_data or input_data_json"):
+        create(operationtype="x", input_data={"a": 1}, input_data_json='{"a": 1}')
+    with (
+        override_settings(BATCHFRAMEWORK={"MAX_INPUT_BYTES": 10}),
+        pytest.raises(InputDataError, match="MAX_INPUT_BYTES"),
+    ):
+        create(operationtype="x", input_data_json=json.dumps("x" * 20))
+    with pytest.raises(InputDataError, match="output_data"):
+        create(operationtype="x", output_data_json="[NaN]")
+    assert BatchOperation.objects.count() == 0
+
+
 def test_output_data_json_is_readable_and_settable():
     operation = BatchOperation.objects.create_synchronous()
     assert operation.output_data_json == ""
@@ -626,6 +655,19 @@ def test_synchronous_block_that_raises_finishes_failed_and_reraises():
     assert "DealingError: out of cards" in error["traceback"]
     assert "Traceback" in error["traceback"]
     assert loaded.error == error
+
+
+def test_synchronous_block_whose_error_broke_the_transaction_raises_that_error():
+    """Recording the failure needs a working transaction; without one the caller got a
+    TransactionManagementError in place of the IntegrityError that caused it."""
+    game = Game.objects.create()
+    with (
+        pytest.raises(IntegrityError),
+        transaction.atomic(),
+        BatchOperation.objects.synchronous(operationtype="deal"),
+    ):
+        Game.objects.create(pk=game.pk)  # a duplicate primary key
+    assert BatchOperation.objects.count() == 0  # rolled back with the block's writes
 
 
 def test_synchronous_block_that_finishes_itself_is_left_as_it_finished():
@@ -689,6 +731,70 @@ def test_invalid_fields_to_the_create_methods_raise_before_writing(method, kwarg
     assert isinstance(excinfo.value, ValidationError)  # and Django's, for forms and admin code
     assert next(iter(kwargs)) in str(excinfo.value) or "result" in str(excinfo.value)
     assert BatchOperation.objects.count() == 0
+
+
+def _unsaved_user():
+    return get_user_model()(username="nobody")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        pytest.param(lambda: {"last_error": "a\x00b"}, "last_error", id="nul-in-text"),
+        pytest.param(lambda: {"progress_message": "\x00"}, "progress_message", id="nul-message"),
+        pytest.param(lambda: {"run_after": "2020-01-01 00:00"}, "run_after", id="naive-string"),
+        pytest.param(
+            lambda: {"run_after": datetime(9999, 6, 1, tzinfo=UTC)}, "run_after", id="year-9999"
+        ),
+        pytest.param(lambda: {"started_by": AnonymousUser()}, "started_by", id="anonymous-user"),
+        pytest.param(lambda: {"started_by": _unsaved_user()}, "started_by", id="unsaved-user"),
+        pytest.param(lambda: {"started_by_id": 999_999}, "started_by", id="missing-user-id"),
+        pytest.param(
+            lambda: {"context_content_type_id": 999_999},
+            "context_content_type",
+            id="missing-content-type-id",
+        ),
+        pytest.param(lambda: {"no_such_field": 1}, "no_such_field", id="unknown-field"),
+    ],
+)
+@pytest.mark.parametrize("method", ["create_asynchronous", "create_synchronous"])
+def test_what_the_database_would_refuse_is_refused_before_writing(method, kwargs, field):
+    """These reached the database (a raw DataError, IntegrityError, or a ValueError, breaking
+    a caller's transaction) or were stored as a naive time; now they are field errors."""
+    with transaction.atomic():
+        with pytest.raises(InvalidOperationError) as excinfo:
+            getattr(BatchOperation.objects, method)(operationtype="x", **kwargs())
+        assert isinstance(excinfo.value, ValidationError)
+        assert field in str(excinfo.value)
+        assert BatchOperation.objects.count() == 0  # and the transaction is still usable
+
+
+@pytest.mark.parametrize("method", ["create_asynchronous", "create_synchronous"])
+def test_output_data_to_the_create_methods_is_validated_like_input_data(method):
+    with pytest.raises(InputDataError, match="output_data"):
+        getattr(BatchOperation.objects, method)(operationtype="x", output_data={"a": math.nan})
+    assert BatchOperation.objects.count() == 0
+
+
+def test_finish_validates_output_data_assigned_before_it():
+    operation = BatchOperation.objects.create_synchronous(operationtype="x")
+    operation.output_data = {"a": math.nan}
+    with pytest.raises(InputDataError, match="output_data"):
+        operation.finish()
+    assert BatchOperation.objects.get(pk=operation.pk).status == BatchOperation.STATUS_RUNNING
+
+
+def test_a_given_user_and_content_type_id_cost_a_query_only_when_given_as_ids(
+    django_user_model, django_assert_num_queries
+):
+    user = django_user_model.objects.create(username="starter")
+    with django_assert_num_queries(1):
+        BatchOperation.objects.create_synchronous(operationtype="x", started_by=user)
+    with django_assert_num_queries(2):
+        operation = BatchOperation.objects.create_synchronous(
+            operationtype="x", started_by_id=user.pk
+        )
+    assert BatchOperation.objects.get(pk=operation.pk).started_by == user
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -33,7 +33,7 @@ from batchframework.exceptions import (
 )
 from batchframework.registry import registry
 from batchframework.testing import run_due
-from tests.testapp.models import Game
+from tests.testapp.models import Game, StringThing
 
 pytestmark = [pytest.mark.reliability, pytest.mark.django_db, pytest.mark.timeout(120)]
 
@@ -107,9 +107,21 @@ bad_delay = st.one_of(
     st.integers(max_value=-1),
     st.timedeltas(max_value=timedelta(microseconds=-1)),
     st.sampled_from([math.nan, math.inf, -math.inf, True, False, "10", [1], timedelta.max, 1e300]),
+    # Due in the year 9999 or later: a time no database stores and reads back everywhere.
+    st.sampled_from([timedelta(days=2_912_000), timedelta(days=2_930_000)]),
+)
+# Aware, but outside the years 1000-9999 in UTC (datetime.max five hours behind UTC is in the
+# year 10000 there).
+out_of_range = st.sampled_from(
+    [
+        datetime.min.replace(tzinfo=timezone(timedelta(hours=1))),
+        datetime.max.replace(tzinfo=timezone(timedelta(hours=-5))),
+        datetime(999, 12, 31, tzinfo=UTC),
+        datetime(9999, 6, 1, tzinfo=UTC),
+    ]
 )
 bad_run_after = st.one_of(
-    naive, st.sampled_from([date(2030, 1, 1), "2030-01-01T00:00:00Z", 0, 1.5])
+    naive, out_of_range, st.sampled_from([date(2030, 1, 1), "2030-01-01T00:00:00Z", 0, 1.5])
 )
 bad_priority = st.one_of(
     st.integers(max_value=-32769),
@@ -136,6 +148,8 @@ invalid_call = st.one_of(
     bad_queue.map(lambda v: {"queue": v}),
     st.sampled_from(["game", 1, Game, object()]).map(lambda v: {"context_object": v}),
     st.just("unsaved-game").map(lambda _: {"context_object": Game()}),
+    # A primary key longer than context_object_id's 255 characters.
+    st.just("long-pk").map(lambda _: {"context_object": StringThing(slug="k" * 256)}),
     st.sampled_from(["admin", 1]).map(lambda v: {"started_by": v}),
     st.just("unsaved-user").map(lambda _: {"started_by": get_user_model()(username="nobody")}),
     st.just("not-a-user").map(lambda _: {"started_by": Game.objects.create()}),
@@ -287,6 +301,64 @@ def test_out_of_range_delay_in_seconds_is_an_invalid_operation(pending, delay):
     with pytest.raises(InvalidOperationError):
         enqueue("test-echo", delay=delay)
     _assert_untouched(pending, before)
+
+
+OUT_OF_RANGE = [
+    datetime.min.replace(tzinfo=timezone(timedelta(hours=1))),  # the year 0 in UTC
+    datetime.max.replace(tzinfo=timezone(timedelta(hours=-5))),  # the year 10000 in UTC
+    datetime(999, 12, 31, tzinfo=UTC),
+    datetime(9999, 6, 1, tzinfo=UTC),
+]
+
+
+@pytest.mark.parametrize("when", OUT_OF_RANGE, ids=str)
+def test_a_time_no_database_can_store_is_refused_by_every_entry_point(pending, when):
+    """Such a time was stored by PostgreSQL and then broke every claim and every listing of
+    the table (reading it back overflows Python's datetime); the others raised OverflowError."""
+    before = BatchOperation.objects.count()
+    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+        enqueue("test-echo", run_after=when)
+    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+        enqueue("test-echo", run_after=when, replace=True, context_object=Game.objects.create())
+    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+        enqueue_many("test-echo", [{}, {"run_after": when}])
+    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+        pending.postpone(run_after=when)
+    for create in (
+        BatchOperation.objects.create_asynchronous,
+        BatchOperation.objects.create_synchronous,
+    ):
+        with pytest.raises(InvalidOperationError, match="run_after"):
+            create(operationtype="test-echo", run_after=when)
+    with pytest.raises(InvalidOperationError, match="too large"):
+        enqueue("test-echo", delay=timedelta(days=2_912_000))  # due in the year 9999
+    _assert_untouched(pending, before)
+
+
+def test_times_at_the_ends_of_the_range_are_stored_and_read_back(pending):
+    early = datetime(1000, 1, 1, tzinfo=UTC)
+    late = datetime(9999, 1, 1, tzinfo=UTC)
+    stored = [enqueue("test-echo", run_after=when) for when in (early, late)]
+    assert [BatchOperation.objects.get(pk=op.pk).run_after for op in stored] == [early, late]
+    assert len(list(BatchOperation.objects.all())) == 3  # the table still lists
+    assert [op.pk for op in run_due(operationtype="test-echo")] == [stored[0].pk]
+
+
+def test_a_context_object_whose_key_is_too_long_is_refused(pending):
+    """``enqueue_many`` on PostgreSQL cut such a key to 255 characters: the operation pointed
+    at another object. ``enqueue`` failed with the database's error."""
+    before = BatchOperation.objects.count()
+    too_long = StringThing(slug="k" * 256)
+    with pytest.raises(InvalidOperationError, match="255"):
+        enqueue("test-echo", context_object=too_long)
+    with pytest.raises(InvalidOperationError, match="255"):
+        enqueue_many("test-echo", [{"context_object": too_long}])
+    with pytest.raises(InvalidOperationError, match="255"):
+        BatchOperation.objects.create_asynchronous(operationtype="x", context_object=too_long)
+    _assert_untouched(pending, before)
+    longest = StringThing(slug="k" * 255)
+    (created,) = enqueue_many("test-echo", [{"context_object": longest}])
+    assert BatchOperation.objects.for_context_object(longest).get().pk == created.pk
 
 
 def test_zz_report(reliability_report):
