@@ -7,7 +7,7 @@ import socket
 import uuid
 from datetime import timedelta
 
-from django.db import router
+from django.db import OperationalError, router
 from django.db.models import DateTimeField, DurationField, Expression, Value
 
 from ..clock import now_expression
@@ -89,3 +89,9 @@ def supports_skip_locked(alias: str) -> bool:
     from django.db import connections
 
     return bool(connections[alias].features.has_select_for_update_skip_locked)
+
+
+def is_deadlock(exc: OperationalError) -> bool:
+    """Whether the database ended the transaction as a deadlock's victim (MySQL/MariaDB error
+    1213, PostgreSQL SQLSTATE 40P01)."""
+    return (exc.args[:1] == (1213,)) or getattr(exc.__cause__, "sqlstate", None) == "40P01"

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import OperationalError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -33,6 +33,7 @@ from ..registry import registry
 from ..signals import log_event
 from ._common import (
     ISOLATED,
+    is_deadlock,
     new_claim_token,
     read_committed_next,
     supports_skip_locked,
@@ -79,38 +80,77 @@ def claim(
     """Claim one operation by id, if it is unprocessed, due and has a handler.
 
     Returns the claimed operation, or ``None`` (and logs why) when it was deleted, cancelled,
-    already claimed, finished, not yet due or has no registered handler. Two statements: a
-    read, then the compare-and-set UPDATE.
+    already claimed, finished, locked by another claim, a cancel or a replace, not yet due, or
+    has no registered handler. Two statements, a locking read (``SKIP LOCKED``) and the
+    compare-and-set UPDATE, in a transaction of their own: the handler gets the values the
+    claim took, not ones an ``enqueue(replace=True)`` replaced between the two, and a mark to
+    be claimed alone is not lost in that window.
     """
     alias = write_alias(using)
+    # Our own transaction, not a caller's: one a deadlock rolled back can be run again. (On
+    # MySQL/MariaDB a writer that locked the row's index entry first, then waits for the row,
+    # deadlocks with the claim's UPDATE of that entry.)
+    outermost = not connections[alias].in_atomic_block
+    attempt = 1
+    while True:
+        try:
+            return _claim_locked(operation_id, alias=alias, worker=worker, now=now)
+        except OperationalError as exc:
+            if not (outermost and is_deadlock(exc)) or attempt >= _CLAIM_ATTEMPTS:
+                raise
+        log_event(logging.INFO, "claim_retried", id=operation_id, reason="deadlock")
+        attempt += 1
+
+
+#: How often :func:`claim` runs again when its transaction was a deadlock's victim.
+_CLAIM_ATTEMPTS = 3
+
+
+def _claim_locked(
+    operation_id: Any, *, alias: str, worker: str | None, now: datetime | None
+) -> BatchOperation | None:
     manager = BatchOperation.objects.db_manager(alias)
-    operation = manager.filter(pk=operation_id).first()
-    if operation is None:
-        log_event(logging.INFO, "claim_skipped", id=operation_id, reason="not_found")
-        return None
-    registered = registry.get(operation.operationtype)
-    if registered is None:
-        log_event(
-            logging.WARNING,
-            "claim_skipped",
-            id=operation_id,
-            reason="no_handler",
-            operationtype=operation.operationtype,
-        )
-        return None
-    if operation.status != BatchOperation.STATUS_UNPROCESSED:
-        log_event(
-            logging.INFO, "claim_skipped", id=operation_id, reason=f"already_{operation.status}"
-        )
-        return None
-    token = new_claim_token(worker, alone=operation.claimed_by == ISOLATED)
-    lease = registered.resolved_lease()
-    won = manager.filter(
-        pk=operation.pk,
-        status=BatchOperation.STATUS_UNPROCESSED,
-        attempts=operation.attempts,
-        run_after__lte=now_expression(now),
-    ).update(**_claim_update(lease, token, now))
+    rows = manager.filter(pk=operation_id)
+    if supports_skip_locked(alias):
+        # Locked: being claimed, cancelled or replaced, or run by an atomic handler; never
+        # wait for that, whoever holds it sees to the operation.
+        rows = rows.select_for_update(skip_locked=True)
+    read_committed_next(alias)
+    with transaction.atomic(using=alias):
+        operation = rows.first()
+        if operation is None:
+            exists = manager.filter(pk=operation_id).exists()
+            reason = "locked" if exists else "not_found"
+            log_event(logging.INFO, "claim_skipped", id=operation_id, reason=reason)
+            return None
+        registered = registry.get(operation.operationtype)
+        if registered is None:
+            log_event(
+                logging.WARNING,
+                "claim_skipped",
+                id=operation_id,
+                reason="no_handler",
+                operationtype=operation.operationtype,
+            )
+            return None
+        if operation.status != BatchOperation.STATUS_UNPROCESSED:
+            log_event(
+                logging.INFO,
+                "claim_skipped",
+                id=operation_id,
+                reason=f"already_{operation.status}",
+            )
+            return None
+        token = new_claim_token(worker, alone=operation.claimed_by == ISOLATED)
+        lease = registered.resolved_lease()
+        won = manager.filter(
+            pk=operation.pk,
+            status=BatchOperation.STATUS_UNPROCESSED,
+            attempts=operation.attempts,
+            # Where the read locks nothing (SQLite), the mark must still be the one read.
+            claimed_by=operation.claimed_by,
+            run_after__lte=now_expression(now),
+        ).update(**_claim_update(lease, token, now))
     if not won:
         log_event(logging.INFO, "claim_skipped", id=operation_id, reason="lost_race_or_not_due")
         return None
@@ -282,7 +322,7 @@ def renew_leases(
     for operation in operations:
         lease = registry[operation.operationtype].resolved_lease()
         groups[(operation.claimed_by, lease)].append(operation)
-    held: list[BatchOperation] = []
+    held: set[Any] = set()
     for (token, lease), group in groups.items():
         pks = [op.pk for op in group]
         rows = manager.filter(pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token)
@@ -293,5 +333,6 @@ def renew_leases(
         expires = timezone.now() + lease
         for operation in group:
             operation.lease_expires_at = expires
-        held.extend(group)
-    return held
+        held.update(op.pk for op in group)
+    # In the order given: the batch's claim order, which its runner keeps.
+    return [operation for operation in operations if operation.pk in held]

@@ -24,7 +24,7 @@ from ..jsondata import encode_json
 from ..models import BatchOperation, check_context_object
 from ..registry import registry
 from ..signals import operations_enqueued
-from ._common import write_alias
+from ._common import is_deadlock, write_alias
 from .bulk import Row, store
 from .insert_postgresql import insert
 
@@ -277,7 +277,7 @@ def _insert_or_replace(operation: BatchOperation, key: str, alias: str) -> Batch
             # MySQL/MariaDB: two concurrent ``FOR UPDATE`` reads that found nothing hold gap
             # locks, and their INSERTs deadlock; InnoDB rolls back the whole transaction. In
             # a caller's transaction that is the caller's to retry.
-            if not (outermost and _is_deadlock(exc)):
+            if not (outermost and is_deadlock(exc)):
                 raise
             operation.pk = None
             operation._state.adding = True
@@ -380,9 +380,3 @@ def dispatch_on_commit(operations: list[BatchOperation], alias: str) -> None:
         transaction.on_commit(
             lambda: dispatcher.dispatch_safely(operations, using=alias), using=alias
         )
-
-
-def _is_deadlock(exc: OperationalError) -> bool:
-    """Whether the database ended the transaction as a deadlock's victim (MySQL/MariaDB error
-    1213, PostgreSQL SQLSTATE 40P01)."""
-    return (exc.args[:1] == (1213,)) or getattr(exc.__cause__, "sqlstate", None) == "40P01"

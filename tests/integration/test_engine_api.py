@@ -1165,12 +1165,15 @@ def test_enqueue_is_one_insert(django_assert_num_queries):
 
 def test_claim_and_finish_are_constant(django_assert_num_queries):
     op = enqueue("test-noop")
-    with django_assert_num_queries(2):  # read, compare-and-set UPDATE
+    # The locking read and the compare-and-set UPDATE, in a transaction: a savepoint here,
+    # in the test's transaction (SAVEPOINT … RELEASE SAVEPOINT are counted; BEGIN and COMMIT
+    # outside one are not).
+    with django_assert_num_queries(4):
         claimed = claim(op.pk)
     assert claimed is not None
     with django_assert_num_queries(1):  # the fenced UPDATE
         assert run_claimed(claimed) is RunOutcome.SUCCEEDED
-    with django_assert_num_queries(1):  # a claim that finds nothing to do stops after the read
+    with django_assert_num_queries(3):  # a claim that finds nothing to do stops after the read
         assert claim(op.pk) is None
 
     failing = enqueue("test-always-fails")
@@ -1326,6 +1329,18 @@ def test_a_stale_claim_can_neither_release_nor_renew_its_successors_claim():
     assert release(stale) == 0
     assert [row_values(op) for op in ops] == before  # still running under the new claim
     assert [op.pk for op in renew_leases(current)] == [op.pk for op in ops]
+
+
+def test_renewing_a_batchs_leases_keeps_its_claim_order():
+    """Renewals are grouped by lease; the held operations came back group by group, and the
+    batch then ran them out of priority order."""
+    for priority, operationtype in ((30, "test-noop"), (20, "test-sleep"), (10, "test-noop")):
+        enqueue(
+            operationtype, priority=priority, input_data=0 if "sleep" in operationtype else None
+        )
+    batch = claim_due(limit=3)
+    assert [op.priority for op in batch] == [30, 20, 10]
+    assert [op.priority for op in renew_leases(batch)] == [30, 20, 10]
 
 
 def test_recover_expired_fails_when_attempts_are_spent():

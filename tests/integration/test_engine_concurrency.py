@@ -216,6 +216,72 @@ def test_cancel_racing_a_claim_either_runs_once_or_never():
     assert Effect.objects.count() == sum(r is RunOutcome.SUCCEEDED for r in ran.values())
 
 
+# --- A claim by id takes the row as it is when claimed -----------------------------------------
+def _between_claims_read_and_update(monkeypatch, action) -> Threads:
+    """Run ``action`` on another connection once, while ``claim()`` holds the row it read
+    (it looks the handler up in between); wait for it at most a second: where the read locks
+    the row, the action waits for the claim's transaction instead."""
+    from batchframework.registry import registry
+
+    threads = Threads()
+    real_get = registry.get
+
+    def get(operationtype):
+        if not threads.threads:
+            threads.start(action)
+            threads.threads[0].join(1.0)
+        return real_get(operationtype)
+
+    monkeypatch.setattr(registry, "get", get)
+    return threads
+
+
+def test_a_claim_by_id_never_runs_the_values_a_replace_overwrote(monkeypatch):
+    """claim() read the row, then claimed it by status: a replace that committed between the
+    two was claimed with the values from before it, and its own input never ran."""
+    post = Post.objects.create(title="debounced")
+    first = enqueue("test-echo", context_object=post, input_data="old", replace=True)
+    threads = _between_claims_read_and_update(
+        monkeypatch,
+        lambda: enqueue("test-echo", context_object=post, input_data="new", replace=True),
+    )
+    assert run(first.pk) is RunOutcome.SUCCEEDED
+    threads.join(timeout=30)
+    monkeypatch.undo()
+    run_due(operationtype="test-echo")
+    finished = BatchOperation.objects.for_context_object(post)
+    # Each input ran as what it was when claimed: "new" as well, whichever row carried it.
+    assert sorted(op.output_data["echo"] for op in finished) in (["new"], ["new", "old"])
+    assert all(op.output_data["echo"] == op.input_data for op in finished)
+
+
+def test_a_claim_by_id_keeps_a_mark_to_be_claimed_alone_set_meanwhile(monkeypatch):
+    """Recovery marks an operation lost with a batch's worker to be claimed alone; a claim()
+    that had read the row before overwrote the mark with a plain claim, and a failed attempt
+    then put the operation back unmarked, to be batched again."""
+    op = enqueue("test-fails-once")
+    marked: list[int] = []
+
+    def lost_in_a_batch_then_recovered():
+        # What a batch's claim, its worker's death and recovery leave: attempts as before.
+        with transaction.atomic():
+            row = BatchOperation.objects.select_for_update().get(pk=op.pk)
+            pending = (row.status, row.attempts) == ("unprocessed", 0)
+            marked.append(int(pending))
+            if pending:
+                BatchOperation.objects.filter(pk=op.pk).update(claimed_by="!isolated")
+
+    threads = _between_claims_read_and_update(monkeypatch, lost_in_a_batch_then_recovered)
+    outcome = run(op.pk)
+    threads.join(timeout=30)
+    row = fresh(op)
+    if marked == [1]:  # marked before the claim: claimed alone and put back marked, or lost
+        assert row.claimed_by == "!isolated", (outcome, row.claimed_by)
+        assert outcome in (RunOutcome.RETRY_SCHEDULED, RunOutcome.NOT_CLAIMED)
+    else:  # the claim came first, with the row locked: there was nothing left to mark
+        assert (marked, outcome, row.claimed_by) == ([0], RunOutcome.RETRY_SCHEDULED, "")
+
+
 # --- Debounce is race-free -------------------------------------------------------------------
 def test_concurrent_replace_leaves_exactly_one_pending_row():
     rounds, parallel = 8, 6
