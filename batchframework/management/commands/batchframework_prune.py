@@ -6,6 +6,8 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import router
+from django.db.models import ProtectedError, RestrictedError
 from django.utils import timezone
 
 from batchframework.models import BatchOperation
@@ -32,9 +34,11 @@ class Command(BaseCommand):
             help="Also delete failed operations (kept by default).",
         )
         parser.add_argument(
-            "--batch-size", type=int, default=5000, help="Rows deleted per statement."
+            "--batch-size", type=int, default=5000, help="Operations deleted per transaction."
         )
-        add_database_argument(parser, "Database alias to prune (default: the router's).")
+        add_database_argument(
+            parser, "Database alias to prune (default: where the router writes operations)."
+        )
         parser.add_argument("--dry-run", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -42,11 +46,11 @@ class Command(BaseCommand):
         if not 0 <= options["days"] < MAX_DAYS or options["batch_size"] < 1:
             raise CommandError(f"--days must be from 0 to {MAX_DAYS} and --batch-size >= 1")
         cutoff = timezone.now() - timedelta(days=options["days"])
-        old = (
-            BatchOperation.objects.db_manager(options["database"])
-            .finished()
-            .filter(finished_datetime__lt=cutoff)
-        )
+        # The ids are read where they are deleted: ``db_for_read`` may name a lagging replica,
+        # whose ids, already deleted on the primary, would come back on every pass.
+        database = options["database"] or router.db_for_write(BatchOperation)
+        operations = BatchOperation.objects.db_manager(database)
+        old = operations.finished().filter(finished_datetime__lt=cutoff)
         if not options["failed_too"]:
             old = old.exclude(result=BatchOperation.RESULT_FAILED)
         if options["dry_run"]:
@@ -61,9 +65,17 @@ class Command(BaseCommand):
             )
             if not pks:
                 break
-            _, by_model = (
-                BatchOperation.objects.db_manager(options["database"]).filter(pk__in=pks).delete()
-            )
+            # With a foreign key to BatchOperation, Django collects the operations to apply
+            # its on_delete: only("pk") keeps it from reading their (large) data to do that.
+            try:
+                _, by_model = operations.filter(pk__in=pks).only("pk").delete()
+            except (ProtectedError, RestrictedError) as error:
+                raise CommandError(
+                    f"{error.args[0]} Deleted {deleted} operation(s) before that."
+                ) from error
             # Operations only: rows of other models that cascaded with them are not counted.
-            deleted += by_model.get(BatchOperation._meta.label, 0)
+            deleted_now = by_model.get(BatchOperation._meta.label, 0)
+            if not deleted_now:
+                break  # Someone else deleted them first; don't loop on ids that are gone.
+            deleted += deleted_now
         self.stdout.write(f"deleted {deleted} operation(s) finished before {cutoff.isoformat()}")
