@@ -6,16 +6,39 @@ import json
 from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.admin.utils import flatten_fieldsets
+from django.contrib.admin.utils import flatten_fieldsets, quote
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseRedirect
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
+from .engine import CancelOutcome
 from .models import BatchOperation
+
+# What the delete page tells the user when the engine refused to cancel a pending operation.
+_CANCEL_REFUSED_MESSAGES = {
+    CancelOutcome.TOO_LATE_RUNNING: _(
+        "Operation #%(id)s started running before it could be cancelled, so it was not "
+        "deleted: a running operation can't be cancelled."
+    ),
+    CancelOutcome.TOO_LATE_FINISHED: _(
+        "Operation #%(id)s ran and finished before it could be cancelled, so it was not deleted."
+    ),
+    CancelOutcome.NOT_FOUND: _("Operation #%(id)s was already cancelled or deleted."),
+}
+
+
+class _CancelRefused(Exception):
+    """Raised by ``delete_model`` when the engine refuses to cancel. It rolls back the delete
+    view's transaction, and with it the deletion LogEntry Django wrote before deleting."""
+
+    def __init__(self, operation: BatchOperation, outcome: CancelOutcome) -> None:
+        super().__init__(outcome.value)
+        self.operation = operation
+        self.outcome = outcome
 
 
 def _pretty_json(value: Any) -> str:
@@ -114,9 +137,35 @@ class BatchOperationAdmin(admin.ModelAdmin):
         actions.pop("delete_selected", None)
         return actions
 
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except _CancelRefused as refused:
+            # Nothing was deleted or logged; say why instead of "deleted successfully".
+            operation, outcome = refused.operation, refused.outcome
+            message = _CANCEL_REFUSED_MESSAGES[outcome] % {"id": operation.pk}
+            self.message_user(request, message, messages.ERROR)
+            if outcome is CancelOutcome.NOT_FOUND:  # no page of its own left to go back to
+                view, args = "changelist", []
+            else:
+                view, args = "change", [quote(operation.pk)]
+            opts = self.opts
+            url = reverse(
+                f"admin:{opts.app_label}_{opts.model_name}_{view}",
+                args=args,
+                current_app=self.admin_site.name,
+            )
+            return HttpResponseRedirect(url)
+
     def delete_model(self, request: HttpRequest, obj: BatchOperation) -> None:
         if obj.status == BatchOperation.STATUS_UNPROCESSED:
-            obj.cancel()  # atomic: refuses (and keeps the row) if a worker claimed it meanwhile
+            # Pending when the view read it; the engine cancels atomically, or refuses if a
+            # worker claimed it since. Raising rolls back the view's transaction (see above).
+            outcome = obj.cancel()
+            if not outcome:
+                raise _CancelRefused(obj, outcome)
         elif obj.status == BatchOperation.STATUS_FINISHED:
             super().delete_model(request, obj)
 
@@ -177,7 +226,36 @@ class BatchOperationAdmin(admin.ModelAdmin):
     def delete_finished_selected(
         self, request: HttpRequest, queryset: QuerySet[BatchOperation]
     ) -> HttpResponse | None:
-        deleted, _by_model = queryset.filter(status=BatchOperation.STATUS_FINISHED).delete()
+        finished = queryset.filter(status=BatchOperation.STATUS_FINISHED)
+        # As Django's own "delete selected": rows that cascade from an operation may be deleted
+        # only with the permission to delete them (for models with an admin), and never when
+        # they are protected.
+        _objects, _counts, perms_needed, protected = self.get_deleted_objects(finished, request)
+        if perms_needed:
+            self.message_user(
+                request,
+                _(
+                    "Deleted nothing: deleting the selected finished operations would also delete "
+                    "%(models)s, which your account has no permission to delete."
+                )
+                % {"models": ", ".join(sorted(str(name) for name in perms_needed))},
+                messages.ERROR,
+            )
+            return None
+        if protected:
+            self.message_user(
+                request,
+                _(
+                    "Deleted nothing: deleting the selected finished operations would require "
+                    "deleting %(n)d protected related object(s)."
+                )
+                % {"n": len(protected)},
+                messages.ERROR,
+            )
+            return None
+        _deleted, by_model = finished.delete()
+        # delete() counts the cascaded rows too; report the operations alone.
+        deleted = by_model.get(BatchOperation._meta.label, 0)
         self.message_user(
             request, _("Deleted %(n)d finished operation(s).") % {"n": deleted}, messages.INFO
         )

@@ -7,14 +7,17 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.admin import helpers
+from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.admin.sites import site
 from django.contrib.auth.models import Permission
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils import timezone
 
 from batchframework.admin import BatchOperationAdmin
+from batchframework.engine import cancel, claim
 from batchframework.models import BatchOperation
-from tests.testapp.models import Post
+from batchframework.testing import run_due
+from tests.testapp.models import OperationLine, Post
 
 pytestmark = pytest.mark.django_db
 
@@ -37,6 +40,20 @@ def superuser(django_user_model):
 @pytest.fixture
 def admin_client(client, superuser):
     client.force_login(superuser)
+    return client
+
+
+@pytest.fixture
+def operator_client(client, django_user_model):
+    """A staff user who may view and delete batch operations, and nothing else."""
+    operator = django_user_model.objects.create_user("operator", password="pw", is_staff=True)
+    operator.user_permissions.add(
+        *Permission.objects.filter(
+            content_type__app_label="batchframework",
+            codename__in=["view_batchoperation", "delete_batchoperation"],
+        )
+    )
+    client.force_login(operator)
     return client
 
 
@@ -315,12 +332,133 @@ def test_the_delete_page_of_a_running_operation_is_forbidden(admin_client, opera
     )
 
 
-def test_the_delete_page_keeps_an_operation_a_worker_claimed_meanwhile(admin_client, operations):
-    """The page was opened while the operation was pending; a worker claimed it before the
-    confirmation: the delete cancels through the engine, which refuses, and the row stays."""
-    pending = BatchOperation.objects.get(pk=operations["pending"].pk)
-    BatchOperation.objects.filter(pk=pending.pk).update(
-        status=BatchOperation.STATUS_RUNNING, started_running_datetime=timezone.now()
+@pytest.mark.parametrize(
+    ("meanwhile", "status", "page", "message"),
+    [
+        (
+            claim,
+            "running",
+            "change",
+            "Operation #{pk} started running before it could be cancelled, so it was not "
+            "deleted: a running operation can't be cancelled.",
+        ),
+        (
+            lambda pk: run_due(),
+            "finished",
+            "change",
+            "Operation #{pk} ran and finished before it could be cancelled, so it was not deleted.",
+        ),
+        (cancel, None, "changelist", "Operation #{pk} was already cancelled or deleted."),
+    ],
+    ids=["claimed", "finished", "cancelled"],
+)
+def test_the_delete_page_says_why_it_did_not_delete_an_operation_that_changed_meanwhile(
+    operator_client, monkeypatch, meanwhile, status, page, message
+):
+    """The delete view read the operation while it was pending; before the view cancelled it, a
+    worker claimed it (or ran it, or someone cancelled it): the engine refuses, and the admin
+    says why, logs no deletion and goes back to the operation's page (or the list)."""
+    pending = BatchOperation.objects.create_asynchronous(operationtype="test-noop")
+    assert operator_client.get(delete_url(pending)).status_code == 200
+    as_read = BatchOperation.objects.get(pk=pending.pk)
+    meanwhile(pending.pk)
+    # The view gets the row as it read it, still pending, just before the change.
+    monkeypatch.setattr(BatchOperationAdmin, "get_object", lambda *args, **kwargs: as_read)
+
+    response = operator_client.post(delete_url(pending), {"post": "yes"}, follow=True)
+
+    expected_url = change_url(pending) if page == "change" else reverse(CHANGELIST)
+    assert response.redirect_chain == [(expected_url, 302)]
+    assert [str(m) for m in response.context["messages"]] == [message.format(pk=pending.pk)]
+    left = BatchOperation.objects.filter(pk=pending.pk).values_list("status", flat=True)
+    assert left.first() == status
+    assert not LogEntry.objects.filter(action_flag=DELETION).exists()
+
+
+def test_the_delete_page_logs_the_deletion_of_a_cancelled_operation(operator_client):
+    pending = BatchOperation.objects.create_asynchronous(operationtype="test-noop")
+    response = operator_client.post(delete_url(pending), {"post": "yes"}, follow=True)
+    [message] = response.context["messages"]
+    assert "was deleted successfully" in str(message)
+    assert not BatchOperation.objects.filter(pk=pending.pk).exists()
+    assert LogEntry.objects.get(action_flag=DELETION).object_id == str(pending.pk)
+
+
+# --- Deleting finished operations and the rows that cascade from them. ------------------------
+
+
+@pytest.fixture
+def finished_with_lines():
+    """A finished operation with ten rows that cascade from it."""
+    operation = BatchOperation.objects.create_synchronous(operationtype="import-lines")
+    OperationLine.objects.bulk_create(OperationLine(batchoperation=operation) for _ in range(10))
+    operation.finish()
+    return operation
+
+
+@pytest.fixture
+def lines_in_admin(settings):
+    """Give ``OperationLine`` an admin: Django asks for the delete permission only on models
+    that have one (it takes the others for inlines of their parent). The URLs are built anew,
+    as the admin's pages link to every registered model's."""
+    site.register(OperationLine)
+
+    class urls:
+        urlpatterns = [path("admin/", site.urls)]
+
+    settings.ROOT_URLCONF = urls
+    yield
+    site.unregister(OperationLine)
+
+
+def delete_finished(client, operation: BatchOperation):
+    return client.post(
+        reverse(CHANGELIST),
+        {"action": "delete_finished_selected", helpers.ACTION_CHECKBOX_NAME: [operation.pk]},
+        follow=True,
     )
-    BatchOperationAdmin(BatchOperation, site).delete_model(None, pending)  # type: ignore[arg-type]
-    assert BatchOperation.objects.get(pk=pending.pk).status == "running"
+
+
+def test_delete_finished_selected_counts_operations_not_cascaded_rows(
+    admin_client, finished_with_lines, lines_in_admin
+):
+    response = delete_finished(admin_client, finished_with_lines)
+    assert response.status_code == 200
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == ["Deleted 1 finished operation(s)."]
+    assert not BatchOperation.objects.exists()
+    assert not OperationLine.objects.exists()
+
+
+def test_delete_finished_selected_needs_permission_to_delete_the_cascaded_rows(
+    operator_client, finished_with_lines, lines_in_admin
+):
+    response = delete_finished(operator_client, finished_with_lines)
+    assert response.status_code == 200
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == [
+        "Deleted nothing: deleting the selected finished operations would also delete "
+        "operation line, which your account has no permission to delete."
+    ]
+    assert BatchOperation.objects.filter(pk=finished_with_lines.pk).exists()
+    assert OperationLine.objects.count() == 10
+
+
+def test_delete_finished_selected_refuses_to_delete_protected_rows(
+    admin_client, finished_with_lines, monkeypatch
+):
+    """What Django's ``get_deleted_objects`` hook reports protected (rows with a ``PROTECT`` or
+    ``RESTRICT`` key to the operation) stops the whole deletion."""
+    monkeypatch.setattr(
+        BatchOperationAdmin,
+        "get_deleted_objects",
+        lambda self, objs, request: ([], {}, set(), ["Invoice: #1"]),
+    )
+    response = delete_finished(admin_client, finished_with_lines)
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == [
+        "Deleted nothing: deleting the selected finished operations would require deleting "
+        "1 protected related object(s)."
+    ]
+    assert BatchOperation.objects.filter(pk=finished_with_lines.pk).exists()
+    assert OperationLine.objects.count() == 10
