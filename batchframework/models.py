@@ -12,16 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.db import DatabaseError, models
+from django.db import DatabaseError, connections, models, transaction
 from django.db.models import Q
+from django.db.models.deletion import Collector
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -70,6 +72,9 @@ def check_context_object(context_object: Any) -> None:
 #: The length of ``context_object_id``: a context object's primary key as text.
 CONTEXT_ID_LENGTH = 255
 
+
+#: Operations deleted per statement by :meth:`BatchOperationQuerySet.delete` once locked.
+_DELETE_CHUNK = 500
 
 #: Foreign keys, which ``clean_fields`` would check with a query each:
 #: :func:`_check_cleaned` checks them without one when they were given as instances.
@@ -136,6 +141,40 @@ def _check_cleaned(operation: BatchOperation, alias: str | None) -> None:
 
 class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
     """Filters named after what they mean."""
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        """Delete the operations this queryset selects, as they are when deleted.
+
+        Django deletes in one statement when nothing points at the model, and its ``WHERE``
+        then holds at the delete. Otherwise (a foreign key to ``BatchOperation``, a delete
+        signal receiver) it reads the rows first and deletes them by id: a worker could claim
+        an operation in between, and ``.unprocessed().delete()`` would delete a running one —
+        a cancel that silently came too late (invariant 3). So in that case the rows are
+        locked as they are read (re-checking the filter), and a claim skips them.
+        """
+        locking = self.select_for_update()
+        alias = locking.db  # for a write, as select_for_update() marks it
+        if (
+            self.query.is_sliced
+            or cast(Any, self)._fields is not None  # after values(): Django's own error
+            or Collector(using=alias, origin=self).can_fast_delete(self)
+        ):
+            return super().delete()
+        if connections[alias].features.has_select_for_update_of:
+            locking = self.select_for_update(of=("self",))  # not rows of joined tables
+        deleted, by_model = 0, Counter[str]()
+        # A savepoint in a caller's transaction: a refused delete (a PROTECT key) leaves it
+        # usable, as Django's own refusal before deleting does.
+        with transaction.atomic(using=alias):
+            pks = list(locking.using(alias).order_by("pk").values_list("pk", flat=True))
+            # Django's delete of the locked rows (keeping this queryset's only() and the rest),
+            # in chunks: it reads them again by id, and databases cap a query's parameters.
+            for start in range(0, len(pks), _DELETE_CHUNK):
+                chunk = self.using(alias).filter(pk__in=pks[start : start + _DELETE_CHUNK])
+                count, counts = super(BatchOperationQuerySet, chunk).delete()
+                deleted += count
+                by_model.update(counts)
+        return deleted, dict(by_model)
 
     def for_context_object(self, obj: models.Model) -> BatchOperationQuerySet:
         """Operations that concern ``obj`` (uses the context-object index)."""

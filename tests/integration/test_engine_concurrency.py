@@ -282,6 +282,34 @@ def test_a_claim_by_id_keeps_a_mark_to_be_claimed_alone_set_meanwhile(monkeypatc
         assert (marked, outcome, row.claimed_by) == ([0], RunOutcome.RETRY_SCHEDULED, "")
 
 
+def test_a_queryset_delete_of_pending_operations_never_deletes_one_claimed_meanwhile():
+    """With something pointing at BatchOperation (here a delete receiver; a foreign key does
+    the same), Django reads the rows, then deletes them by id. A claim in between ran the
+    handler of an operation ``.unprocessed().delete()`` then deleted: a cancel that came too
+    late, silently (invariant 3)."""
+    from django.db.models.signals import pre_delete
+
+    op = enqueue("test-effect")
+    claims: list[list[BatchOperation]] = []
+    threads = Threads()
+
+    def claim_meanwhile(sender, instance, **kwargs):
+        if not threads.threads:  # between the delete's read and its DELETE
+            threads.start(lambda: claims.append(claim_due(ids=[instance.pk])))
+            threads.threads[0].join(1.0)  # where the rows are locked, the claim skips or waits
+
+    pre_delete.connect(claim_meanwhile, sender=BatchOperation)
+    try:
+        deleted, _ = BatchOperation.objects.unprocessed().filter(pk=op.pk).delete()
+    finally:
+        pre_delete.disconnect(claim_meanwhile, sender=BatchOperation)
+    threads.join(timeout=30)
+    claimed = [claimed_op.pk for claimed_op in claims[0]]
+    # Deleted while pending and never claimed, or claimed first and so not deleted.
+    assert (deleted, claimed) in ((1, []), (0, [op.pk])), (deleted, claimed)
+    assert BatchOperation.objects.filter(pk=op.pk).exists() == bool(claimed)
+
+
 # --- Debounce is race-free -------------------------------------------------------------------
 def test_concurrent_replace_leaves_exactly_one_pending_row():
     rounds, parallel = 8, 6
