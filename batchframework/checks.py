@@ -41,12 +41,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         )
         return messages
     if conf.DISPATCHER:
-        try:
-            import_string(conf.DISPATCHER)
-        except ImportError as exc:
+        problem = _dispatcher_problem(conf.DISPATCHER)
+        if problem:
             messages.append(
                 checks.Error(
-                    f"BATCHFRAMEWORK['DISPATCHER'] = {conf.DISPATCHER!r} cannot be imported: {exc}",
+                    f"BATCHFRAMEWORK['DISPATCHER'] = {conf.DISPATCHER!r} {problem}",
                     hint="Use a dotted path to a batchframework.dispatch.Dispatcher subclass, or "
                     "leave it unset to pick one automatically.",
                     id="batchframework.E005",
@@ -108,3 +107,15 @@ def check_sqlite_transaction_mode(
                 )
             )
     return messages
+
+
+def _dispatcher_problem(path: str) -> str | None:
+    from .dispatch import Dispatcher
+
+    try:
+        found = import_string(path)
+    except ImportError as exc:
+        return f"cannot be imported: {exc}"
+    if not (isinstance(found, type) and issubclass(found, Dispatcher)):
+        return "is not a Dispatcher subclass."
+    return None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils.module_loading import import_string
@@ -126,7 +127,13 @@ def dispatcher_path() -> str:
 @functools.cache
 def get_dispatcher() -> Dispatcher:
     """The configured dispatcher instance (cached until settings change)."""
-    dispatcher_class: Any = import_string(dispatcher_path())
+    path = dispatcher_path()
+    dispatcher_class: Any = import_string(path)
+    if not (isinstance(dispatcher_class, type) and issubclass(dispatcher_class, Dispatcher)):
+        raise ImproperlyConfigured(
+            f"BATCHFRAMEWORK['DISPATCHER'] = {path!r} is not a "
+            "batchframework.dispatch.Dispatcher subclass."
+        )
     return dispatcher_class()
 
 

@@ -192,6 +192,7 @@ def enqueue(
     alias = write_alias(using)
     due = resolve_run_after(delay, run_after, alias)
     _check_started_by(started_by)
+    _check_dispatcher()
     context = _resolve_context(context_object, alias)
     operation = _build(
         operationtype,
@@ -210,6 +211,14 @@ def enqueue(
     insert(operation, alias=alias, notify=channel)
     _after_enqueue([operation], alias, announced=channel is not None)
     return operation
+
+
+def _check_dispatcher() -> None:
+    """Raise ``ImproperlyConfigured`` for a dispatcher that is not one, before anything is
+    written rather than after (cached: no cost once it is built)."""
+    from ..dispatch import get_dispatcher
+
+    get_dispatcher()
 
 
 def _notify_channel(alias: str) -> str | None:

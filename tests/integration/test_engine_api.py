@@ -1461,6 +1461,7 @@ def test_default_settings_pass_the_checks():
         ({"DEFAULT_LEASE": timedelta(days=3_000_000)}, "batchframework.E004", "DEFAULT_LEASE"),
         ({"MAX_RETRY_BACKOFF": timedelta.max}, "batchframework.E004", "MAX_RETRY_BACKOFF"),
         ({"DISPATCHER": "no.such.Dispatcher"}, "batchframework.E005", "no.such.Dispatcher"),
+        ({"DISPATCHER": "datetime.timedelta"}, "batchframework.E005", "not a Dispatcher"),
         ({"POLL_INTERVAL": 600}, "batchframework.W001", "POLL_INTERVAL"),
         ({"ROUTES": {"no-such-type": "q"}}, "batchframework.W002", "no-such-type"),
     ],
@@ -1484,6 +1485,16 @@ def test_checks_report_bad_settings_with_hints(settings, setting, check_id, need
                 get_settings()
     else:
         assert matching[0].level == checks.WARNING
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_dispatcher_that_is_not_one_fails_enqueue_before_it_writes(settings, replace):
+    """It raised an AttributeError once the row was written, so a caller that tried again
+    stored the operation twice."""
+    settings.BATCHFRAMEWORK = {**settings.BATCHFRAMEWORK, "DISPATCHER": "datetime.timedelta"}
+    with pytest.raises(ImproperlyConfigured, match="not a batchframework.dispatch.Dispatcher"):
+        enqueue("test-noop", replace=replace, context_object=Post.objects.create(title="t"))
+    assert BatchOperation.objects.count() == 0
 
 
 def test_check_requires_use_tz():
