@@ -35,6 +35,10 @@ DATABASE_ERROR_BACKOFF = 1.0
 MIN_SLEEP = 0.01
 
 
+#: The longest pause between polls a worker accepts.
+MAX_POLL_INTERVAL = timedelta(days=1)
+
+
 class StopFlag:
     """A stop request that a signal handler may make: like ``threading.Event``, but on a
     re-entrant lock. A handler runs in the main thread between two bytecodes, possibly while
@@ -76,8 +80,11 @@ class Worker:
         log: Callable[[str], Any] | None = None,
     ) -> None:
         settings = get_settings()
-        if poll_interval is not None and not poll_interval > timedelta(0):
-            raise ValueError(f"poll_interval must be positive, not {poll_interval!r}.")
+        if poll_interval is not None and not timedelta(0) < poll_interval <= MAX_POLL_INTERVAL:
+            # A sleep of 1e10 s overflows the platform's timeout; past a day is a mistake anyway.
+            raise ValueError(
+                f"poll_interval must be positive and at most a day, not {poll_interval!r}."
+            )
         if isinstance(queues, str):
             raise ValueError(f"queues must be a list of names, not the string {queues!r}.")
         self.queues = None if queues is None else list(queues)  # once: it may be an iterator

@@ -1492,7 +1492,7 @@ def test_a_dispatcher_that_is_not_one_fails_enqueue_before_it_writes(settings, r
     """It raised an AttributeError once the row was written, so a caller that tried again
     stored the operation twice."""
     settings.BATCHFRAMEWORK = {**settings.BATCHFRAMEWORK, "DISPATCHER": "datetime.timedelta"}
-    with pytest.raises(ImproperlyConfigured, match="not a batchframework.dispatch.Dispatcher"):
+    with pytest.raises(ImproperlyConfigured, match=r"not a batchframework\.dispatch\.Dispatcher"):
         enqueue("test-noop", replace=replace, context_object=Post.objects.create(title="t"))
     assert BatchOperation.objects.count() == 0
 

@@ -696,11 +696,12 @@ def test_a_worker_takes_its_queues_from_any_iterable():
     assert Worker(queues=queues).queues == ["mail", "default"]
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan"])
-def test_a_poll_interval_that_is_not_positive_is_refused(reaper, value):
+# 1e10 and 1e300 overflowed the platform's sleep with a traceback (exit 1).
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "86401", "1e10", "1e300"])
+def test_a_poll_interval_that_is_not_positive_or_is_over_a_day_is_refused(reaper, value):
     worker, log = reaper.worker("--once", "--poll-interval", value, label="bad-interval")
     assert wait_exit(worker, timeout=30, log_path=log) == 2
-    assert "--poll-interval must be a positive number of seconds" in log.read_text()
+    assert "--poll-interval must be a positive number of seconds, at most 86400" in log.read_text()
 
 
 def test_once_fails_on_a_database_error_instead_of_retrying_forever(reaper, tmp_path):

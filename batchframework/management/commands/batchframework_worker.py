@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from batchframework.worker import DATABASE_ERRORS, Worker
+from batchframework.worker import DATABASE_ERRORS, MAX_POLL_INTERVAL, Worker
 
 from ..arguments import add_database_argument, queue_name
 
@@ -56,8 +55,11 @@ class Command(BaseCommand):
                 self.stderr.write(f"--{option.replace('_', '-')} must be at least 1")
                 raise SystemExit(2)
         poll_interval = options["poll_interval"]
-        if poll_interval is not None and not 0 < poll_interval < math.inf:
-            self.stderr.write("--poll-interval must be a positive number of seconds")
+        longest = MAX_POLL_INTERVAL.total_seconds()
+        if poll_interval is not None and not 0 < poll_interval <= longest:
+            self.stderr.write(
+                f"--poll-interval must be a positive number of seconds, at most {longest:.0f}"
+            )
             raise SystemExit(2)
         worker = Worker(
             queues=options["queues"],
