@@ -1343,6 +1343,28 @@ def test_renewing_a_batchs_leases_keeps_its_claim_order():
     assert [op.priority for op in renew_leases(batch)] == [30, 20, 10]
 
 
+def test_recovery_leaves_an_operation_whose_handler_it_lacks_to_a_process_that_has_it():
+    """A process without the handler (an older release during a rolling deploy) failed the
+    operation after one attempt of the three its handler allows."""
+
+    def patient(operation):
+        return None
+
+    handler("test-api-patient", max_attempts=3)(patient)
+    try:
+        op = enqueue("test-api-patient")
+        assert claim(op.pk) is not None
+        later = timezone.now() + timedelta(minutes=10)
+        registry.unregister("test-api-patient")
+        assert recover_expired(now=later) == 0
+        assert fresh(op).status == BatchOperation.STATUS_RUNNING
+        handler("test-api-patient", max_attempts=3)(patient)
+        assert recover_expired(now=later) == 1
+        assert (fresh(op).status, fresh(op).attempts) == (BatchOperation.STATUS_UNPROCESSED, 1)
+    finally:
+        registry.unregister("test-api-patient")
+
+
 def test_recover_expired_fails_when_attempts_are_spent():
     op = enqueue("test-echo")  # max_attempts=1
     assert claim(op.pk) is not None
