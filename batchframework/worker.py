@@ -13,6 +13,7 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from traceback import format_exc
 from types import FrameType
 from typing import Any
 
@@ -160,6 +161,21 @@ class Worker:
                 if self.once:
                     # A cron job or script: fail where someone sees it, instead of retrying
                     # until the database comes back (never, if it is not migrated).
+                    raise
+                self._stop.wait(DATABASE_ERROR_BACKOFF)
+                continue
+            except Exception as exc:
+                # A bug outside the handlers, which fail only their attempt: a signal receiver
+                # or a dispatcher that raised. The batch's runner gave back what it held; log
+                # it and go on, as Celery does, rather than stop every queue this worker serves.
+                log_event(
+                    logging.ERROR,
+                    "worker_error",
+                    error=repr(exc),
+                    traceback=format_exc(),
+                    retry_in="never (--once)" if self.once else DATABASE_ERROR_BACKOFF,
+                )
+                if self.once:
                     raise
                 self._stop.wait(DATABASE_ERROR_BACKOFF)
                 continue

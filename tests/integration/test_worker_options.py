@@ -49,3 +49,32 @@ def test_a_worker_sleeps_until_its_own_next_operation_not_another_queues():
     mine.refresh_from_db()
     lateness = mine.started_running_datetime - mine.run_after
     assert timedelta(0) <= lateness < timedelta(milliseconds=300), lateness
+
+
+def test_a_signal_receiver_that_raises_is_logged_and_the_worker_goes_on(monkeypatch, caplog):
+    """A receiver's bug raised out of the worker's loop and ended the process, and with it
+    every queue the worker served."""
+    from batchframework import worker as worker_module
+    from batchframework.signals import operation_finished
+
+    monkeypatch.setattr(worker_module, "DATABASE_ERROR_BACKOFF", 0.01)
+    first, second = enqueue("test-noop"), enqueue("test-noop", priority=-1)
+    raised: list[int] = []
+
+    def buggy_receiver(sender, operation, **kwargs):
+        if not raised:
+            raised.append(operation.pk)
+            raise RuntimeError("a receiver's bug")
+
+    operation_finished.connect(buggy_receiver)
+    try:
+        # The first operation's run ends in the receiver's error (it is not counted as run).
+        Worker(max_operations=1, batch_size=1, poll_interval=timedelta(seconds=0.05)).run()
+    finally:
+        operation_finished.disconnect(buggy_receiver)
+    assert raised == [first.pk]
+    statuses = BatchOperation.objects.filter(pk__in=[first.pk, second.pk]).values_list(
+        "status", flat=True
+    )
+    assert list(statuses) == [BatchOperation.STATUS_FINISHED] * 2
+    assert "event=worker_error" in caplog.text and "a receiver's bug" in caplog.text
