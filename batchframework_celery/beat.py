@@ -2,16 +2,20 @@
 
 With django-celery-beat's ``DatabaseScheduler``, :func:`register_poller` creates or updates one
 ``PeriodicTask`` (named :data:`PERIODIC_TASK_NAME`) running ``batchframework.poll`` every
-``POLL_INTERVAL``; it runs after ``migrate`` and from ``manage.py batchframework_register_poller``.
+``POLL_INTERVAL`` (exactly: the poller's window and expiries assume ticks that far apart); it
+runs after ``migrate`` (while batchframework's migrations are applied) and from ``manage.py
+batchframework_register_poller``.
 Without the database scheduler, put :func:`beat_schedule` into Celery's ``beat_schedule``; this
 module can be imported from a project's ``celery.py``, before Django's apps are loaded.
 """
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
 from typing import Any
 
-from django.apps import apps
+from django.apps import apps as global_apps
 from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, transaction
 
@@ -20,6 +24,9 @@ from batchframework.conf import get_settings
 from .names import POLL_TASK
 
 PERIODIC_TASK_NAME = "batchframework: poll for due operations"
+
+#: The largest ``IntervalSchedule.every`` (a 32-bit integer column): in microseconds, 35 minutes.
+MAX_EVERY = 2**31 - 1
 
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
@@ -65,24 +72,44 @@ def register_poller(
         return _register(using, queue or settings.DEFAULT_QUEUE, keep_choices)
 
 
+def _interval(poll: timedelta) -> tuple[int, str]:
+    """``POLL_INTERVAL`` as an ``IntervalSchedule``'s ``(every, period)``, exactly.
+
+    The poller's window (one and a half intervals ahead) and its drains' expiry (two) assume
+    beat ticks every ``POLL_INTERVAL``: ticks further apart than that would leave operations
+    due in between without their ETA message, late by up to the difference. Whole seconds are
+    stored as seconds, a fraction as microseconds. Only an interval with a fraction of a second
+    that is too long for microseconds (over 35 minutes) is cut to whole seconds: ticks a
+    fraction of a second early only overlap, which the poller's watermark makes harmless.
+    """
+    from django_celery_beat.models import IntervalSchedule
+
+    seconds, fraction = divmod(poll, timedelta(seconds=1))
+    if not fraction or poll > timedelta(microseconds=MAX_EVERY):
+        return seconds, IntervalSchedule.SECONDS
+    return poll // timedelta(microseconds=1), IntervalSchedule.MICROSECONDS
+
+
 def _register(using: str, queue: str, keep_choices: bool) -> tuple[Any, bool]:
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-    seconds = max(1, round(get_settings().POLL_INTERVAL.total_seconds()))
+    poll = get_settings().POLL_INTERVAL
+    every, period = _interval(poll)
     with transaction.atomic(using=using):
         schedules = IntervalSchedule.objects.using(using)
         # Not get_or_create: nothing makes these rows unique (the admin, or two deployments'
         # migrate at once, can add a twin), and a twin would make it raise on every migrate.
-        schedule = schedules.filter(every=seconds, period=IntervalSchedule.SECONDS).order_by(
+        schedule = schedules.filter(every=every, period=period).order_by(
             "pk"
-        ).first() or schedules.create(every=seconds, period=IntervalSchedule.SECONDS)
+        ).first() or schedules.create(every=every, period=period)
         wanted = {
             "task": POLL_TASK,
             "interval": schedule,
             "enabled": True,
             "queue": queue,
             # A tick that waited longer than two intervals is stale: the next one will do.
-            "expire_seconds": seconds * 2,
+            # (Whole seconds: django-celery-beat stores no fraction, so rounded up.)
+            "expire_seconds": math.ceil(poll.total_seconds() * 2),
         }
         task = (
             PeriodicTask.objects.using(using)
@@ -108,12 +135,22 @@ def _register(using: str, queue: str, keep_choices: bool) -> tuple[Any, bool]:
 
 
 def register_poller_after_migrate(
-    sender: Any, using: str = DEFAULT_DB_ALIAS, **kwargs: Any
+    sender: Any, using: str = DEFAULT_DB_ALIAS, apps: Any = global_apps, **kwargs: Any
 ) -> None:
-    """``post_migrate`` receiver: register the poller once django-celery-beat's tables exist."""
-    if not apps.is_installed("django_celery_beat"):
+    """``post_migrate`` receiver: register the poller once django-celery-beat's tables exist,
+    while the tables it polls are migrated."""
+    if not global_apps.is_installed("django_celery_beat"):
         return
     if getattr(sender, "label", None) != "batchframework_celery":
+        return
+    # ``apps`` is the state this migrate left ``using`` in (as for Django's own content types
+    # and permissions): after ``migrate batchframework zero`` it has no BatchOperation, and a
+    # task registered now would have beat poll tables that are gone. (Not the tables
+    # themselves: with a router, operations may live in another database than beat's.)
+    try:
+        apps.get_model("batchframework", "BatchOperation")
+        apps.get_model("batchframework_celery", "PollerWatermark")
+    except LookupError:
         return
     from django.db import connections, router
     from django_celery_beat.models import PeriodicTask

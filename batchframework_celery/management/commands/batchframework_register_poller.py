@@ -34,4 +34,5 @@ class Command(BaseCommand):
 
         task, changed = register_poller(using=options["database"], queue=options["queue"])
         state = "registered/updated" if changed else "already up to date"
-        self.stdout.write(f"{task.name}: {state} (every {task.interval.every}s)")
+        every = task.schedule.run_every.total_seconds()  # ``interval.every`` may be microseconds
+        self.stdout.write(f"{task.name}: {state} (every {every:g}s)")
