@@ -245,7 +245,9 @@ def test_a_claim_by_id_never_runs_the_values_a_replace_overwrote(monkeypatch):
         monkeypatch,
         lambda: enqueue("test-echo", context_object=post, input_data="new", replace=True),
     )
-    assert run(first.pk) is RunOutcome.SUCCEEDED
+    # MySQL/MariaDB may make the two deadlock: the claim then tries again, and may find the
+    # row locked by the replace, which leaves it to the replace's own dispatch.
+    assert run(first.pk) in (RunOutcome.SUCCEEDED, RunOutcome.NOT_CLAIMED)
     threads.join(timeout=30)
     monkeypatch.undo()
     run_due(operationtype="test-echo")
