@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets, quote
@@ -17,6 +17,9 @@ from django.utils.translation import gettext_lazy as _
 
 from .engine import CancelOutcome
 from .models import BatchOperation
+
+if TYPE_CHECKING:
+    from django.utils.functional import _StrOrPromise as StrOrPromise
 
 # What the delete page tells the user when the engine refused to cancel a pending operation.
 _CANCEL_REFUSED_MESSAGES = {
@@ -213,6 +216,9 @@ class BatchOperationAdmin(admin.ModelAdmin):
 
     @admin.action(description=_("Cancel selected pending operations"), permissions=["delete"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[BatchOperation]) -> None:
+        pending = queryset.filter(status=BatchOperation.STATUS_UNPROCESSED)
+        if self._refused_cascade(request, pending, _("cancelling the selected operations")):
+            return
         outcomes = [operation.cancel() for operation in queryset]
         cancelled = sum(1 for outcome in outcomes if outcome)
         self.message_user(
@@ -222,36 +228,46 @@ class BatchOperationAdmin(admin.ModelAdmin):
             messages.INFO,
         )
 
+    def _refused_cascade(
+        self, request: HttpRequest, operations: QuerySet[BatchOperation], doing: StrOrPromise
+    ) -> bool:
+        """Refuse (with a message) to delete ``operations`` when rows that cascade from them
+        need a delete permission the user lacks (for models with an admin) or are protected,
+        as Django's own "delete selected" does. A cancel deletes, and cascades, too."""
+        _objects, _counts, perms_needed, protected = self.get_deleted_objects(operations, request)
+        if perms_needed:
+            self.message_user(
+                request,
+                _(
+                    "Deleted nothing: %(doing)s would also delete %(models)s, which your "
+                    "account has no permission to delete."
+                )
+                % {
+                    "doing": doing,
+                    "models": ", ".join(sorted(str(name) for name in perms_needed)),
+                },
+                messages.ERROR,
+            )
+            return True
+        if protected:
+            self.message_user(
+                request,
+                _(
+                    "Deleted nothing: %(doing)s would require deleting %(n)d protected related "
+                    "object(s)."
+                )
+                % {"doing": doing, "n": len(protected)},
+                messages.ERROR,
+            )
+            return True
+        return False
+
     @admin.action(description=_("Delete selected finished operations"), permissions=["delete"])
     def delete_finished_selected(
         self, request: HttpRequest, queryset: QuerySet[BatchOperation]
     ) -> HttpResponse | None:
         finished = queryset.filter(status=BatchOperation.STATUS_FINISHED)
-        # As Django's own "delete selected": rows that cascade from an operation may be deleted
-        # only with the permission to delete them (for models with an admin), and never when
-        # they are protected.
-        _objects, _counts, perms_needed, protected = self.get_deleted_objects(finished, request)
-        if perms_needed:
-            self.message_user(
-                request,
-                _(
-                    "Deleted nothing: deleting the selected finished operations would also delete "
-                    "%(models)s, which your account has no permission to delete."
-                )
-                % {"models": ", ".join(sorted(str(name) for name in perms_needed))},
-                messages.ERROR,
-            )
-            return None
-        if protected:
-            self.message_user(
-                request,
-                _(
-                    "Deleted nothing: deleting the selected finished operations would require "
-                    "deleting %(n)d protected related object(s)."
-                )
-                % {"n": len(protected)},
-                messages.ERROR,
-            )
+        if self._refused_cascade(request, finished, _("deleting the selected finished operations")):
             return None
         _deleted, by_model = finished.delete()
         # delete() counts the cascaded rows too; report the operations alone.

@@ -462,3 +462,25 @@ def test_delete_finished_selected_refuses_to_delete_protected_rows(
     ]
     assert BatchOperation.objects.filter(pk=finished_with_lines.pk).exists()
     assert OperationLine.objects.count() == 10
+
+
+def test_cancel_selected_needs_permission_to_delete_the_cascaded_rows(
+    operator_client, lines_in_admin
+):
+    """A cancel deletes the operation, and the rows that cascade from it: like the delete
+    action, it must not delete rows of a model the user may not delete."""
+    pending = BatchOperation.objects.create_asynchronous(operationtype="import-lines")
+    OperationLine.objects.bulk_create(OperationLine(batchoperation=pending) for _ in range(3))
+    response = operator_client.post(
+        reverse(CHANGELIST),
+        {"action": "cancel_selected", helpers.ACTION_CHECKBOX_NAME: [pending.pk]},
+        follow=True,
+    )
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == [
+        "Deleted nothing: cancelling the selected operations would also delete operation line, "
+        "which your account has no permission to delete."
+    ]
+    assert BatchOperation.objects.filter(pk=pending.pk).exists()
+    assert OperationLine.objects.count() == 3
+
