@@ -66,7 +66,7 @@ def storable(value: datetime) -> bool:
 
 
 #: How :func:`storable`'s range reads in messages.
-STORABLE_RANGE = "from the year 1000 to 9999 (UTC)"
+STORABLE_RANGE = "from 1000-01-01 to 9999-01-01 (UTC)"
 
 
 def now_expression(now: datetime | None = None) -> Expression:

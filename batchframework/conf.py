@@ -23,6 +23,8 @@ SETTING_NAME = "BATCHFRAMEWORK"
 #: The longest duration any setting or handler option may have: far beyond any sensible value,
 #: and short enough that a time that far from now is still one every database can store.
 MAX_DURATION = timedelta(days=36525)  # a hundred years
+#: The longest pause between polls: ``POLL_INTERVAL``, a worker's ``--poll-interval``.
+MAX_POLL_INTERVAL = timedelta(days=1)
 
 
 class InvalidSettingError(ImproperlyConfigured):
@@ -59,6 +61,10 @@ def _as_timedelta(name: str, value: Any) -> timedelta:
         raise _invalid(name, "positive", value, "batchframework.E004")
     if duration > MAX_DURATION:
         raise _invalid(name, "at most a hundred years", value, "batchframework.E004")
+    if name == "POLL_INTERVAL" and duration > MAX_POLL_INTERVAL:
+        # Workers sleep that long (a sleep of 1e10 s overflows), and beat stores it in a
+        # 32-bit column.
+        raise _invalid(name, "at most a day", value, "batchframework.E004")
     return duration
 
 

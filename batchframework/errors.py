@@ -16,9 +16,22 @@ def describe_exception(exc: BaseException) -> ErrorDetails:
     """A JSON-serializable description of ``exc``, stored in ``output_data["error"]``."""
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "message": storable_text(str(exc)),
+        "traceback": storable_text("".join(traceback.format_exception(exc))),
     }
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what no database stores written as escapes: NUL (refused by PostgreSQL's
+    text and jsonb) and lone surrogates (not valid Unicode). An error message may hold either,
+    and then recording the failure failed, leaving the operation running."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def format_error(details: ErrorDetails) -> str:

@@ -30,7 +30,7 @@ from django.utils.translation import gettext_lazy as _
 from .clock import STORABLE_RANGE, now_expression, storable
 from .conf import get_settings
 from .errors import describe_exception
-from .exceptions import InvalidOperationError, OperationFieldsError
+from .exceptions import InputDataError, InvalidOperationError, OperationFieldsError
 from .jsondata import encode_json
 from .registry import registry
 from .signals import log_event
@@ -133,7 +133,11 @@ def _check_cleaned(operation: BatchOperation, alias: str | None) -> None:
             # Given as an id: one query, only then.
             target: type[models.Model] = key.related_model
             rows = target._default_manager.db_manager(alias)
-            if not rows.filter(pk=getattr(operation, key.attname)).exists():
+            try:
+                found = rows.filter(pk=getattr(operation, key.attname)).exists()
+            except (TypeError, ValueError, ValidationError):  # not an id of that model
+                found = False
+            if not found:
                 errors[name] = [f"No {target._meta.verbose_name} has this id."]
     if errors:
         raise ValidationError(errors)
@@ -158,6 +162,9 @@ class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
             self.query.is_sliced
             or cast(Any, self)._fields is not None  # after values(): Django's own error
             or Collector(using=alias, origin=self).can_fast_delete(self)
+            # FOR UPDATE can't go with these (PostgreSQL): deleted as Django does, unlocked.
+            or self.query.distinct
+            or self.query.group_by is not None
         ):
             return super().delete()
         if connections[alias].features.has_select_for_update_of:
@@ -294,7 +301,11 @@ class _CreationMethods(models.Manager["BatchOperation"]):
                 _record_failure(operation, exc)
             raise
         if operation.status != BatchOperation.STATUS_FINISHED:
-            operation.finish()
+            try:
+                operation.finish()
+            except InputDataError as exc:  # output_data the block assigned can't be stored
+                _record_failure(operation, exc)
+                raise
 
 
 def _record_failure(operation: BatchOperation, exc: BaseException) -> None:
@@ -567,10 +578,11 @@ class BatchOperation(models.Model):
 
     def finish(self, failed: bool = False, output_data: Any = None) -> None:
         """Mark the operation as finished, successful unless ``failed``, and save it."""
-        if output_data is not None:
-            self.output_data = output_data
-        if self.output_data is not None:  # passed, or assigned before the call
-            encode_json(self.output_data, what="output_data")
+        output = self.output_data if output_data is None else output_data
+        if output is not None:  # passed, or assigned before the call
+            # Before it is kept: a refused value must not fail every later finish() too.
+            encode_json(output, what="output_data")
+        self.output_data = output
         self.status = self.STATUS_FINISHED
         self.result = self.RESULT_FAILED if failed else self.RESULT_SUCCESSFUL
         self.finished_datetime = timezone.now()

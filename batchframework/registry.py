@@ -7,6 +7,7 @@ a name taken from data, so a message or a row can't make a worker run arbitrary 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import logging
@@ -243,7 +244,7 @@ def handler(
     def decorator(fn: F) -> F:
         if not callable(fn):
             raise HandlerRegistrationError(f"@handler({operationtype!r}) must decorate a callable")
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        if _is_async(fn):
             # Called as fn(operation), it would return a coroutine that never runs, and every
             # attempt would fail on that return value.
             raise HandlerRegistrationError(
@@ -265,6 +266,13 @@ def handler(
         return fn
 
     return decorator
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` returns a coroutine or an async generator: an ``async def``
+    function (``functools.partial`` of one included), or an object whose ``__call__`` is one."""
+    call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else type(fn).__call__
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
 
 
 def autodiscover() -> None:

@@ -21,7 +21,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, conn
 from django.db.models import Min
 
 from .clock import database_now
-from .conf import get_settings
+from .conf import MAX_POLL_INTERVAL, get_settings
 from .engine import BatchRunner, claim_due, recover_expired
 from .models import BatchOperation
 from .registry import registry
@@ -34,10 +34,6 @@ DATABASE_ERRORS = (DatabaseError, InterfaceError)
 DATABASE_ERROR_BACKOFF = 1.0
 #: Never sleep less than this between empty polls.
 MIN_SLEEP = 0.01
-
-
-#: The longest pause between polls a worker accepts.
-MAX_POLL_INTERVAL = timedelta(days=1)
 
 
 class StopFlag:

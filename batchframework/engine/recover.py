@@ -39,8 +39,8 @@ def recover_expired(
     was claimed in a batch goes back without the attempt being counted (the worker may have
     died running another one of the batch), marked to be claimed alone from now on. Every
     operation that goes back is marked so: if it killed its worker, the next death is its own.
-    An operation claimed alone whose operationtype has no handler here is left to a process
-    that has one: only that knows whether its attempts are spent.
+    An operation claimed alone whose operationtype has no handler here is never failed: only a
+    process that has the handler knows whether its attempts are spent, so it goes back.
     Returns how many were recovered. A constant number of statements per call.
     """
     alias = write_alias(using)
@@ -56,7 +56,7 @@ def recover_expired(
         uncounted: list[Any] = []  # held in a batch: maybe never started
         retry: list[Any] = []
         spent: list[Any] = []
-        unknown: list[Any] = []
+        unknown = 0  # of ``retry``: without a handler here
         for pk, operationtype, attempts, claimed_by in rows:
             if claimed_by.endswith(BATCH_SUFFIX):
                 uncounted.append(pk)
@@ -64,10 +64,14 @@ def recover_expired(
             registered = registry.get(operationtype)
             if registered is None:
                 # Whether its attempts are spent is for a process that knows its handler (one
-                # of a newer release, during a rolling deploy), which recovers it in turn.
-                unknown.append(pk)
-                continue
-            (retry if attempts < registered.resolved_max_attempts() else spent).append(pk)
+                # of a newer release, during a rolling deploy): back to unprocessed, attempt
+                # counted, where only such a process claims it.
+                retry.append(pk)
+                unknown += 1
+            elif attempts < registered.resolved_max_attempts():
+                retry.append(pk)
+            else:
+                spent.append(pk)
         # Re-check the expiry in the UPDATE: a renewal may have landed since the read.
         still_expired: dict[str, Any] = {
             "status": BatchOperation.STATUS_RUNNING,
@@ -111,8 +115,6 @@ def recover_expired(
                 claimed_by="",
                 lease_expires_at=None,
             )
-    if unknown:
-        log_event(logging.INFO, "recovery_skipped", reason="no_handler", count=len(unknown))
     if recovered:
         log_event(
             logging.WARNING,
@@ -121,5 +123,6 @@ def recover_expired(
             retried_alone=len(retry),
             batch_held_uncounted=len(uncounted),
             failed=len(spent),
+            without_handler=unknown,
         )
     return recovered

@@ -8,8 +8,10 @@ Handlers come from ``tests/testapp/batch_handlers.py``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -159,10 +161,50 @@ def test_an_async_handler_is_refused():
     async def generator_handler(operation):
         yield 1
 
-    for fn in (coroutine_handler, generator_handler):
+    class AsyncCallable:
+        async def __call__(self, operation):
+            return 1
+
+    for fn in (
+        coroutine_handler,
+        generator_handler,
+        AsyncCallable(),
+        functools.partial(coroutine_handler),
+    ):
         with pytest.raises(HandlerRegistrationError, match="async"):
             handler("test-api-bad")(fn)
     assert "test-api-bad" not in registry
+
+
+def test_a_callable_object_is_a_handler():
+    class Callable_:
+        def __call__(self, operation):
+            return {"called": True}
+
+    handler("test-api-callable")(Callable_())
+    try:
+        op = enqueue("test-api-callable")
+        run_due()
+        assert fresh(op).output_data == {"called": True}
+    finally:
+        registry.unregister("test-api-callable")
+
+
+def test_a_handler_error_whose_message_holds_a_nul_is_recorded():
+    """PostgreSQL refused to store the message: run() raised, and the operation stayed
+    running until its lease expired."""
+
+    def nul_in_message(operation):
+        raise ValueError("a\x00b")
+
+    handler("test-api-nul")(nul_in_message)
+    try:
+        op = enqueue("test-api-nul")
+        assert run(op.pk) is RunOutcome.FAILED
+        assert fresh(op).error["message"] == "a\\x00b"
+        assert "a\\x00b" in fresh(op).last_error
+    finally:
+        registry.unregister("test-api-nul")
 
 
 def test_registry_lists_discovered_handlers():
@@ -1343,7 +1385,7 @@ def test_renewing_a_batchs_leases_keeps_its_claim_order():
     assert [op.priority for op in renew_leases(batch)] == [30, 20, 10]
 
 
-def test_recovery_leaves_an_operation_whose_handler_it_lacks_to_a_process_that_has_it():
+def test_recovery_without_the_handler_puts_the_operation_back_instead_of_failing_it():
     """A process without the handler (an older release during a rolling deploy) failed the
     operation after one attempt of the three its handler allows."""
 
@@ -1356,13 +1398,30 @@ def test_recovery_leaves_an_operation_whose_handler_it_lacks_to_a_process_that_h
         assert claim(op.pk) is not None
         later = timezone.now() + timedelta(minutes=10)
         registry.unregister("test-api-patient")
-        assert recover_expired(now=later) == 0
-        assert fresh(op).status == BatchOperation.STATUS_RUNNING
-        handler("test-api-patient", max_attempts=3)(patient)
         assert recover_expired(now=later) == 1
-        assert (fresh(op).status, fresh(op).attempts) == (BatchOperation.STATUS_UNPROCESSED, 1)
+        row = fresh(op)
+        assert (row.status, row.attempts, row.claimed_by) == ("unprocessed", 1, "!isolated")
+        handler("test-api-patient", max_attempts=3)(patient)
+        assert [ran.pk for ran in run_due(now=later)] == [op.pk]
+        assert fresh(op).result == BatchOperation.RESULT_SUCCESSFUL
     finally:
         registry.unregister("test-api-patient")
+
+
+def test_recovery_without_handlers_never_holds_up_the_recovery_of_others():
+    """Skipped rather than put back, operations without a handler here took every place in
+    recovery's limit, and no other lost operation was recovered."""
+    gone = [enqueue("test-noop") for _ in range(3)]
+    assert all(claim(op.pk) is not None for op in gone)
+    # A handler since removed (or not deployed here); their leases expire first.
+    BatchOperation.objects.filter(pk__in=[op.pk for op in gone]).update(operationtype="gone")
+    other = enqueue("test-noop")
+    time.sleep(0.01)
+    assert claim(other.pk) is not None
+    later = timezone.now() + timedelta(minutes=10)
+    assert recover_expired(now=later, limit=3) == 3
+    assert recover_expired(now=later, limit=3) == 1
+    assert fresh(other).status == BatchOperation.STATUS_FINISHED  # its one attempt is spent
 
 
 def test_recover_expired_fails_when_attempts_are_spent():
@@ -1482,6 +1541,8 @@ def test_default_settings_pass_the_checks():
         # Longer than a hundred years: a lease or retry that long ended past year 9999.
         ({"DEFAULT_LEASE": timedelta(days=3_000_000)}, "batchframework.E004", "DEFAULT_LEASE"),
         ({"MAX_RETRY_BACKOFF": timedelta.max}, "batchframework.E004", "MAX_RETRY_BACKOFF"),
+        # Workers sleep that long, and beat's interval column is 32 bits.
+        ({"POLL_INTERVAL": timedelta(days=2)}, "batchframework.E004", "POLL_INTERVAL"),
         ({"DISPATCHER": "no.such.Dispatcher"}, "batchframework.E005", "no.such.Dispatcher"),
         ({"DISPATCHER": "datetime.timedelta"}, "batchframework.E005", "not a Dispatcher"),
         ({"POLL_INTERVAL": 600}, "batchframework.W001", "POLL_INTERVAL"),

@@ -749,6 +749,7 @@ def _unsaved_user():
         pytest.param(lambda: {"started_by": AnonymousUser()}, "started_by", id="anonymous-user"),
         pytest.param(lambda: {"started_by": _unsaved_user()}, "started_by", id="unsaved-user"),
         pytest.param(lambda: {"started_by_id": 999_999}, "started_by", id="missing-user-id"),
+        pytest.param(lambda: {"started_by_id": "abc"}, "started_by", id="user-id-not-a-number"),
         pytest.param(
             lambda: {"context_content_type_id": 999_999},
             "context_content_type",
@@ -774,6 +775,59 @@ def test_output_data_to_the_create_methods_is_validated_like_input_data(method):
     with pytest.raises(InputDataError, match="output_data"):
         getattr(BatchOperation.objects, method)(operationtype="x", output_data={"a": math.nan})
     assert BatchOperation.objects.count() == 0
+
+
+def test_a_finish_refused_for_its_output_keeps_the_operation_finishable():
+    """The refused value was kept on the instance, and every later finish() failed on it."""
+    operation = BatchOperation.objects.create_synchronous(operationtype="x")
+    with pytest.raises(InputDataError):
+        operation.finish(output_data={"x": object()})
+    operation.finish(failed=True)
+    assert BatchOperation.objects.get(pk=operation.pk).result == BatchOperation.RESULT_FAILED
+
+
+def test_a_synchronous_block_that_leaves_unstorable_output_finishes_failed():
+    with (
+        pytest.raises(InputDataError),
+        BatchOperation.objects.synchronous(operationtype="x") as operation,
+    ):
+        operation.output_data = {"n": math.nan}
+    loaded = BatchOperation.objects.get(pk=operation.pk)
+    assert (loaded.status, loaded.result) == ("finished", "failed")
+    assert loaded.error["type"].endswith("InputDataError")
+
+
+def test_a_synchronous_block_whose_error_message_holds_a_nul_is_recorded():
+    """PostgreSQL refused to store such a message: the caller got that error instead of the
+    block's, and the operation stayed running."""
+    with (
+        pytest.raises(ValueError, match="a\x00b"),
+        BatchOperation.objects.synchronous(operationtype="x") as operation,
+    ):
+        raise ValueError("a\x00b\ud800")
+    error = BatchOperation.objects.get(pk=operation.pk).error
+    assert error["message"] == "a\\x00b\\ud800"  # escaped, as text
+
+
+@pytest.mark.parametrize("how", ["distinct", "annotate", "alias"])
+def test_a_queryset_delete_that_cannot_lock_rows_still_deletes(django_user_model, how):
+    """FOR UPDATE goes with neither DISTINCT nor GROUP BY (PostgreSQL): such a delete is done
+    as Django does it."""
+    from django.db.models import Count, Max
+
+    user = django_user_model.objects.create(username="u")
+    BatchOperation.objects.create_asynchronous(operationtype="x", started_by=user)
+    BatchOperation.objects.create_asynchronous(operationtype="y")
+    rows = {
+        "distinct": BatchOperation.objects.filter(started_by__username="u").distinct(),
+        "annotate": BatchOperation.objects.annotate(m=Max("started_by__id")).filter(
+            m__isnull=False
+        ),
+        "alias": BatchOperation.objects.alias(m=Count("started_by")).filter(m=1),
+    }[how]
+    _deleted, by_model = rows.delete()
+    assert by_model.get("batchframework.BatchOperation") == 1
+    assert list(BatchOperation.objects.values_list("operationtype", flat=True)) == ["y"]
 
 
 def test_finish_validates_output_data_assigned_before_it():

@@ -316,13 +316,13 @@ def test_a_time_no_database_can_store_is_refused_by_every_entry_point(pending, w
     """Such a time was stored by PostgreSQL and then broke every claim and every listing of
     the table (reading it back overflows Python's datetime); the others raised OverflowError."""
     before = BatchOperation.objects.count()
-    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+    with pytest.raises(InvalidOperationError, match="1000-01-01 to 9999-01-01"):
         enqueue("test-echo", run_after=when)
-    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+    with pytest.raises(InvalidOperationError, match="1000-01-01 to 9999-01-01"):
         enqueue("test-echo", run_after=when, replace=True, context_object=Game.objects.create())
-    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+    with pytest.raises(InvalidOperationError, match="1000-01-01 to 9999-01-01"):
         enqueue_many("test-echo", [{}, {"run_after": when}])
-    with pytest.raises(InvalidOperationError, match="1000 to 9999"):
+    with pytest.raises(InvalidOperationError, match="1000-01-01 to 9999-01-01"):
         pending.postpone(run_after=when)
     for create in (
         BatchOperation.objects.create_asynchronous,

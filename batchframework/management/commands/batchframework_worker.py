@@ -7,7 +7,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from batchframework.worker import DATABASE_ERRORS, MAX_POLL_INTERVAL, Worker
+from batchframework.conf import MAX_POLL_INTERVAL
+from batchframework.worker import DATABASE_ERRORS, Worker
 
 from ..arguments import add_database_argument, queue_name
 
