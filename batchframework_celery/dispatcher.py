@@ -4,14 +4,19 @@ Operations due within ``DISPATCH_HORIZON`` are published to their queue with an 
 their ``run_after``, carrying only ids. Operations further out are not published: the poller
 hands them to Celery as they come due, because Celery keeps ETA messages in worker memory and
 re-delivers them when they outlive the broker's visibility timeout.
+
+What publishing needs of an operation is copied from its instance (:class:`Publishable`) in the
+caller's thread, before the round is handed to the background publisher: the caller owns the
+instance and may change it meanwhile (a cancel by ``delete()`` sets its ``pk`` to ``None``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from django.utils import timezone
 
@@ -29,8 +34,32 @@ from .publish import Publisher, bounded_publishing
 CHUNK_SPREAD = timedelta(milliseconds=1)
 
 
+class Publishable(NamedTuple):
+    """What publishing needs of an operation, read from its instance once (a tuple: cheap to
+    make for each of an ``enqueue_many``'s operations)."""
+
+    pk: int
+    run_after: datetime
+    queue: str
+    #: Whether it gets a message of its own (see ``must_be_claimed_alone``).
+    alone: bool
+
+
+def publishable(operations: Iterable[BatchOperation | Publishable]) -> list[Publishable]:
+    """What publishing needs of ``operations``, without those deleted already (``pk`` is
+    ``None``: a cancel in the enqueuing transaction): a ``None`` among a message's ids would
+    make the worker reject the whole message, and with it the other operations it names."""
+    return [
+        op
+        if isinstance(op, Publishable)
+        else Publishable(op.pk, op.run_after, op.queue, must_be_claimed_alone(op))
+        for op in operations
+        if op.pk is not None
+    ]
+
+
 def chunk_by_due_time(
-    operations: Sequence[BatchOperation], size: int
+    operations: Sequence[Publishable], size: int
 ) -> list[tuple[datetime, list[int]]]:
     """Group operations (one queue) into chunks of at most ``size`` ids whose due times lie
     within :data:`CHUNK_SPREAD`; each chunk's ETA is its latest due time, so none runs early."""
@@ -71,7 +100,11 @@ class CeleryDispatcher(Dispatcher):
             # Eager mode runs the tasks here, in the caller's thread and transaction context.
             publish_operations(operations, using=using)
             return
-        bounded_publishing.run(operations, using=using, publish=_publish)
+        # Read here, in the caller's thread: the publishing thread may run after the caller
+        # has changed the instances (deleted one, say), and must not read them then.
+        copies = publishable(operations)
+        if copies:
+            bounded_publishing.run(copies, using=using, publish=_publish)
 
 
 class RelayDispatcher(CeleryDispatcher):
@@ -111,12 +144,12 @@ def _warn_if_unpolled(using: str) -> None:
         )
 
 
-def _publish(operations: Sequence[BatchOperation], using: str) -> Publisher:
+def _publish(operations: Sequence[Publishable], using: str) -> Publisher:
     return publish_operations(operations, using=using)
 
 
 def publish_operations(
-    operations: Sequence[BatchOperation],
+    operations: Sequence[BatchOperation | Publishable],
     *,
     using: str | None = None,
     horizon: timedelta | None = None,
@@ -124,14 +157,14 @@ def publish_operations(
 ) -> Publisher:
     """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``) of ``now``
     (default: this process's clock), which are stored in ``using`` (default: the router's write
-    database for operations)."""
+    database for operations). Instances whose ``pk`` is ``None`` (deleted) are left out."""
     from .tasks import MAX_IDS_PER_MESSAGE, run_operations
 
     settings = get_settings()
     now = now or timezone.now()
     limit = now + (horizon if horizon is not None else settings.DISPATCH_HORIZON)
-    by_queue: dict[str, list[BatchOperation]] = defaultdict(list)
-    for operation in operations:
+    by_queue: dict[str, list[Publishable]] = defaultdict(list)
+    for operation in publishable(operations):
         if operation.run_after <= limit:
             by_queue[operation.queue].append(operation)
     # Always named: a message without it means the worker's router's choice, which need not be
@@ -143,9 +176,9 @@ def publish_operations(
         for queue, queued in by_queue.items():
             # One to be claimed alone gets a message of its own: a claim stops before it, so in
             # a shared message it and those after it would wait for the poller's drain.
-            alone = [op for op in queued if must_be_claimed_alone(op)]
+            alone = [op for op in queued if op.alone]
             if alone:
-                queued = [op for op in queued if not must_be_claimed_alone(op)]
+                queued = [op for op in queued if not op.alone]
             # Operations already due need no ETA: they share chunks whatever their due times.
             due_now = [op.pk for op in queued if op.run_after <= now]
             chunks = [(now, due_now[i : i + size]) for i in range(0, len(due_now), size)]

@@ -8,7 +8,20 @@ costs the caller at most one failed connection attempt.
 ``retry=False`` alone is not enough: kombu connects a producer's connection with its own retry
 loop (sleeping 2 s, 4 s, ... until ``broker_connection_timeout``, 4 s by default), whatever the
 publish's ``retry`` says. So the connection is established here first, with one immediate retry
-(for a stale pooled connection) and a deadline of ``PUBLISH_TIMEOUT``.
+and a deadline of ``PUBLISH_TIMEOUT``.
+
+A connection taken open from kombu's pool may have died while it waited there: the broker
+restarted, or the network closed it after an idle timeout (Redis ``timeout``, a load balancer).
+kombu does not know until it is used. So a round whose pooled connection fails replaces it once
+(``publish_reconnect``) and sends again what it had not yet sent, before it counts the broker as
+down; a message sent twice only finds its operation claimed. On AMQP a publish is a write that
+nobody answers (without publisher confirms), and the first one on a connection the broker
+closed seems to succeed: what has arrived on such a connection is read first, without waiting,
+which finds the close in microseconds. What that cannot find is a close that comes only after
+the write (a load balancer or NAT that forgot the connection answers its next packet with a
+reset) or never (a network that drops it silently): that message is the poller's, unless
+publisher confirms (kombu's ``confirm_publish``) make the publish answered by a reset fail, and
+so be made again.
 
 A round's messages share that one producer, and on Redis one pipelined write at the round's
 end (kombu's ``Producer.batch``, kombu 5.7+) instead of one Redis client and round trip
@@ -29,7 +42,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack, suppress
 from datetime import datetime
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from amqp.exceptions import NotFound
 from celery import Task
@@ -43,6 +56,8 @@ from batchframework.signals import log_event
 #: (RabbitMQ), kombu's ``ChannelError`` (virtual transports such as Redis, for an empty queue).
 _NO_SUCH_QUEUE: tuple[type[BaseException], ...] = (NotFound, ChannelError)
 
+_T = TypeVar("_T")
+
 # Errors that mean "the broker can't be reached now": stop publishing this round.
 BROKER_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     OperationalError,
@@ -50,6 +65,16 @@ BROKER_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+
+class _Message(NamedTuple):
+    """A message as the round was asked to publish it, kept until it is known to be sent: it is
+    given to the producer again if the round's connection has to be replaced."""
+
+    task: Task
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
 
 
 class Publisher:
@@ -68,7 +93,11 @@ class Publisher:
         self._round: ExitStack | None = None
         self._producer: Any = None
         self._batch: Any = None
-        self._buffered = 0
+        #: Messages given to the batch, not yet known to be sent (it sends when the round ends).
+        self._unsent: list[_Message] = []
+        #: Whether the round's connection came open from the pool and has not been replaced:
+        #: then a failure may only mean that it died there, not that the broker is down.
+        self._pooled = False
         self._failure: BaseException | None = None
         self._declared: set[str] = set()
         self._always_eager: bool | None = None
@@ -78,21 +107,19 @@ class Publisher:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        round_, self._round = self._round, None
-        batch, self._batch, self._producer = self._batch, None, None
-        assert round_ is not None
+        assert self._round is not None
         try:
-            if batch is not None:
-                if exc_info[0] is None and self._failure is not None:
-                    exc_info = (type(self._failure), self._failure, None)
-                try:
-                    batch.__exit__(*exc_info)  # sends what it buffered; discards after a failure
-                except BROKER_DOWN_ERRORS as exc:
-                    self._broker_failed(exc, self._buffered, task=None, queue=None)
-                else:
-                    self.published += self._buffered
-                self._buffered = 0
+            if self._batch is not None:
+                error = exc_info[1] if isinstance(exc_info[1], BaseException) else self._failure
+                if error is None:
+                    self._send_batch()
+                else:  # discards what it buffered
+                    self.failed += len(self._unsent)
+                    self._unsent.clear()
+                    self._close_batch(error)
         finally:
+            round_, self._round = self._round, None
+            self._batch = self._producer = None
             round_.close()  # the producer goes back to the pool
 
     def publish(
@@ -120,19 +147,14 @@ class Publisher:
         }
         if expires is not None:
             options["expires"] = expires
+        message = _Message(task, args, kwargs, options)
         try:
             if self._eager(task):  # runs locally: no broker to connect to
                 task.apply_async(args=args, kwargs=kwargs, **options)
             else:
-                options["producer"] = self._round_producer(task)
-                if queue in self._declared:
-                    # Declared by this round's first message to it: kombu would copy and bind
-                    # the queue again per message just to find it in its declaration cache.
-                    options["declare"] = []
-                task.apply_async(args=args, kwargs=kwargs, **options)
-                self._declared.add(queue)
+                self._on_pooled_connection(lambda: self._send(message))
                 if self._batch is not None:
-                    self._buffered += 1  # counted as published once the batch is sent
+                    self._unsent.append(message)  # counted as published once the batch is sent
                     return True
         except QueueNotFound as exc:
             # A configuration error about this queue only (``task_create_missing_queues`` off
@@ -150,8 +172,7 @@ class Publisher:
             return False
         except BROKER_DOWN_ERRORS as exc:
             # A batch that failed (flushing early when full) lost its buffered messages too.
-            lost, self._buffered = self._buffered, 0
-            self._broker_failed(exc, 1 + lost, task=task.name, queue=queue)
+            self._broker_failed(exc, 1, task=task.name, queue=queue)
             return False
         self.published += 1
         return True
@@ -162,16 +183,7 @@ class Publisher:
         if self.broker_down or self._eager(task):
             return None
         try:
-            connection = self._round_producer(task).connection
-            # A channel of its own: AMQP closes a channel whose passive declare fails.
-            channel = connection.channel()
-            try:
-                return int(channel.queue_declare(queue=queue, passive=True).message_count)
-            finally:
-                with suppress(Exception):
-                    channel.close()
-        except _NO_SUCH_QUEUE:
-            return 0  # never declared, or (Redis) emptied: nothing waits in it
+            return self._on_pooled_connection(lambda: self._message_count(task, queue))
         except BROKER_DOWN_ERRORS as exc:
             self._broker_failed(exc, 0, task=task.name, queue=queue)  # the round publishes no more
             return None
@@ -179,31 +191,113 @@ class Publisher:
             log_event(logging.DEBUG, "queue_size_unknown", queue=queue, error=repr(exc))
             return None
 
+    def _message_count(self, task: Task, queue: str) -> int:
+        connection = self._round_producer(task).connection
+        # A channel of its own: AMQP closes a channel whose passive declare fails.
+        channel = connection.channel()
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except _NO_SUCH_QUEUE:
+            return 0  # never declared, or (Redis) emptied: nothing waits in it
+        finally:
+            with suppress(Exception):
+                channel.close()
+
     def _eager(self, task: Task) -> bool:
         # Read once per round: a lookup in Celery's configuration costs tens of microseconds.
         if self._always_eager is None:
             self._always_eager = bool(task.app.conf.task_always_eager)
         return self._always_eager
 
+    def _send(self, message: _Message) -> None:
+        """Give ``message`` to the round's producer (in a batch: sent when the round ends)."""
+        task, queue = message.task, message.options["queue"]
+        options = {**message.options, "producer": self._round_producer(task)}
+        if queue in self._declared:
+            # Declared by this round's first message to it: kombu would copy and bind the
+            # queue again per message just to find it in its declaration cache.
+            options["declare"] = []
+        task.apply_async(args=message.args, kwargs=message.kwargs, **options)
+        self._declared.add(queue)
+
+    def _on_pooled_connection(self, action: Callable[[], _T]) -> _T:
+        """Run ``action``; when it fails on a connection that came open from the pool, which
+        may have died there, replace the connection, give the producer again what it has not
+        sent (a failed batch lost it), and run ``action`` once more. A message that did get
+        through before the failure is then sent twice, which is harmless (claims are atomic);
+        one lost to a stale connection would cost its operation a poll interval."""
+        try:
+            return action()
+        except BROKER_DOWN_ERRORS as exc:
+            if not self._pooled:
+                raise  # a connection made by this round: the broker is down
+            log_event(
+                logging.INFO,
+                "publish_reconnect",
+                reason="failed on a pooled connection",
+                error=repr(exc),
+                unsent=len(self._unsent),
+            )
+            self._replace_connection()
+            for message in self._unsent:
+                self._send(message)
+            return action()
+
     def _round_producer(self, task: Task) -> Any:
         """The round's producer (connected), inside a kombu publish batch where supported."""
         if self._round is None:
             raise RuntimeError("Publish inside `with Publisher() as publisher:`.")
         if self._producer is None:
-            producer = self._round.enter_context(task.app.producer_or_acquire())
-            _connect(producer.connection)
-            self._producer = producer
-            if getattr(producer, "supports_batch_publish", False):
-                batch = producer.batch()
-                batch.__enter__()
-                self._batch = batch
+            self._producer = self._round.enter_context(task.app.producer_or_acquire())
+            connection = self._producer.connection
+            self._pooled = bool(connection.connected)
+            if self._pooled and _closed_while_pooled(connection):
+                log_event(logging.INFO, "publish_reconnect", reason="closed while pooled")
+                self._replace_connection()
+            else:
+                _connect(connection)
+                self._start_batch()
         return self._producer
 
+    def _replace_connection(self) -> None:
+        """Give up the round's connection and connect afresh; its batch (if any) is discarded.
+        Once per round: a new connection that fails means the broker is down."""
+        self._pooled = False
+        self._close_batch(ConnectionError("the round's connection is replaced"))
+        connection = self._producer.connection
+        connection.collect()  # drop its sockets without a word to the broker, as kombu's ensure()
+        _connect(connection)
+        self._producer.revive(connection)
+        self._declared.clear()  # the new connection has declared nothing
+        self._start_batch()
+
+    def _start_batch(self) -> None:
+        if getattr(self._producer, "supports_batch_publish", False):
+            batch = self._producer.batch()
+            batch.__enter__()
+            self._batch = batch
+
+    def _close_batch(self, error: BaseException | None) -> None:
+        """Leave the round's batch: send what it buffered or, given an ``error``, discard it."""
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.__exit__(type(error) if error else None, error, None)
+
+    def _send_batch(self) -> None:
+        try:
+            self._on_pooled_connection(lambda: self._close_batch(None))
+        except BROKER_DOWN_ERRORS as exc:
+            self._broker_failed(exc, 0, task=None, queue=None)
+        else:
+            self.published += len(self._unsent)
+            self._unsent.clear()
+
     def _broker_failed(
-        self, exc: BaseException, count: int, *, task: str | None, queue: str | None
+        self, exc: BaseException, in_hand: int, *, task: str | None, queue: str | None
     ) -> None:
         # Messages buffered in a failed batch may or may not have reached the broker; a
         # duplicate is harmless (claims are atomic) and a lost one is the poller's.
+        count, self._unsent = in_hand + len(self._unsent), []
         self.broker_down = True
         self._failure = exc
         self.failed += count
@@ -225,7 +319,8 @@ def _short_repr(value: Any, maxsize: int) -> str:
 
 def _connect(connection: Any) -> None:
     """Make sure ``connection`` is up: one attempt and one immediate retry, within
-    ``PUBLISH_TIMEOUT``, instead of kombu's default retry loop with sleeps."""
+    ``PUBLISH_TIMEOUT``, instead of kombu's default retry loop with sleeps. (A connection kombu
+    believes open is taken as it is: see :meth:`Publisher._on_pooled_connection`.)"""
     connection.ensure_connection(
         max_retries=1,
         interval_start=0,
@@ -233,6 +328,27 @@ def _connect(connection: Any) -> None:
         interval_max=0,
         timeout=get_settings().PUBLISH_TIMEOUT.total_seconds(),
     )
+
+
+def _closed_while_pooled(connection: Any) -> bool:
+    """Whether the broker, or the network, closed this open AMQP connection while it waited
+    in the pool.
+
+    An AMQP publish is a write that nobody answers (without publisher confirms): the first
+    one on a connection closed meanwhile seems to succeed, and is lost. Reading what has
+    arrived, without waiting, finds the close (the broker's ``Connection.Close``, the end of the
+    stream, a reset) in microseconds. Other transports (Redis) answer every publish, so a dead
+    connection fails the publish itself, which is then made again on a new one.
+    """
+    if connection.transport.driver_type != "amqp":
+        return False
+    try:
+        connection.drain_events(timeout=0)
+    except TimeoutError:  # socket.timeout
+        return False  # nothing arrived: open, as far as can be told without a round trip
+    except connection.connection_errors + connection.channel_errors:
+        return True
+    return False  # an event arrived and was handled (such as connection.blocked)
 
 
 #: A job of the publishing thread: its future, and a function with its arguments.

@@ -21,6 +21,7 @@ from django.conf import settings as django_settings
 from django.db import InterfaceError, OperationalError, connections
 
 from batchframework.clock import NOISE, database_now, now_expression
+from batchframework.conf import is_queue_name
 from batchframework.engine import BatchRunner, claim_due, write_alias
 from batchframework.models import BatchOperation
 from batchframework.signals import log_event
@@ -33,6 +34,11 @@ T = TypeVar("T")
 #: Most ids one message may name; larger messages are refused as malformed, so the dispatcher
 #: never sends more in one, whatever ``BATCH_SIZE`` says.
 MAX_IDS_PER_MESSAGE = 10_000
+
+#: The largest id an operation can have (``BigAutoField``: a signed 64-bit integer on every
+#: supported database). A larger one would fail the claim's query (SQLite: ``OverflowError``),
+#: and with it the valid ids of its message.
+MAX_ID = 2**63 - 1
 
 #: How long a ``run_operations`` message waits for operations it names that are not due yet.
 #: Celery fires an ETA by the worker's clock, and the claim judges "due" by the database's: a
@@ -54,8 +60,8 @@ def _valid_alias(using: Any) -> str | None:
 def _valid_ids(ids: Any) -> list[int]:
     if not isinstance(ids, list) or not 0 < len(ids) <= MAX_IDS_PER_MESSAGE:
         raise ValueError(f"ids must be a non-empty list of at most {MAX_IDS_PER_MESSAGE} integers")
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
-        raise ValueError("ids must be positive integers")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in ids):
+        raise ValueError(f"ids must be integers from 1 to {MAX_ID}")
     return ids
 
 
@@ -204,7 +210,7 @@ def _stopping(task: str) -> bool:
 @shared_task(name=DRAIN_TASK, ignore_result=True)
 def drain(queue: Any, using: Any = None) -> int:
     """Claim one batch of due operations of ``queue`` and run them."""
-    if not isinstance(queue, str) or not queue or len(queue) > 100:
+    if not is_queue_name(queue):  # as enqueue checks it: a NUL would fail PostgreSQL's query
         log_event(logging.ERROR, "message_rejected", task=DRAIN_TASK, reason="bad queue name")
         return 0
     try:

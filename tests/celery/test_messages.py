@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from datetime import datetime, timedelta
 
 import pytest
@@ -18,7 +19,7 @@ from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework_celery.dispatcher import publish_operations
 from batchframework_celery.poller import poll_once
 from batchframework_celery.publish import bounded_publishing
-from batchframework_celery.tasks import DRAIN_TASK, RUN_OPERATIONS_TASK, run_operations
+from batchframework_celery.tasks import DRAIN_TASK, RUN_OPERATIONS_TASK, drain, run_operations
 
 from .conftest import CELERY_DISPATCHER, NO_DISPATCH
 
@@ -156,3 +157,84 @@ def test_postponing_a_stale_instance_sends_what_the_database_holds(purge_broker)
         run_operations(*message["args"], **message["kwargs"])
     ran = BatchOperation.objects.filter(pk__in=[stale.pk, other.pk])
     assert {op.result for op in ran} == {BatchOperation.RESULT_SUCCESSFUL}
+
+
+def test_an_operation_cancelled_in_its_enqueuing_transaction_is_left_out_of_the_chunk(
+    celery_dispatch,
+):
+    """Deleting an operation in the transaction that enqueued it sets the instance's ``pk`` to
+    ``None`` before the round publishes, at commit. It is left out of the chunk message: a
+    ``None`` among the ids would make the worker reject the whole message, and the chunk's
+    other operations would wait for the poller."""
+    broker = celery_dispatch
+    with transaction.atomic():
+        ops = enqueue_many("test-noop", [{} for _ in range(3)])
+        ops[1].delete()
+    kept = sorted([ops[0].pk, ops[2].pk])
+    found = messages(broker)
+    assert [sorted(m["args"][0]) for m in found] == [kept]
+    for message in found:
+        assert run_operations(*message["args"], **message["kwargs"]) == 2
+    ran = BatchOperation.objects.filter(pk__in=kept)
+    assert {op.result for op in ran} == {BatchOperation.RESULT_SUCCESSFUL}
+
+
+def test_publishing_in_the_background_reads_no_instance_after_enqueue_returned(
+    purge_broker, monkeypatch, caplog
+):
+    """``PUBLISH_IN_BACKGROUND`` publishes after ``enqueue`` returned, and the caller may have
+    cancelled (deleted) the operation by then: the round publishes what the instances held at
+    commit, not what they hold when it runs. The cancelled operation's message claims nothing;
+    the one it shares with another still runs that one."""
+    broker = purge_broker
+    caplog.set_level(logging.INFO, logger="batchframework")
+    # The round waits a moment for more enqueues to share its message; here long enough for
+    # the cancel below to come first, as it may in any busy process.
+    monkeypatch.setattr(bounded_publishing, "LINGER_SECONDS", 0.3)
+    background = {**CELERY_DISPATCHER, "PUBLISH_IN_BACKGROUND": True}
+    with override_settings(BATCHFRAMEWORK=background):
+        keep = enqueue("test-noop")
+        cancelled = enqueue("test-noop")
+        cancelled_pk = cancelled.pk
+        cancelled.delete()
+        bounded_publishing.drain()
+    found = messages(broker)
+    assert [sorted(m["args"][0]) for m in found] == [sorted([keep.pk, cancelled_pk])]
+    for message in found:
+        assert run_operations(*message["args"], **message["kwargs"]) == 1
+    keep.refresh_from_db()
+    assert keep.result == BatchOperation.RESULT_SUCCESSFUL
+    assert not [r for r in caplog.records if "event=message_rejected" in r.getMessage()]
+
+
+def test_a_message_naming_an_id_no_operation_can_have_is_rejected_and_runs_nothing(caplog):
+    """Ids must fit the id column (a signed 64-bit integer): one beyond it would fail the
+    claim's query (SQLite: ``OverflowError``). The message is rejected with a log line, as
+    one with any other malformed id; the largest id there can be is still accepted."""
+    caplog.set_level(logging.ERROR, logger="batchframework")
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        op = enqueue("test-noop")
+    assert run_operations([op.pk, 2**63]) == 0
+    rejected = [
+        r.getMessage() for r in caplog.records if "event=message_rejected" in r.getMessage()
+    ]
+    assert len(rejected) == 1 and "ids must be integers from 1 to" in rejected[0], rejected
+    assert BatchOperation.objects.unprocessed().filter(pk=op.pk).exists()
+
+    assert run_operations([op.pk, 2**63 - 1]) == 1
+    op.refresh_from_db()
+    assert op.result == BatchOperation.RESULT_SUCCESSFUL
+
+
+def test_a_drain_message_naming_a_queue_with_a_nul_is_rejected(caplog):
+    """A queue name ``enqueue`` would refuse (here with a NUL, which PostgreSQL refuses in a
+    query) is rejected with a log line, not run into a database error."""
+    caplog.set_level(logging.ERROR, logger="batchframework")
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        op = enqueue("test-noop")
+    assert drain(f"{op.queue}\x00") == 0
+    rejected = [
+        r.getMessage() for r in caplog.records if "event=message_rejected" in r.getMessage()
+    ]
+    assert len(rejected) == 1 and "bad queue name" in rejected[0], rejected
+    assert BatchOperation.objects.unprocessed().filter(pk=op.pk).exists()
