@@ -154,7 +154,8 @@ class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
         signal receiver) it reads the rows first and deletes them by id: a worker could claim
         an operation in between, and ``.unprocessed().delete()`` would delete a running one —
         a cancel that silently came too late (invariant 3). So in that case the rows are
-        locked as they are read (re-checking the filter), and a claim skips them.
+        locked as they are read (re-checking the filter), and a claim skips them. Not when the
+        filter is on an aggregate (``annotate(Count(...))``): databases lock no grouped rows.
         """
         locking = self.select_for_update()
         alias = locking.db  # for a write, as select_for_update() marks it
@@ -162,13 +163,16 @@ class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
             self.query.is_sliced
             or cast(Any, self)._fields is not None  # after values(): Django's own error
             or Collector(using=alias, origin=self).can_fast_delete(self)
-            # FOR UPDATE can't go with these (PostgreSQL): deleted as Django does, unlocked.
-            or self.query.distinct
+            # FOR UPDATE can't go with GROUP BY (PostgreSQL): a filter on an aggregate is
+            # deleted as Django deletes it, unlocked.
             or self.query.group_by is not None
         ):
             return super().delete()
         if connections[alias].features.has_select_for_update_of:
             locking = self.select_for_update(of=("self",))  # not rows of joined tables
+        # Nor can FOR UPDATE go with DISTINCT; a delete takes the same rows without it (Django
+        # refuses distinct(*fields) before this).
+        locking.query.distinct = False
         deleted, by_model = 0, Counter[str]()
         # A savepoint in a caller's transaction: a refused delete (a PROTECT key) leaves it
         # usable, as Django's own refusal before deleting does.

@@ -271,7 +271,9 @@ def handler(
 def _is_async(fn: Callable[..., Any]) -> bool:
     """Whether calling ``fn`` returns a coroutine or an async generator: an ``async def``
     function (``functools.partial`` of one included), or an object whose ``__call__`` is one."""
-    call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else type(fn).__call__
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    call = fn if inspect.isroutine(fn) else type(fn).__call__
     return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
 
 

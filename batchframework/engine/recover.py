@@ -39,8 +39,9 @@ def recover_expired(
     was claimed in a batch goes back without the attempt being counted (the worker may have
     died running another one of the batch), marked to be claimed alone from now on. Every
     operation that goes back is marked so: if it killed its worker, the next death is its own.
-    An operation claimed alone whose operationtype has no handler here is never failed: only a
-    process that has the handler knows whether its attempts are spent, so it goes back.
+    An operation claimed alone whose operationtype has no handler here goes back too, its
+    attempt not counted: only a process that has the handler knows whether its attempts are
+    spent (and a claim does not ask).
     Returns how many were recovered. A constant number of statements per call.
     """
     alias = write_alias(using)
@@ -56,18 +57,17 @@ def recover_expired(
         uncounted: list[Any] = []  # held in a batch: maybe never started
         retry: list[Any] = []
         spent: list[Any] = []
-        unknown = 0  # of ``retry``: without a handler here
+        unjudged: list[Any] = []  # no handler here to judge its attempts by
         for pk, operationtype, attempts, claimed_by in rows:
             if claimed_by.endswith(BATCH_SUFFIX):
                 uncounted.append(pk)
                 continue
             registered = registry.get(operationtype)
             if registered is None:
-                # Whether its attempts are spent is for a process that knows its handler (one
-                # of a newer release, during a rolling deploy): back to unprocessed, attempt
-                # counted, where only such a process claims it.
-                retry.append(pk)
-                unknown += 1
+                # Whether its attempts are spent is for a process that has its handler (one of
+                # a newer release, during a rolling deploy), which only claims: back to
+                # unprocessed, the attempt not counted, as for an operation held in a batch.
+                unjudged.append(pk)
             elif attempts < registered.resolved_max_attempts():
                 retry.append(pk)
             else:
@@ -85,6 +85,18 @@ def recover_expired(
                 run_after=now_expression(now),
                 last_error=Concat(
                     Value(_lost_message("held in a batch; retried alone, attempt not counted")),
+                    "claimed_by",
+                ),
+                claimed_by=ISOLATED,
+                lease_expires_at=None,
+            )
+        if unjudged:
+            recovered += manager.filter(pk__in=unjudged, **still_expired).update(
+                status=BatchOperation.STATUS_UNPROCESSED,
+                attempts=F("attempts") - 1,
+                run_after=now_expression(now),
+                last_error=Concat(
+                    Value(_lost_message("no handler where it was recovered; attempt not counted")),
                     "claimed_by",
                 ),
                 claimed_by=ISOLATED,
@@ -123,6 +135,6 @@ def recover_expired(
             retried_alone=len(retry),
             batch_held_uncounted=len(uncounted),
             failed=len(spent),
-            without_handler=unknown,
+            without_handler=len(unjudged),
         )
     return recovered

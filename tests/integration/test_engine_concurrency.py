@@ -284,7 +284,8 @@ def test_a_claim_by_id_keeps_a_mark_to_be_claimed_alone_set_meanwhile(monkeypatc
         assert (marked, outcome, row.claimed_by) == ([0], RunOutcome.RETRY_SCHEDULED, "")
 
 
-def test_a_queryset_delete_of_pending_operations_never_deletes_one_claimed_meanwhile():
+@pytest.mark.parametrize("distinct", [False, True])
+def test_a_queryset_delete_of_pending_operations_never_deletes_one_claimed_meanwhile(distinct):
     """With something pointing at BatchOperation (here a delete receiver; a foreign key does
     the same), Django reads the rows, then deletes them by id. A claim in between ran the
     handler of an operation ``.unprocessed().delete()`` then deleted: a cancel that came too
@@ -302,7 +303,8 @@ def test_a_queryset_delete_of_pending_operations_never_deletes_one_claimed_meanw
 
     pre_delete.connect(claim_meanwhile, sender=BatchOperation)
     try:
-        deleted, _ = BatchOperation.objects.unprocessed().filter(pk=op.pk).delete()
+        pending = BatchOperation.objects.unprocessed().filter(pk=op.pk)
+        deleted, _ = (pending.distinct() if distinct else pending).delete()
     finally:
         pre_delete.disconnect(claim_meanwhile, sender=BatchOperation)
     threads.join(timeout=30)
