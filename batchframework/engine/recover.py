@@ -78,30 +78,21 @@ def recover_expired(
             "lease_expires_at__lt": now_expression(now),
         }
         recovered = 0
-        if uncounted:
-            recovered += manager.filter(pk__in=uncounted, **still_expired).update(
-                status=BatchOperation.STATUS_UNPROCESSED,
-                attempts=F("attempts") - 1,
-                run_after=now_expression(now),
-                last_error=Concat(
-                    Value(_lost_message("held in a batch; retried alone, attempt not counted")),
-                    "claimed_by",
-                ),
-                claimed_by=ISOLATED,
-                lease_expires_at=None,
-            )
-        if unjudged:
-            recovered += manager.filter(pk__in=unjudged, **still_expired).update(
-                status=BatchOperation.STATUS_UNPROCESSED,
-                attempts=F("attempts") - 1,
-                run_after=now_expression(now),
-                last_error=Concat(
-                    Value(_lost_message("no handler where it was recovered; attempt not counted")),
-                    "claimed_by",
-                ),
-                claimed_by=ISOLATED,
-                lease_expires_at=None,
-            )
+        # Put back with the attempt not counted: held in a batch (maybe never started), or
+        # without a handler here to judge its attempts by.
+        for ids, why in (
+            (uncounted, "held in a batch; retried alone, attempt not counted"),
+            (unjudged, "no handler where it was recovered; attempt not counted"),
+        ):
+            if ids:
+                recovered += manager.filter(pk__in=ids, **still_expired).update(
+                    status=BatchOperation.STATUS_UNPROCESSED,
+                    attempts=F("attempts") - 1,
+                    run_after=now_expression(now),
+                    last_error=Concat(Value(_lost_message(why)), "claimed_by"),
+                    claimed_by=ISOLATED,
+                    lease_expires_at=None,
+                )
         if retry:
             recovered += manager.filter(pk__in=retry, **still_expired).update(
                 status=BatchOperation.STATUS_UNPROCESSED,

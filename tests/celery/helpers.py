@@ -3,11 +3,14 @@ the tests' Celery app to another broker, and the environment of worker/beat subp
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 from unittest import mock
 from urllib.parse import quote
@@ -206,3 +209,23 @@ def add_postgresql_alias(alias: str, change: Callable[[dict[str, Any]], None]) -
         settings.DATABASES[alias] = copied
         connections.configure_settings(settings.DATABASES)
     return True
+
+
+def waiting_messages(broker, queue: str = "default") -> list[dict]:
+    """The messages waiting in ``queue`` on Redis, oldest first: task name, ETA, expiry, the
+    positional and keyword arguments."""
+    found = []
+    for raw in reversed(broker.redis.lrange(queue, 0, -1)):  # kombu LPUSHes, workers BRPOP
+        message = json.loads(raw)
+        args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        headers = message["headers"]
+        found.append(
+            {
+                "task": headers["task"],
+                "eta": headers.get("eta") and datetime.fromisoformat(headers["eta"]),
+                "expires": headers.get("expires") and datetime.fromisoformat(headers["expires"]),
+                "args": args,
+                "kwargs": kwargs,
+            }
+        )
+    return found

@@ -4,10 +4,8 @@ the tables the poller works on are migrated."""
 
 from __future__ import annotations
 
-import base64
 import io
-import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
@@ -21,6 +19,7 @@ from batchframework_celery.poller import poll_once
 from batchframework_celery.tasks import DRAIN_TASK
 
 from .conftest import NO_DISPATCH
+from .helpers import waiting_messages
 
 pytestmark = [pytest.mark.celery, pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -65,24 +64,6 @@ def test_a_changed_poll_interval_below_a_second_updates_the_registered_schedule(
     assert PeriodicTask.objects.filter(name=PERIODIC_TASK_NAME).count() == 1
 
 
-def _waiting_messages(broker, queue: str = "default") -> list[dict]:
-    """The messages waiting in ``queue`` on Redis, oldest first: task name, ETA, expiry, args."""
-    found = []
-    for raw in reversed(broker.redis.lrange(queue, 0, -1)):  # kombu LPUSHes, workers BRPOP
-        message = json.loads(raw)
-        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        headers = message["headers"]
-        found.append(
-            {
-                "task": headers["task"],
-                "eta": headers.get("eta") and datetime.fromisoformat(headers["eta"]),
-                "expires": headers.get("expires") and datetime.fromisoformat(headers["expires"]),
-                "args": args,
-            }
-        )
-    return found
-
-
 def test_an_operation_due_just_before_the_next_registered_tick_gets_its_eta_message(
     purge_broker,
 ):
@@ -96,7 +77,7 @@ def test_an_operation_due_just_before_the_next_registered_tick_gets_its_eta_mess
         op = enqueue("test-noop", delay=tick - timedelta(milliseconds=20))
         counts = poll_once()
     assert counts["scheduled"] == 1, counts
-    [message] = _waiting_messages(broker)
+    [message] = waiting_messages(broker)
     assert message["args"] == [[op.pk]] and message["eta"] == op.run_after
 
 
@@ -111,7 +92,7 @@ def test_the_pollers_drains_outlive_the_next_registered_tick(purge_broker):
         before = timezone.now()
         assert poll_once()["drain_messages"] == 1
         after = timezone.now()
-    [drain] = _waiting_messages(broker)
+    [drain] = waiting_messages(broker)
     assert drain["task"] == DRAIN_TASK
     assert before + 2 * tick <= drain["expires"] <= after + 2 * tick
 

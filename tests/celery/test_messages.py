@@ -5,10 +5,8 @@ could hide it."""
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from django.db import transaction
@@ -22,28 +20,9 @@ from batchframework_celery.publish import bounded_publishing
 from batchframework_celery.tasks import DRAIN_TASK, RUN_OPERATIONS_TASK, drain, run_operations
 
 from .conftest import CELERY_DISPATCHER, NO_DISPATCH
+from .helpers import waiting_messages as messages
 
 pytestmark = [pytest.mark.celery, pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
-
-
-def messages(broker, queue: str = "default") -> list[dict]:
-    """The messages waiting in ``queue`` on Redis, oldest first: task name, ETA, expiry, the
-    positional and keyword arguments."""
-    found = []
-    for raw in reversed(broker.redis.lrange(queue, 0, -1)):  # kombu LPUSHes, workers BRPOP
-        message = json.loads(raw)
-        args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        headers = message["headers"]
-        found.append(
-            {
-                "task": headers["task"],
-                "eta": headers.get("eta") and datetime.fromisoformat(headers["eta"]),
-                "expires": headers.get("expires") and datetime.fromisoformat(headers["expires"]),
-                "args": args,
-                "kwargs": kwargs,
-            }
-        )
-    return found
 
 
 def test_the_pollers_drain_messages_expire_after_two_poll_intervals(purge_broker):
