@@ -7,7 +7,6 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.utils.module_loading import import_string
 
 from .conf import BatchframeworkSettings, get_settings
 
@@ -110,12 +109,12 @@ def check_sqlite_transaction_mode(
 
 
 def _dispatcher_problem(path: str) -> str | None:
-    from .dispatch import Dispatcher
+    from .dispatch import load_dispatcher_class
 
     try:
-        found = import_string(path)
+        load_dispatcher_class(path)
     except ImportError as exc:
         return f"cannot be imported: {exc}"
-    if not (isinstance(found, type) and issubclass(found, Dispatcher)):
+    except ImproperlyConfigured:
         return "is not a Dispatcher subclass."
     return None

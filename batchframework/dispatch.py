@@ -127,14 +127,19 @@ def dispatcher_path() -> str:
 @functools.cache
 def get_dispatcher() -> Dispatcher:
     """The configured dispatcher instance (cached until settings change)."""
-    path = dispatcher_path()
-    dispatcher_class: Any = import_string(path)
-    if not (isinstance(dispatcher_class, type) and issubclass(dispatcher_class, Dispatcher)):
+    return load_dispatcher_class(dispatcher_path())()
+
+
+def load_dispatcher_class(path: str) -> type[Dispatcher]:
+    """The dispatcher class at ``path``: ``ImportError`` if it can't be imported,
+    ``ImproperlyConfigured`` if it is not a :class:`Dispatcher` subclass."""
+    found: Any = import_string(path)
+    if not (isinstance(found, type) and issubclass(found, Dispatcher)):
         raise ImproperlyConfigured(
             f"BATCHFRAMEWORK['DISPATCHER'] = {path!r} is not a "
             "batchframework.dispatch.Dispatcher subclass."
         )
-    return dispatcher_class()
+    return found
 
 
 @receiver(setting_changed)
