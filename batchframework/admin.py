@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets, quote
-from django.contrib.auth import get_user_model
+from django.contrib.auth import get_permission_codename, get_user_model
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseRedirect
@@ -15,8 +15,8 @@ from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from .engine import CancelOutcome
-from .models import BatchOperation
+from .engine import CancelOutcome, fail_abandoned
+from .models import BatchOperation, BatchOperationQuerySet
 
 if TYPE_CHECKING:
     from django.utils.functional import _StrOrPromise as StrOrPromise
@@ -84,7 +84,7 @@ class BatchOperationAdmin(admin.ModelAdmin):
         "last_error",
     )
     list_select_related = ("started_by", "context_content_type")
-    actions = ["cancel_selected", "delete_finished_selected"]
+    actions = ["cancel_selected", "delete_finished_selected", "fail_abandoned_selected"]
     fieldsets = (
         (None, {"fields": ("operationtype", "status", "result", "context_link", "started_by")}),
         (
@@ -126,6 +126,12 @@ class BatchOperationAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Viewing needs view/change permission; nothing is editable (status is the engine's).
         return False
+
+    def has_abandon_permission(self, request: HttpRequest) -> bool:
+        # Recording an outcome is a change, though the change form edits nothing.
+        opts = self.opts
+        codename = get_permission_codename("change", opts)
+        return request.user.has_perm(f"{opts.app_label}.{codename}")
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # A running operation is never deleted from under its worker (cancel is refused too).
@@ -276,3 +282,31 @@ class BatchOperationAdmin(admin.ModelAdmin):
             request, _("Deleted %(n)d finished operation(s).") % {"n": deleted}, messages.INFO
         )
         return None
+
+    @admin.action(
+        description=_("Mark selected abandoned synchronous operations as failed"),
+        permissions=["abandon"],
+    )
+    def fail_abandoned_selected(
+        self, request: HttpRequest, queryset: BatchOperationQuerySet
+    ) -> None:
+        # Only running operations no worker claimed can be abandoned: a worker's are recovered
+        # when their lease expires. Whether the process running one is gone is the user's call.
+        marked = fail_abandoned(
+            queryset,
+            reason=_(
+                "Marked abandoned in the admin by %(user)s: the process running it stopped "
+                "without finishing it."
+            )
+            % {"user": request.user.get_username()},
+        )
+        skipped = queryset.count() - marked
+        self.message_user(
+            request,
+            _(
+                "Marked %(n)d operation(s) as failed; %(m)d were left as they are (only running "
+                "operations that no worker claimed can be marked abandoned)."
+            )
+            % {"n": marked, "m": skipped},
+            messages.INFO if not skipped else messages.WARNING,
+        )

@@ -224,6 +224,12 @@ class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
         """Running operations whose claim has lapsed: their worker is presumed lost."""
         return self.running().filter(lease_expires_at__lt=now_expression(now))
 
+    def running_unclaimed(self) -> BatchOperationQuerySet:
+        """Running operations that no worker claimed: synchronous ones and those of the
+        original manual flow (``mark_as_running()``). They have no lease, so nothing recovers
+        them if their process dies; see :func:`batchframework.engine.fail_abandoned`."""
+        return self.running().filter(lease_expires_at__isnull=True)
+
 
 class _CreationMethods(models.Manager["BatchOperation"]):
     """The original's creation API and a context manager for synchronous work."""

@@ -9,9 +9,11 @@ DB-polling worker, ``batchframework_celery``) only decide *when and where* to ca
 - ``batch``    run a claimed batch: keep its leases, finish quick successes together
 - ``recover``  put back (or fail) operations whose worker's lease expired
 - ``control``  cancel, postpone and report progress
+- ``abandon``  fail running operations without a claim whose process is gone
 """
 
 from ._common import write_alias
+from .abandon import fail_abandoned
 from .batch import BatchRunner
 from .claim import (
     claim,
@@ -36,6 +38,7 @@ __all__ = [
     "claims_needed",
     "enqueue",
     "enqueue_many",
+    "fail_abandoned",
     "must_be_claimed_alone",
     "postpone",
     "recover_expired",

@@ -1,5 +1,5 @@
 """The read-only admin for batch operations: changelist, change view, filters, search,
-pretty JSON, permissions, the cancel and delete actions and the delete page."""
+pretty JSON, permissions, the cancel, delete and abandon actions and the delete page."""
 
 from __future__ import annotations
 
@@ -484,3 +484,68 @@ def test_cancel_selected_needs_permission_to_delete_the_cascaded_rows(
     assert BatchOperation.objects.filter(pk=pending.pk).exists()
     assert OperationLine.objects.count() == 3
 
+
+# --- Marking abandoned synchronous operations failed. -----------------------------------------
+
+
+def fail_abandoned_selected(client, operations: list[BatchOperation]):
+    return client.post(
+        reverse(CHANGELIST),
+        {
+            "action": "fail_abandoned_selected",
+            helpers.ACTION_CHECKBOX_NAME: [op.pk for op in operations],
+        },
+        follow=True,
+    )
+
+
+def test_fail_abandoned_selected_marks_only_running_operations_no_worker_claimed(
+    admin_client, operations
+):
+    claimed = claim(BatchOperation.objects.create_asynchronous(operationtype="test-noop").pk)
+    assert claimed is not None
+    response = fail_abandoned_selected(admin_client, [*operations.values(), claimed])
+    assert response.status_code == 200
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == [
+        "Marked 1 operation(s) as failed; 4 were left as they are (only running operations "
+        "that no worker claimed can be marked abandoned)."
+    ]
+    running = BatchOperation.objects.get(pk=operations["running"].pk)
+    assert (running.status, running.result) == ("finished", "failed")
+    assert running.error is not None
+    assert running.error["message"] == (
+        "Marked abandoned in the admin by admin: the process running it stopped without "
+        "finishing it."
+    )
+    statuses = dict(BatchOperation.objects.values_list("pk", "status"))
+    assert statuses[claimed.pk] == "running"
+    assert statuses[operations["pending"].pk] == "unprocessed"
+    successful = BatchOperation.objects.get(pk=operations["successful"].pk)
+    assert successful.output_data == {"dealt": 52, "players": ["ann", "bob"]}
+
+
+def test_fail_abandoned_selected_needs_the_change_permission(operator_client, operations):
+    """The operator may view and delete, not change: the action is not offered, and a forged
+    POST of it changes nothing."""
+    changelist = operator_client.get(reverse(CHANGELIST)).content.decode()
+    assert "delete_finished_selected" in changelist
+    assert "fail_abandoned_selected" not in changelist
+    fail_abandoned_selected(operator_client, [operations["running"]])
+    assert BatchOperation.objects.get(pk=operations["running"].pk).status == "running"
+
+
+def test_fail_abandoned_selected_is_offered_with_the_change_permission(
+    client, django_user_model, operations
+):
+    user = django_user_model.objects.create_user("changer", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(
+            content_type__app_label="batchframework",
+            codename__in=["view_batchoperation", "change_batchoperation"],
+        )
+    )
+    client.force_login(user)
+    assert "fail_abandoned_selected" in client.get(reverse(CHANGELIST)).content.decode()
+    fail_abandoned_selected(client, [operations["running"]])
+    assert BatchOperation.objects.get(pk=operations["running"].pk).result == "failed"

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.django_db
     [
         ("batchframework_worker", "--once"),
         ("batchframework_prune", "--days", "0"),
+        ("batchframework_fail_abandoned", "--hours", "0"),
         ("batchframework_register_poller",),
     ],
 )
