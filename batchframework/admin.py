@@ -33,6 +33,12 @@ _CANCEL_REFUSED_MESSAGES = {
     CancelOutcome.NOT_FOUND: _("Operation #%(id)s was already cancelled or deleted."),
 }
 
+# What the delete page says, instead of a bare 403, to a user who may delete operations and
+# reached the page of one that runs (a stale link: it was pending when their page loaded).
+_RUNNING_NOT_DELETED = _(
+    "Operation #%(id)s is running, so it can't be deleted: a running operation can't be cancelled."
+)
+
 
 class _CancelRefused(Exception):
     """Raised by ``delete_model`` when the engine refuses to cancel. It rolls back the delete
@@ -149,6 +155,10 @@ class BatchOperationAdmin(admin.ModelAdmin):
     def delete_view(
         self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
+        running = self._running_to_refuse(request, object_id)
+        if running is not None:
+            self.message_user(request, _RUNNING_NOT_DELETED % {"id": running.pk}, messages.ERROR)
+            return self._redirect("change", [quote(running.pk)])
         try:
             return super().delete_view(request, object_id, extra_context)
         except _CancelRefused as refused:
@@ -157,16 +167,30 @@ class BatchOperationAdmin(admin.ModelAdmin):
             message = _CANCEL_REFUSED_MESSAGES[outcome] % {"id": operation.pk}
             self.message_user(request, message, messages.ERROR)
             if outcome is CancelOutcome.NOT_FOUND:  # no page of its own left to go back to
-                view, args = "changelist", []
-            else:
-                view, args = "change", [quote(operation.pk)]
-            opts = self.opts
-            url = reverse(
-                f"admin:{opts.app_label}_{opts.model_name}_{view}",
-                args=args,
-                current_app=self.admin_site.name,
-            )
-            return HttpResponseRedirect(url)
+                return self._redirect("changelist", [])
+            return self._redirect("change", [quote(operation.pk)])
+
+    def _running_to_refuse(self, request: HttpRequest, object_id: str) -> BatchOperation | None:
+        """The running operation ``object_id``, when the user may delete operations and see
+        this one: the delete page then says why it deletes nothing. Anyone else gets Django's
+        answer (403 or 404), as before."""
+        if not self.has_delete_permission(request):
+            return None
+        operation = self.get_object(request, object_id)  # None for a malformed id too
+        if operation is None or operation.status != BatchOperation.STATUS_RUNNING:
+            return None
+        if not self.has_view_or_change_permission(request, operation):
+            return None
+        return operation
+
+    def _redirect(self, view: str, args: list[Any]) -> HttpResponseRedirect:
+        opts = self.opts
+        url = reverse(
+            f"admin:{opts.app_label}_{opts.model_name}_{view}",
+            args=args,
+            current_app=self.admin_site.name,
+        )
+        return HttpResponseRedirect(url)
 
     def delete_model(self, request: HttpRequest, obj: BatchOperation) -> None:
         if obj.status == BatchOperation.STATUS_UNPROCESSED:

@@ -321,15 +321,43 @@ def test_the_delete_page_cancels_a_pending_operation_and_deletes_a_finished_one(
         assert not BatchOperation.objects.filter(pk=operations[name].pk).exists(), name
 
 
-def test_the_delete_page_of_a_running_operation_is_forbidden(admin_client, operations):
+def test_the_delete_page_of_a_running_operation_says_why_it_deletes_nothing(
+    admin_client, operations
+):
+    """A stale link (the operation was pending when the page loaded): a message on the
+    operation's page rather than a bare 403, and nothing deleted or logged."""
     running = operations["running"]
-    assert admin_client.get(delete_url(running)).status_code == 403
-    assert admin_client.post(delete_url(running), {"post": "yes"}).status_code == 403
+    for response in (
+        admin_client.get(delete_url(running), follow=True),
+        admin_client.post(delete_url(running), {"post": "yes"}, follow=True),
+    ):
+        assert response.redirect_chain == [(change_url(running), 302)]
+        assert [str(message) for message in response.context["messages"]] == [
+            f"Operation #{running.pk} is running, so it can't be deleted: a running operation "
+            "can't be cancelled."
+        ]
     assert BatchOperation.objects.get(pk=running.pk).status == "running"
+    assert not LogEntry.objects.filter(action_flag=DELETION).exists()
     assert (
         f'href="{delete_url(running)}"'
         not in admin_client.get(change_url(running)).content.decode()
     )
+
+
+def test_the_delete_page_of_a_running_operation_is_forbidden_without_delete_permission(
+    client, django_user_model, operations
+):
+    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(
+        Permission.objects.get(
+            content_type__app_label="batchframework", codename="view_batchoperation"
+        )
+    )
+    client.force_login(viewer)
+    running = operations["running"]
+    assert client.get(delete_url(running)).status_code == 403
+    assert client.post(delete_url(running), {"post": "yes"}).status_code == 403
+    assert BatchOperation.objects.get(pk=running.pk).status == "running"
 
 
 @pytest.mark.parametrize(
