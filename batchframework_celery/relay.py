@@ -159,19 +159,21 @@ class Relay(threading.Thread):
         log_event(logging.INFO, "relay_started", alias=self.alias, channel=CHANNEL)
         raw = connection.connection
         quiet_for = get_settings().POLL_INTERVAL.total_seconds()
-        heard_at = time.monotonic()
+        # When the relay last sent the server a query. Hearing notifications is not enough:
+        # the server's idle_session_timeout counts from the client's last command, and a
+        # stream of notifications that name no operation makes the relay send none.
+        spoke_at = time.monotonic()
         while not self._stopping.is_set():
             # One read returns every notification that has arrived: a burst becomes one round.
             payloads = [n.payload for n in raw.notifies(timeout=WAIT_SECONDS, stop_after=1)]
-            if payloads:
-                heard_at = time.monotonic()
-            elif time.monotonic() - heard_at >= quiet_for:
+            for start in range(0, len(payloads), MAX_BURST):
+                if self._publish(connection, payloads[start : start + MAX_BURST]):
+                    spoke_at = time.monotonic()
+            if time.monotonic() - spoke_at >= quiet_for:
                 # Notifications arriving meanwhile wait in psycopg's backlog for the next read.
                 with self._answer_in_time(connection), connection.cursor() as cursor:
                     cursor.execute("SELECT 1")
-                heard_at = time.monotonic()
-            for start in range(0, len(payloads), MAX_BURST):
-                self._publish(connection, payloads[start : start + MAX_BURST])
+                spoke_at = time.monotonic()
 
     def _apply_session_settings(self, connection: Any) -> None:
         """Set :func:`session_settings` one by one: one the server refuses (a PostgreSQL
@@ -204,10 +206,14 @@ class Relay(threading.Thread):
             self._stopping.wait(get_settings().POLL_INTERVAL.total_seconds())
         return False
 
-    def _publish(self, connection: Any, payloads: list[str]) -> None:
+    def _publish(self, connection: Any, payloads: list[str]) -> bool:
+        """Publish the operations ``payloads`` announce; whether that took a query (none when
+        no payload names an operation: anyone may NOTIFY on the channel)."""
         from .dispatcher import publish_operations
 
         ids = {int(payload) for payload in payloads if _is_id(payload)}
+        if not ids:
+            return False
         # Only those still unprocessed: some may have been cancelled or run meanwhile. (Only
         # the query is bounded: a slow broker is the publisher's to bound, not a dead session.)
         with self._answer_in_time(connection):
@@ -225,6 +231,7 @@ class Relay(threading.Thread):
             published_messages=publisher.published,
             failed_messages=publisher.failed,
         )
+        return True
 
 
 class _Watchdog:

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -274,3 +275,34 @@ def test_a_session_setting_the_server_refuses_is_done_without(caplog, monkeypatc
         assert "relay_error" not in caplog.text
     finally:
         relay.stop(timeout=10)
+
+
+def test_notifications_that_name_no_operation_do_not_get_the_relays_session_ended(
+    caplog, monkeypatch
+):
+    """Anyone may NOTIFY on the channel. A steady trickle of payloads that name no operation
+    used to keep the relay from probing (it had heard something) while it sent the server
+    nothing (no ids, no query): the server's ``idle_session_timeout``, which counts from the
+    client's last command, then ended a healthy session again and again, and the relay was
+    deaf while it started again. It probes by when it last spoke instead."""
+    caplog.set_level(logging.INFO, logger="batchframework")
+    real = relay_module.session_settings
+    # A short server timeout (1 s, five poll intervals) so that the test takes seconds.
+    monkeypatch.setattr(
+        relay_module,
+        "session_settings",
+        lambda version: {**real(version), "idle_session_timeout": 1000},
+    )
+    relay = Relay()
+    with override_settings(BATCHFRAMEWORK={**settings.BATCHFRAMEWORK, "POLL_INTERVAL": 0.2}):
+        relay.start()
+        try:
+            assert wait_for(lambda: "event=relay_started" in caplog.text, timeout=20), caplog.text
+            with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
+                for _ in range(40):  # 4 s: four server timeouts
+                    other.execute("SELECT pg_notify(%s, 'hello')", [CHANNEL])
+                    time.sleep(0.1)
+            assert "relay_error" not in caplog.text, caplog.text
+            assert caplog.text.count("event=relay_started") == 1
+        finally:
+            relay.stop(timeout=10)
