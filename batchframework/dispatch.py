@@ -126,8 +126,18 @@ def dispatcher_path() -> str:
 
 @functools.cache
 def get_dispatcher() -> Dispatcher:
-    """The configured dispatcher instance (cached until settings change)."""
-    return load_dispatcher_class(dispatcher_path())()
+    """The configured dispatcher instance (cached until settings change).
+
+    Raises ``ImproperlyConfigured`` when ``DISPATCHER`` can't be imported or is not a
+    :class:`Dispatcher` subclass (system check ``batchframework.E005`` says so at startup)."""
+    path = dispatcher_path()
+    try:
+        found = load_dispatcher_class(path)
+    except ImportError as exc:
+        raise ImproperlyConfigured(
+            f"BATCHFRAMEWORK['DISPATCHER'] = {path!r} can't be imported: {exc}"
+        ) from exc
+    return found()
 
 
 def load_dispatcher_class(path: str) -> type[Dispatcher]:

@@ -21,7 +21,8 @@ operation_started = Signal()
 operation_finished = Signal()
 #: ``operation``, ``error``, ``attempt``: an attempt failed and another is scheduled.
 operation_retry_scheduled = Signal()
-#: ``operation_id``: an unprocessed operation was cancelled and will never run.
+#: ``operation_id``: an unprocessed operation was cancelled and will never run. Sent once the
+#: cancel has committed (never for one a rollback undid).
 operation_cancelled = Signal()
 
 

@@ -52,6 +52,8 @@ def cancel(operation: BatchOperation | Any, *, using: str | None = None) -> Canc
 
     The conditional UPDATE locks the row only if it is still unprocessed; the delete follows
     in the same transaction (cascading to rows that reference it, as ``delete()`` does).
+    Inside a caller's transaction the cancel is final when that commits, and
+    :data:`~batchframework.signals.operation_cancelled` is sent then, not if it rolls back.
     """
     pk = _pk(operation)
     alias = _alias(operation, using)
@@ -69,7 +71,10 @@ def cancel(operation: BatchOperation | Any, *, using: str | None = None) -> Canc
                 BatchOperation.STATUS_FINISHED: CancelOutcome.TOO_LATE_FINISHED,
             }[status]
     if outcome is CancelOutcome.CANCELLED:
-        operation_cancelled.send(sender=BatchOperation, operation_id=pk)
+        # Once the cancel is final: in a caller's transaction that rolls back, it never was.
+        transaction.on_commit(
+            lambda: operation_cancelled.send(sender=BatchOperation, operation_id=pk), using=alias
+        )
     else:
         log_event(logging.INFO, "cancel_refused", id=pk, reason=outcome.value)
     return outcome

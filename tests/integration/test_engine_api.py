@@ -864,7 +864,7 @@ def received() -> Iterator[dict[str, list[dict]]]:
             signal.disconnect(receiver)
 
 
-def test_signals_are_sent(received):
+def test_signals_are_sent(received, django_capture_on_commit_callbacks):
     op = enqueue("test-echo", input_data={"x": 1})
     assert [e["operations"] for e in received["enqueued"]] == [[op]]
     assert received["enqueued"][0]["sender"] is BatchOperation
@@ -887,8 +887,25 @@ def test_signals_are_sent(received):
     assert last["error"]["message"] == f"boom {failing.pk}"
 
     pending = enqueue("test-noop", delay=60)
-    pending.cancel()
+    with django_capture_on_commit_callbacks(execute=True):
+        pending.cancel()
+        assert received.get("cancelled") is None  # not before the cancel is final
     assert [e["operation_id"] for e in received["cancelled"]] == [pending.pk]
+
+
+def test_a_cancel_that_rolls_back_sends_no_signal(received, django_capture_on_commit_callbacks):
+    """A receiver keeping a record of cancellations must not record one a rollback undid:
+    the operation is still there, and will run."""
+    pending = enqueue("test-noop", delay=60)
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
+    ):
+        assert pending.cancel()
+        raise RuntimeError("the caller's transaction fails")
+    assert BatchOperation.objects.unprocessed().filter(pk=pending.pk).exists()
+    assert received.get("cancelled") is None
 
 
 def test_logging_in_key_value_form(caplog, django_capture_on_commit_callbacks):
@@ -1575,11 +1592,21 @@ def test_checks_report_bad_settings_with_hints(settings, setting, check_id, need
 
 
 @pytest.mark.parametrize("replace", [False, True])
-def test_a_dispatcher_that_is_not_one_fails_enqueue_before_it_writes(settings, replace):
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("datetime.timedelta", r"is not a batchframework\.dispatch\.Dispatcher"),
+        ("no.such.Dispatcher", r"can't be imported: No module named 'no'"),
+    ],
+)
+def test_a_dispatcher_that_is_not_one_fails_enqueue_before_it_writes(
+    settings, replace, path, message
+):
     """It raised an AttributeError once the row was written, so a caller that tried again
-    stored the operation twice."""
-    settings.BATCHFRAMEWORK = {**settings.BATCHFRAMEWORK, "DISPATCHER": "datetime.timedelta"}
-    with pytest.raises(ImproperlyConfigured, match=r"not a batchframework\.dispatch\.Dispatcher"):
+    stored the operation twice; and a path that can't be imported raised ImportError, not
+    the ImproperlyConfigured documented with check E005."""
+    settings.BATCHFRAMEWORK = {**settings.BATCHFRAMEWORK, "DISPATCHER": path}
+    with pytest.raises(ImproperlyConfigured, match=message):
         enqueue("test-noop", replace=replace, context_object=Post.objects.create(title="t"))
     assert BatchOperation.objects.count() == 0
 
