@@ -193,10 +193,13 @@ class Worker:
         return self._run_batch(claimed)
 
     def _run_batch(self, claimed: list[BatchOperation]) -> int:
-        with BatchRunner(using=self.using) as runner:
-            ran = runner.run_batch(claimed, stop=lambda: self.stopping)
-        self.processed += ran
-        return ran
+        runner = BatchRunner(using=self.using)
+        try:
+            with runner:
+                runner.run_batch(claimed, stop=lambda: self.stopping)
+        finally:  # a batch that ended in an error ran handlers too (--max-operations counts)
+            self.processed += runner.handlers_run
+        return runner.handlers_run
 
     def _sleep_seconds(self) -> float:
         """Until the next operation is due, at most the poll interval."""

@@ -69,6 +69,9 @@ class BatchRunner:
         self.interruptions = interruptions
         self.window = get_settings().FINISH_WINDOW.total_seconds() if window is None else window
         self.outcomes: list[RunOutcome] = []
+        #: Handlers run by this runner, counted as each returns (also when ``run_batch`` then
+        #: raises: a worker's ``--max-operations`` counts them).
+        self.handlers_run = 0
         self._successes: list[_Success] = []
         self._success_aliases: set[str] = set()  # the databases of the pending successes
         # Whether the lease keeper's thread can see a database's rows (see _keeper_sees).
@@ -157,6 +160,7 @@ class BatchRunner:
                     pending, running = behind, operation
                     self._run_handler(operation)
                     running = None  # returned: an interruption from here on is not its own
+                    self.handlers_run += 1
                 finally:
                     try:
                         if watched is not None and lease_keeper.let_go_waiting(watched):
@@ -173,6 +177,7 @@ class BatchRunner:
             if isinstance(exc, self.interruptions):
                 self._drop_interrupted_sessions()
             with contextlib.suppress(Exception):
+                _replace_lost_sessions({self._alias(op) for op in pending})
                 release(pending, using=self.using)
             if running is not None:
                 with contextlib.suppress(Exception):
@@ -327,6 +332,9 @@ class BatchRunner:
         aliases, self._success_aliases = self._success_aliases, set()
         finished: list[bool | None] = [None] * len(successes)
         try:
+            # A session lost while a handler ran (a database restart, a failover) failed the
+            # flush before this one; this one reconnects, or the successes would be lost.
+            _replace_lost_sessions(aliases)
             self._record(successes, let_go="before", finished=finished)
         except BaseException:
             # Interrupted (a soft time limit landing in this very statement) or the database
@@ -394,6 +402,17 @@ def _same_json(values: list[Any]) -> bool:
         return True
     text = json.dumps(first)
     return all(json.dumps(value) == text for value in values)
+
+
+def _replace_lost_sessions(aliases: set[str]) -> None:
+    """Close the connections to ``aliases`` that Django saw fail and that no longer answer
+    (Django opens a new one when next needed), as it does between requests. Outside a
+    worker's request cycle nobody else does, and every statement would fail on them. Not one
+    in a caller's transaction, which is the caller's to end."""
+    for alias in aliases:
+        connection = connections[alias]
+        if connection.errors_occurred and not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
 
 
 def _let_go(successes: list[_Success]) -> None:

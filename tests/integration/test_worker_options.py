@@ -53,12 +53,16 @@ def test_a_worker_sleeps_until_its_own_next_operation_not_another_queues():
 
 def test_a_signal_receiver_that_raises_is_logged_and_the_worker_goes_on(monkeypatch, caplog):
     """A receiver's bug raised out of the worker's loop and ended the process, and with it
-    every queue the worker served."""
+    every queue the worker served. The operation whose run ended in that error still counts
+    towards ``max_operations`` (its handler ran): it was not counted once, and the worker
+    then ran more operations than it was told to."""
     from batchframework import worker as worker_module
     from batchframework.signals import operation_finished
 
     monkeypatch.setattr(worker_module, "DATABASE_ERROR_BACKOFF", 0.01)
-    first, second = enqueue("test-noop"), enqueue("test-noop", priority=-1)
+    first = enqueue("test-noop", priority=2)
+    second = enqueue("test-noop", priority=1)
+    third = enqueue("test-noop")
     raised: list[int] = []
 
     def buggy_receiver(sender, operation, **kwargs):
@@ -68,13 +72,15 @@ def test_a_signal_receiver_that_raises_is_logged_and_the_worker_goes_on(monkeypa
 
     operation_finished.connect(buggy_receiver)
     try:
-        # The first operation's run ends in the receiver's error (it is not counted as run).
-        Worker(max_operations=1, batch_size=1, poll_interval=timedelta(seconds=0.05)).run()
+        worker = Worker(max_operations=2, batch_size=1, poll_interval=timedelta(seconds=0.05))
+        assert worker.run() == 2
     finally:
         operation_finished.disconnect(buggy_receiver)
     assert raised == [first.pk]
-    statuses = BatchOperation.objects.filter(pk__in=[first.pk, second.pk]).values_list(
-        "status", flat=True
+    statuses = dict(
+        BatchOperation.objects.filter(pk__in=[first.pk, second.pk, third.pk]).values_list(
+            "pk", "status"
+        )
     )
-    assert list(statuses) == [BatchOperation.STATUS_FINISHED] * 2
+    assert statuses == {first.pk: "finished", second.pk: "finished", third.pk: "unprocessed"}
     assert "event=worker_error" in caplog.text and "a receiver's bug" in caplog.text

@@ -1,4 +1,7 @@
-"""A Celery worker configured as docs/celery.rst recommends (``CELERY_DB_REUSE_MAX``,
+"""A worker loses its database session (a restart, a failover, an idle-session reaper: here
+``pg_terminate_backend``) and goes on: what it was doing is recorded, what comes next runs.
+
+A Celery worker configured as docs/celery.rst recommends (``CELERY_DB_REUSE_MAX``,
 ``CONN_MAX_AGE``, ``CONN_HEALTH_CHECKS``) loses its database session (a restart, a failover,
 an idle-session reaper: here ``pg_terminate_backend``) → the next tasks reconnect and run.
 
@@ -16,6 +19,7 @@ from django.test import override_settings
 from batchframework import BatchOperation, enqueue
 from batchframework_celery.tasks import poll
 from tests.integration.helpers import wait_for as wait_until
+from tests.testapp.models import Execution
 
 from .conftest import celery_on
 
@@ -69,3 +73,32 @@ def test_a_worker_reusing_connections_survives_losing_its_database_session(
         _runs(lost, "an operation the poller's tick finds after the session was lost")
     assert worker.alive(), worker.log()[-3000:]
     assert "database_reconnect" in worker.log()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_db_worker_records_the_success_of_a_handler_whose_session_was_lost(processes, batch_size):
+    """The worker's session ends while a handler runs that does not use the database
+    meanwhile (a restart, a failover). The finish
+    used to be tried, and tried again, on the dead session: the success was lost, and the
+    operation ran again once its lease expired (or failed as ``WorkerLost`` with
+    ``max_attempts=1``). Now the second try reconnects: each handler runs once, each
+    operation is recorded successful at its first attempt."""
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        ops = [
+            enqueue("test-sleep", input_data={"seconds": 1.5, "no_effect": True})
+            for _ in range(batch_size)
+        ]
+    procs = processes("redis://127.0.0.1:1/0")  # the DB worker needs no broker
+    worker = procs.db_worker("lost-session", "--batch-size", str(batch_size))
+    first = str(ops[0].pk)
+    wait_until(lambda: Execution.objects.filter(key=first).exists(), timeout=30, what="the handler")
+    assert _terminate_other_sessions() >= 1
+    wait_until(
+        lambda: BatchOperation.objects.successful().count() == batch_size,
+        timeout=30,
+        what=f"{batch_size} successes\n{worker.log()}",
+    )
+    for op in ops:
+        op.refresh_from_db()
+        assert op.attempts == 1, worker.log()
+        assert Execution.objects.filter(key=str(op.pk)).count() == 1, worker.log()

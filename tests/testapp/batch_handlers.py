@@ -61,7 +61,8 @@ def atomic_effect(operation):
 
 @handler("test-sleep", lease=2, max_attempts=3, retry_backoff=0)
 def sleeper(operation):
-    """Sleeps ``seconds``; writes an Execution row first so tests see it started."""
+    """Sleeps ``seconds``; writes an Execution row first so tests see it started, and an
+    Effect row after the sleep unless ``no_effect``."""
     Execution.objects.create(key=str(operation.pk))
     data = operation.input_data or {}
     seconds = data.get("seconds", 1)
@@ -72,7 +73,8 @@ def sleeper(operation):
             operation.set_progress(step + 1, steps)
     else:
         time.sleep(seconds)
-    Effect.objects.create(key=f"sleep-{operation.pk}-{operation.attempts}")
+    if not data.get("no_effect"):  # (to leave the database alone after the sleep)
+        Effect.objects.create(key=f"sleep-{operation.pk}-{operation.attempts}")
     return {"slept": seconds}
 
 
