@@ -103,8 +103,10 @@ class Worker:
 
     # --- Signals -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        # SIGHUP too: the terminal or ssh session that started the worker closed. Its default
+        # would kill the worker and leave its whole batch running until the leases expire.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals_received += 1

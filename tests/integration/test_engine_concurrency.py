@@ -450,11 +450,14 @@ def test_a_handler_longer_than_its_lease_is_kept_alive_while_its_worker_lives(re
 
 
 # --- Graceful shutdown -----------------------------------------------------------------------
-def test_sigterm_finishes_the_operation_in_hand_and_releases_the_rest(reaper):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_sigterm_finishes_the_operation_in_hand_and_releases_the_rest(reaper, signum):
+    """SIGHUP too (the terminal or ssh session that started the worker closed): it used to
+    kill the worker, leaving its whole batch running until the leases expired."""
     operations = enqueue_many("test-sleep", [{"input_data": {"seconds": 2}} for _ in range(3)])
     worker, log = reaper.worker("--batch-size", "10", "--poll-interval", "0.2", label="graceful")
     wait_for(lambda: Execution.objects.exists(), timeout=30, what="the first handler to start")
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signum)
     assert wait_exit(worker, timeout=20, log_path=log) == 0, log.read_text()
     started = Execution.objects.get().key
     by_pk = {str(op.pk): fresh(op) for op in operations}
