@@ -25,6 +25,12 @@ SETTING_NAME = "BATCHFRAMEWORK"
 MAX_DURATION = timedelta(days=36525)  # a hundred years
 #: The longest pause between polls: ``POLL_INTERVAL``, a worker's ``--poll-interval``.
 MAX_POLL_INTERVAL = timedelta(days=1)
+#: The shortest lease: the lease keeper renews a running handler's lease every third of it,
+#: at most every 0.2 s; a shorter lease would run out under a live worker.
+MIN_LEASE = timedelta(seconds=1)
+#: The most operations one claim may take (``BATCH_SIZE``, ``--batch-size``): they wait, leased,
+#: while the batch runs, and recovery reads ten batches' worth per pass.
+MAX_BATCH_SIZE = 10_000
 
 
 class InvalidSettingError(ImproperlyConfigured):
@@ -47,11 +53,13 @@ def _invalid(
 def _as_timedelta(name: str, value: Any) -> timedelta:
     if isinstance(value, timedelta):
         duration = value
-    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        try:
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:  # isfinite() raises OverflowError too, for an int beyond any float
+            if not math.isfinite(value):
+                raise OverflowError
             duration = timedelta(seconds=value)
         except OverflowError:
-            raise _invalid(name, "a number of seconds or a timedelta", value) from None
+            raise _invalid(name, "a finite number of seconds or a timedelta", value) from None
     else:
         raise _invalid(name, "a number of seconds or a timedelta", value)
     if name in _MAY_BE_ZERO:
@@ -61,6 +69,8 @@ def _as_timedelta(name: str, value: Any) -> timedelta:
         raise _invalid(name, "positive", value, "batchframework.E004")
     if duration > MAX_DURATION:
         raise _invalid(name, "at most a hundred years", value, "batchframework.E004")
+    if name == "DEFAULT_LEASE" and duration < MIN_LEASE:
+        raise _invalid(name, "at least a second", value, "batchframework.E004")
     if name == "POLL_INTERVAL" and duration > MAX_POLL_INTERVAL:
         # Workers sleep that long (a sleep of 1e10 s overflows), and beat stores it in a
         # 32-bit column.
@@ -73,6 +83,8 @@ def _as_positive_int(name: str, value: Any) -> int:
         raise _invalid(name, "an integer", value)
     if value < 1:
         raise _invalid(name, "a positive integer", value, "batchframework.E003")
+    if name == "BATCH_SIZE" and value > MAX_BATCH_SIZE:
+        raise _invalid(name, f"at most {MAX_BATCH_SIZE:,}", value, "batchframework.E003")
     return value
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from django.apps import apps
 from django.utils.module_loading import module_has_submodule
 
-from .conf import MAX_DURATION, MAX_QUEUE_LENGTH, get_settings, is_queue_name
+from .conf import MAX_DURATION, MAX_QUEUE_LENGTH, MIN_LEASE, get_settings, is_queue_name
 from .exceptions import HandlerRegistrationError, UnknownOperationTypeError
 from .signals import log_event
 
@@ -206,6 +206,8 @@ def handler(
     ``output_data`` and the operation finishes as successful; if it raises, the attempt fails
     and is retried with backoff until ``max_attempts``. With ``atomic=True`` the handler's
     database writes and the finish commit in one transaction, so they happen exactly once.
+    ``lease`` (at least a second; default ``DEFAULT_LEASE``) is how long a dead worker's
+    operation waits before it is recovered; a live worker renews it.
     """
     if not isinstance(operationtype, str) or not _OPERATIONTYPE_RE.match(operationtype):
         raise HandlerRegistrationError(
@@ -226,10 +228,10 @@ def handler(
         raise HandlerRegistrationError(f"atomic must be True or False, not {atomic!r}")
     if lease is not None:
         checked_lease = as_backoff(lease)
-        if checked_lease is None or not timedelta(0) < checked_lease <= MAX_DURATION:
+        if checked_lease is None or not MIN_LEASE <= checked_lease <= MAX_DURATION:
             raise HandlerRegistrationError(
-                "lease must be positive and at most a hundred years (a timedelta or a number "
-                f"of seconds), not {lease!r}"
+                "lease must be at least a second and at most a hundred years (a timedelta or a "
+                f"number of seconds), not {lease!r}"
             )
         lease = checked_lease
     if retry_backoff is not None and not callable(retry_backoff):

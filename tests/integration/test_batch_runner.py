@@ -234,10 +234,10 @@ def test_a_claim_lost_while_its_handler_runs_is_logged_once(registered, caplog):
     """The keeper's renewals of a running handler whose claim was taken (here, as if a poller
     had wrongly presumed the worker dead) are refused: that is said once, not every renewal."""
 
-    @registered("runner-loses-claim", lease=0.6)
+    @registered("runner-loses-claim", lease=1)
     def loses_claim(operation):
         BatchOperation.objects.filter(pk=operation.pk).update(claimed_by="someone-else")
-        time.sleep(1.2)  # several renewal times (every 0.2 s)
+        time.sleep(1.5)  # several renewal times (every third of the lease)
 
     enqueue("runner-loses-claim")
     [claimed] = claim_due(limit=1)

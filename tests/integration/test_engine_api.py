@@ -1554,8 +1554,13 @@ def test_default_settings_pass_the_checks():
     ("setting", "check_id", "needle"),
     [
         ({"BATCH_SIZE": 0}, "batchframework.E003", "BATCH_SIZE"),
+        # Recovery reads ten batches' worth: a huge one overflowed the database's LIMIT on
+        # every poll, with no check to say so.
+        ({"BATCH_SIZE": 10**18}, "batchframework.E003", "at most 10,000"),
         ({"DEFAULT_MAX_ATTEMPTS": -1}, "batchframework.E003", "DEFAULT_MAX_ATTEMPTS"),
         ({"DEFAULT_LEASE": -5}, "batchframework.E004", "DEFAULT_LEASE"),
+        # The lease keeper could not renew it in time: operations taken from live workers.
+        ({"DEFAULT_LEASE": 0.1}, "batchframework.E004", "at least a second"),
         ({"POLL_INTERVAL": 0}, "batchframework.E004", "POLL_INTERVAL"),
         ({"DEFAULT_RETRY_BACKOFF": -1}, "batchframework.E004", "DEFAULT_RETRY_BACKOFF"),
         ({"FINISH_WINDOW": -0.1}, "batchframework.E004", "FINISH_WINDOW"),
@@ -1624,6 +1629,8 @@ def test_check_requires_use_tz():
         ({"DEFAULT_LEASE": "long"}, "DEFAULT_LEASE"),
         ({"POLL_INTERVAL": float("nan")}, "POLL_INTERVAL"),
         ({"DEFAULT_LEASE": 1e300}, "DEFAULT_LEASE"),
+        # Beyond any float: math.isfinite() raised OverflowError, which crashed startup.
+        ({"DEFAULT_LEASE": 10**400}, "DEFAULT_LEASE"),
         # A bare string would be a list of one-letter modules: no handler found, no error.
         ({"HANDLER_MODULES": "batch_handlers"}, "HANDLER_MODULES"),
         ({"ROUTES": "x"}, "ROUTES"),

@@ -703,12 +703,20 @@ def test_a_worker_takes_its_queues_from_any_iterable():
     assert Worker(queues=queues).queues == ["mail", "default"]
 
 
-# 1e10 and 1e300 overflowed the platform's sleep with a traceback (exit 1).
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "86401", "1e10", "1e300"])
+# 1e10 and 1e300 overflowed the platform's sleep with a traceback (exit 1); 1e-300 rounds to
+# no time at all, which the worker refused with a traceback too.
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "86401", "1e10", "1e300", "1e-300"])
 def test_a_poll_interval_that_is_not_positive_or_is_over_a_day_is_refused(reaper, value):
     worker, log = reaper.worker("--once", "--poll-interval", value, label="bad-interval")
     assert wait_exit(worker, timeout=30, log_path=log) == 2
     assert "--poll-interval must be a positive number of seconds, at most 86400" in log.read_text()
+
+
+def test_a_batch_size_beyond_the_limit_is_refused(reaper):
+    """It passed, then failed every claim on the database's LIMIT (forever without --once)."""
+    worker, log = reaper.worker("--once", "--batch-size", "99999999999999999999", label="huge")
+    assert wait_exit(worker, timeout=30, log_path=log) == 2
+    assert "--batch-size must be at most 10000" in log.read_text()
 
 
 def test_once_fails_on_a_database_error_instead_of_retrying_forever(reaper, tmp_path):

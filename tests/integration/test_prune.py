@@ -160,6 +160,8 @@ def test_a_lagging_replica_does_not_decide_what_is_pruned():
         ["--days", "inf"],
         ["--days", "1e9"],
         ["--days", "30", "--batch-size", "0"],
+        # Beyond the database's LIMIT: a raw DataError, with a traceback.
+        ["--days", "30", "--batch-size", "99999999999999999999"],
     ],
 )
 def test_invalid_arguments_are_refused_before_anything_is_deleted(args):

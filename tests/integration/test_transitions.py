@@ -509,11 +509,14 @@ def test_a_callable_backoff_schedules_the_retry_and_never_strands_the_failure(
     ("options", "target", "message"),
     [
         ({}, "not a function", "must decorate a callable"),
-        ({"lease": 0}, None, "lease must be positive"),
-        ({"lease": timedelta(0)}, None, "lease must be positive"),
+        ({"lease": 0}, None, "lease must be at least a second"),
+        ({"lease": timedelta(0)}, None, "lease must be at least a second"),
+        # Shorter than the lease keeper can renew (every third of it, at most every 0.2 s):
+        # the lease would run out under a live worker, and the operation run twice.
+        ({"lease": 0.5}, None, "lease must be at least a second"),
         ({"max_attempts": -2}, None, "max_attempts"),
         ({"max_attempts": 1.5}, None, "max_attempts"),
-        ({"lease": "300"}, None, "lease must be positive"),
+        ({"lease": "300"}, None, "lease must be at least a second"),
         ({"retry_backoff": "10"}, None, "retry_backoff must be"),
         ({"retry_backoff": -1}, None, "retry_backoff must be"),
         ({"retry_backoff": timedelta(seconds=-1)}, None, "retry_backoff must be"),

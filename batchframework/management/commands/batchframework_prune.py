@@ -16,6 +16,9 @@ from ..arguments import add_database_argument
 
 #: Older than any datetime Django stores (year 1): a larger age has nothing to delete.
 MAX_DAYS = 700_000
+#: The most operations deleted per transaction: their ids are held in memory and sent as
+#: parameters (a larger number overflowed the database's LIMIT).
+MAX_BATCH_SIZE = 1_000_000
 
 
 class Command(BaseCommand):
@@ -43,8 +46,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         # Not ``days < 0``: NaN compares false with everything, and would pass.
-        if not 0 <= options["days"] < MAX_DAYS or options["batch_size"] < 1:
-            raise CommandError(f"--days must be from 0 to {MAX_DAYS} and --batch-size >= 1")
+        if not 0 <= options["days"] < MAX_DAYS or not 1 <= options["batch_size"] <= MAX_BATCH_SIZE:
+            raise CommandError(
+                f"--days must be from 0 to {MAX_DAYS} and --batch-size from 1 to {MAX_BATCH_SIZE}"
+            )
         cutoff = timezone.now() - timedelta(days=options["days"])
         # The ids are read where they are deleted: ``db_for_read`` may name a lagging replica,
         # whose ids, already deleted on the primary, would come back on every pass.

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from batchframework.conf import MAX_POLL_INTERVAL
+from batchframework.conf import MAX_BATCH_SIZE, MAX_POLL_INTERVAL
 from batchframework.worker import DATABASE_ERRORS, Worker
 
 from ..arguments import add_database_argument, queue_name
@@ -16,7 +16,7 @@ from ..arguments import add_database_argument, queue_name
 class Command(BaseCommand):
     help = (
         "Run due batch operations from the database (no broker needed). Stops gracefully on "
-        "SIGTERM/SIGINT after the operation in hand; a second signal stops at once."
+        "SIGTERM/SIGINT/SIGHUP after the operation in hand; a second signal stops at once."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -32,7 +32,7 @@ class Command(BaseCommand):
             "--batch-size",
             type=int,
             default=None,
-            help="Operations claimed per statement (default: BATCH_SIZE).",
+            help=f"Operations claimed per statement, 1 to {MAX_BATCH_SIZE} (default: BATCH_SIZE).",
         )
         parser.add_argument(
             "--max-operations",
@@ -55,9 +55,15 @@ class Command(BaseCommand):
             if options[option] is not None and options[option] < 1:
                 self.stderr.write(f"--{option.replace('_', '-')} must be at least 1")
                 raise SystemExit(2)
+        if options["batch_size"] is not None and options["batch_size"] > MAX_BATCH_SIZE:
+            self.stderr.write(f"--batch-size must be at most {MAX_BATCH_SIZE}")
+            raise SystemExit(2)
         poll_interval = options["poll_interval"]
         longest = MAX_POLL_INTERVAL.total_seconds()
-        if poll_interval is not None and not 0 < poll_interval <= longest:
+        # Also refused: what rounds to no time at all (1e-300 s is timedelta(0)).
+        if poll_interval is not None and not (
+            0 < poll_interval <= longest and timedelta(seconds=poll_interval)
+        ):
             self.stderr.write(
                 f"--poll-interval must be a positive number of seconds, at most {longest:.0f}"
             )
