@@ -144,6 +144,15 @@ def database_now(using: str | None = None) -> datetime:
     return timezone.now() + clock_offset(using)
 
 
+def known_clock_offset(using: str | None = None) -> timedelta:
+    """The offset :func:`clock_offset` last measured for ``using``, however old, or zero:
+    never a query (for threads that must not wait on the database, or have no connection)."""
+    if not get_settings().CORRECT_CLOCK_SKEW:
+        return timedelta(0)
+    cached = _offsets.get(using or router.db_for_write(_batchoperation_model()))
+    return cached[1] if cached is not None else timedelta(0)
+
+
 def forget_clock_offsets() -> None:
     """Drop cached offsets (tests that move the process clock call this)."""
     with _offsets_lock:

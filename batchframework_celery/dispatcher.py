@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from django.utils import timezone
 
+from batchframework.clock import known_clock_offset
 from batchframework.conf import get_settings
 from batchframework.dispatch import Dispatcher
 from batchframework.engine import must_be_claimed_alone, write_alias
@@ -156,12 +157,18 @@ def publish_operations(
     now: datetime | None = None,
 ) -> Publisher:
     """Publish the operations due within ``horizon`` (default ``DISPATCH_HORIZON``) of ``now``
-    (default: this process's clock), which are stored in ``using`` (default: the router's write
-    database for operations). Instances whose ``pk`` is ``None`` (deleted) are left out."""
+    (default: this process's clock, or the database's if that is ahead), which are stored in
+    ``using`` (default: the router's write database for operations). Instances whose ``pk`` is
+    ``None`` (deleted) are left out."""
     from .tasks import MAX_IDS_PER_MESSAGE, run_operations
 
     settings = get_settings()
-    now = now or timezone.now()
+    if now is None:
+        # The later of this process's clock and the database's: a worker (the relay, a retry)
+        # whose clock is behind would judge operations beyond the horizon that the poller's
+        # window, judged by the database's and the web process's clocks, counts as published.
+        # Publishing one a little early costs only an ETA message.
+        now = timezone.now() + max(timedelta(0), known_clock_offset(using))
     limit = now + (horizon if horizon is not None else settings.DISPATCH_HORIZON)
     by_queue: dict[str, list[Publishable]] = defaultdict(list)
     for operation in publishable(operations):

@@ -217,3 +217,33 @@ def test_a_drain_message_naming_a_queue_with_a_nul_is_rejected(caplog):
     ]
     assert len(rejected) == 1 and "bad queue name" in rejected[0], rejected
     assert BatchOperation.objects.unprocessed().filter(pk=op.pk).exists()
+
+
+def test_a_worker_whose_clock_is_behind_still_publishes_what_the_poller_leaves_to_it(
+    purge_broker, monkeypatch
+):
+    """The relay and a retry publish from a worker, judging the horizon by ``now``. On a worker
+    whose clock is behind the database's, an operation due just inside the horizon looked
+    beyond it, while the poller's window (on the database's clock) counted it as published:
+    nobody sent it an ETA message, and it waited for a drain, up to a poll interval late. The
+    horizon counts from the later of the two clocks (the offset the worker measured)."""
+    from batchframework import clock
+    from batchframework.conf import get_settings
+
+    behind = timedelta(seconds=2)
+    real_read = clock._read_database_time
+    monkeypatch.setattr(clock, "_read_database_time", lambda using: real_read(using) + behind)
+    clock.forget_clock_offsets()
+    try:
+        assert clock.clock_offset("default") >= behind - timedelta(milliseconds=50)
+        horizon = get_settings().DISPATCH_HORIZON
+        with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+            op = enqueue(
+                "test-noop", run_after=clock.database_now() + horizon - timedelta(seconds=1)
+            )
+            publisher = publish_operations([op], using="default")
+    finally:
+        clock.forget_clock_offsets()
+    assert publisher.published == 1
+    [message] = messages(purge_broker)
+    assert message["args"] == [[op.pk]]
