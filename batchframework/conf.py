@@ -28,9 +28,10 @@ MAX_POLL_INTERVAL = timedelta(days=1)
 #: The shortest lease: the lease keeper renews a running handler's lease every third of it,
 #: at most every 0.2 s; a shorter lease would run out under a live worker.
 MIN_LEASE = timedelta(seconds=1)
-#: The most operations one claim may take (``BATCH_SIZE``, ``--batch-size``): they wait, leased,
-#: while the batch runs, and recovery reads ten batches' worth per pass.
-MAX_BATCH_SIZE = 10_000
+#: The most operations one claim may take (``BATCH_SIZE``, ``--batch-size``): far beyond any
+#: sensible batch, and far below what overflows a query's LIMIT (recovery reads ten batches'
+#: worth per pass).
+MAX_BATCH_SIZE = 1_000_000
 
 
 class InvalidSettingError(ImproperlyConfigured):

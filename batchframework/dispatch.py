@@ -135,7 +135,8 @@ def get_dispatcher() -> Dispatcher:
         found = load_dispatcher_class(path)
     except ImportError as exc:
         raise ImproperlyConfigured(
-            f"BATCHFRAMEWORK['DISPATCHER'] = {path!r} can't be imported: {exc}"
+            f"The dispatcher {path!r} (BATCHFRAMEWORK['DISPATCHER'], or the default) can't be "
+            f"imported: {exc}"
         ) from exc
     return found()
 

@@ -1,7 +1,7 @@
 """The DB-polling worker: runs operations without Celery, for small deployments and the demo.
 
 It claims due operations in batches, runs them, recovers expired leases, and sleeps until the
-next operation is due or the poll interval has passed. On SIGTERM/SIGINT it finishes the
+next operation is due or the poll interval has passed. On SIGTERM/SIGINT/SIGHUP it finishes the
 operation in hand, gives back the rest of its batch, and exits; a second signal exits at once.
 """
 
@@ -103,10 +103,14 @@ class Worker:
 
     # --- Signals -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        # SIGHUP too: the terminal or ssh session that started the worker closed. Its default
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        # SIGHUP too: the terminal or ssh session that started the worker closed, whose default
         # would kill the worker and leave its whole batch running until the leases expire.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+        # Unless it is ignored (``nohup``: keep running), or the platform has none (Windows).
+        hangup = getattr(signal, "SIGHUP", None)
+        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+            signal.signal(hangup, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals_received += 1
@@ -139,7 +143,7 @@ class Worker:
             batch_size=self.batch_size,
             handlers=len(registry),
         )
-        self.log(f"batchframework worker started (queues: {', '.join(self.queues or ['all'])})")
+        self._say(f"batchframework worker started (queues: {', '.join(self.queues or ['all'])})")
         while not self.stopping and not self._reached_max():
             try:
                 ran = self._tick()
@@ -180,8 +184,14 @@ class Worker:
             if sleep:
                 self._stop.wait(sleep)
         log_event(logging.INFO, "worker_stopped", processed=self.processed)
-        self.log(f"batchframework worker stopped after {self.processed} operation(s)")
+        self._say(f"batchframework worker stopped after {self.processed} operation(s)")
         return self.processed
+
+    def _say(self, message: str) -> None:
+        # The terminal may be gone (it hung up, which is why the worker stops): what the
+        # worker says is not worth ending in a traceback for.
+        with contextlib.suppress(OSError):
+            self.log(message)
 
     def _reached_max(self) -> bool:
         return self.max_operations is not None and self.processed >= self.max_operations
@@ -200,8 +210,8 @@ class Worker:
             with runner:
                 runner.run_batch(claimed, stop=lambda: self.stopping)
         finally:  # a batch that ended in an error ran handlers too (--max-operations counts)
-            self.processed += runner.handlers_run
-        return runner.handlers_run
+            self.processed += runner.operations_started
+        return runner.operations_started
 
     def _sleep_seconds(self) -> float:
         """Until the next operation is due, at most the poll interval."""

@@ -25,7 +25,8 @@ DEFAULT_REASON = "Marked abandoned: the process running it stopped without finis
 
 def fail_abandoned(operations: BatchOperationQuerySet, *, reason: str = DEFAULT_REASON) -> int:
     """Finish as failed the operations in ``operations`` that are running unclaimed, and say
-    why in ``output_data["error"]`` (type ``batchframework.Abandoned``) and ``last_error``.
+    why in ``output_data["error"]`` (type ``batchframework.Abandoned``), as a synchronous block
+    that raised records its error.
 
     Only running operations that no worker claimed (``running_unclaimed()``) are changed: the
     engine's own are recovered when their lease expires, and others are left as they are. One
@@ -40,8 +41,8 @@ def fail_abandoned(operations: BatchOperationQuerySet, *, reason: str = DEFAULT_
         status=BatchOperation.STATUS_FINISHED,
         result=BatchOperation.RESULT_FAILED,
         finished_datetime=now_expression(),
+        # Not in last_error: a block still running would finish over the mark, and keep it.
         output_data=_error(reason),
-        last_error=f"{ABANDONED_ERROR_TYPE}: {reason}",
     )
     if marked:
         log_event(logging.WARNING, "operations_abandoned", count=marked, reason=reason)

@@ -69,9 +69,10 @@ class BatchRunner:
         self.interruptions = interruptions
         self.window = get_settings().FINISH_WINDOW.total_seconds() if window is None else window
         self.outcomes: list[RunOutcome] = []
-        #: Handlers run by this runner, counted as each returns (also when ``run_batch`` then
-        #: raises: a worker's ``--max-operations`` counts them).
-        self.handlers_run = 0
+        #: Operations whose run this runner started, counted as each starts, whatever comes of
+        #: it (also when recording an outcome then raises: a worker's ``--max-operations``
+        #: counts them).
+        self.operations_started = 0
         self._successes: list[_Success] = []
         self._success_aliases: set[str] = set()  # the databases of the pending successes
         # Whether the lease keeper's thread can see a database's rows (see _keeper_sees).
@@ -160,7 +161,6 @@ class BatchRunner:
                     pending, running = behind, operation
                     self._run_handler(operation)
                     running = None  # returned: an interruption from here on is not its own
-                    self.handlers_run += 1
                 finally:
                     try:
                         if watched is not None and lease_keeper.let_go_waiting(watched):
@@ -297,6 +297,7 @@ class BatchRunner:
             self.flush()
 
     def _run_handler(self, operation: BatchOperation) -> None:
+        self.operations_started += 1
         registered = registry[operation.operationtype]
         if registered.atomic or self.window <= 0:
             outcome = run_interruptible(
@@ -408,10 +409,14 @@ def _replace_lost_sessions(aliases: set[str]) -> None:
     """Close the connections to ``aliases`` that Django saw fail and that no longer answer
     (Django opens a new one when next needed), as it does between requests. Outside a
     worker's request cycle nobody else does, and every statement would fail on them. Not one
-    in a caller's transaction, which is the caller's to end."""
+    in a caller's transaction (``atomic`` or autocommit turned off), which is the caller's."""
     for alias in aliases:
         connection = connections[alias]
-        if connection.errors_occurred and not connection.in_atomic_block:
+        if (
+            connection.errors_occurred
+            and not connection.in_atomic_block
+            and connection.get_autocommit()
+        ):
             connection.close_if_unusable_or_obsolete()
 
 

@@ -1556,7 +1556,7 @@ def test_default_settings_pass_the_checks():
         ({"BATCH_SIZE": 0}, "batchframework.E003", "BATCH_SIZE"),
         # Recovery reads ten batches' worth: a huge one overflowed the database's LIMIT on
         # every poll, with no check to say so.
-        ({"BATCH_SIZE": 10**18}, "batchframework.E003", "at most 10,000"),
+        ({"BATCH_SIZE": 10**18}, "batchframework.E003", "at most 1,000,000"),
         ({"DEFAULT_MAX_ATTEMPTS": -1}, "batchframework.E003", "DEFAULT_MAX_ATTEMPTS"),
         ({"DEFAULT_LEASE": -5}, "batchframework.E004", "DEFAULT_LEASE"),
         # The lease keeper could not renew it in time: operations taken from live workers.

@@ -9,6 +9,7 @@ Subprocesses use ``tests.settings`` with a DATABASE_URL that points at the *test
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -470,6 +471,70 @@ def test_sigterm_finishes_the_operation_in_hand_and_releases_the_rest(reaper, si
     assert "stopped after 1 operation" in log.read_text()
 
 
+def test_a_worker_started_with_nohup_keeps_running_on_sighup(reaper):
+    """``nohup`` ignores SIGHUP so that the worker outlives the session: the worker must not
+    take that signal back as a reason to stop."""
+    log = reaper.log_path("nohup")
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "django", "batchframework_worker", "--poll-interval", "0.2"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )
+    reaper.processes.append(worker)
+    wait_for(lambda: "worker started" in log.read_text(), timeout=30, what="the worker")
+    worker.send_signal(signal.SIGHUP)
+    op = enqueue("test-noop")
+    wait_for(lambda: fresh(op).status == BatchOperation.STATUS_FINISHED, timeout=15, what="a run")
+    assert worker.poll() is None, log.read_text()
+    worker.send_signal(signal.SIGTERM)
+    assert wait_exit(worker, timeout=20, log_path=log) == 0, log.read_text()
+
+
+def test_a_worker_whose_terminal_hangs_up_stops_gracefully_and_quietly(reaper, tmp_path):
+    """The foreground worker of a terminal (an ssh session) that closes gets SIGHUP from the
+    kernel: it finishes the operation in hand, gives back the rest, and exits 0, though it
+    can no longer write its last words to the terminal (that raised, exit 1)."""
+    import pty
+
+    operations = enqueue_many(
+        "test-sleep", [{"input_data": {"seconds": 2, "no_effect": True}} for _ in range(2)]
+    )
+    errors = tmp_path / "stderr.log"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the worker, with the pty as its controlling terminal
+        try:
+            os.dup2(os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+            os.chdir(ROOT)
+            args = ["-m", "django", "batchframework_worker", "--batch-size", "10"]
+            os.execve(sys.executable, [sys.executable, *args], subprocess_env())
+        finally:
+            os._exit(127)
+    try:
+        wait_for(lambda: Execution.objects.exists(), timeout=30, what="the first handler")
+        os.close(terminal)  # hang up
+        terminal = -1
+        deadline = time.monotonic() + 20
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "the worker did not exit"
+            time.sleep(0.05)
+        pid = 0
+        assert os.waitstatus_to_exitcode(waited[1]) == 0, errors.read_text()
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    started = Execution.objects.get().key
+    statuses = {str(op.pk): fresh(op).status for op in operations}
+    assert statuses.pop(started) == BatchOperation.STATUS_FINISHED
+    assert list(statuses.values()) == [BatchOperation.STATUS_UNPROCESSED]
+
+
 def test_second_sigterm_exits_at_once(reaper):
     op = enqueue("test-sleep", input_data={"seconds": 30})
     worker, log = reaper.worker("--once", label="impatient")
@@ -716,7 +781,7 @@ def test_a_batch_size_beyond_the_limit_is_refused(reaper):
     """It passed, then failed every claim on the database's LIMIT (forever without --once)."""
     worker, log = reaper.worker("--once", "--batch-size", "99999999999999999999", label="huge")
     assert wait_exit(worker, timeout=30, log_path=log) == 2
-    assert "--batch-size must be at most 10000" in log.read_text()
+    assert "--batch-size must be at most 1000000" in log.read_text()
 
 
 def test_once_fails_on_a_database_error_instead_of_retrying_forever(reaper, tmp_path):

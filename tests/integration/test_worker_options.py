@@ -51,36 +51,50 @@ def test_a_worker_sleeps_until_its_own_next_operation_not_another_queues():
     assert timedelta(0) <= lateness < timedelta(milliseconds=300), lateness
 
 
-def test_a_signal_receiver_that_raises_is_logged_and_the_worker_goes_on(monkeypatch, caplog):
+@pytest.mark.parametrize(
+    ("operationtype", "signal_name", "options"),
+    [
+        ("test-noop", "operation_finished", {}),  # a quick success, finished with others
+        ("test-noop", "operation_finished", {"FINISH_WINDOW": 0}),  # finished at once
+        ("test-always-fails", "operation_retry_scheduled", {}),  # a failure, retried
+        ("test-atomic", "operation_finished", {}),  # inside the handler's transaction
+    ],
+    ids=["grouped-success", "success", "failure", "atomic"],
+)
+def test_a_signal_receiver_that_raises_is_logged_and_the_worker_goes_on(
+    monkeypatch, caplog, settings, operationtype, signal_name, options
+):
     """A receiver's bug raised out of the worker's loop and ended the process, and with it
     every queue the worker served. The operation whose run ended in that error still counts
     towards ``max_operations`` (its handler ran): it was not counted once, and the worker
     then ran more operations than it was told to."""
+    from batchframework import signals
     from batchframework import worker as worker_module
-    from batchframework.signals import operation_finished
 
     monkeypatch.setattr(worker_module, "DATABASE_ERROR_BACKOFF", 0.01)
-    first = enqueue("test-noop", priority=2)
-    second = enqueue("test-noop", priority=1)
-    third = enqueue("test-noop")
+    settings.BATCHFRAMEWORK = {**settings.BATCHFRAMEWORK, **options}
+    for priority in (2, 1, 0):
+        enqueue(operationtype, priority=priority)
     raised: list[int] = []
+    started: list[int] = []
 
     def buggy_receiver(sender, operation, **kwargs):
         if not raised:
             raised.append(operation.pk)
             raise RuntimeError("a receiver's bug")
 
-    operation_finished.connect(buggy_receiver)
+    def count(sender, operation, **kwargs):
+        started.append(operation.pk)
+
+    signal = getattr(signals, signal_name)
+    signal.connect(buggy_receiver)
+    signals.operation_started.connect(count)
     try:
         worker = Worker(max_operations=2, batch_size=1, poll_interval=timedelta(seconds=0.05))
         assert worker.run() == 2
     finally:
-        operation_finished.disconnect(buggy_receiver)
-    assert raised == [first.pk]
-    statuses = dict(
-        BatchOperation.objects.filter(pk__in=[first.pk, second.pk, third.pk]).values_list(
-            "pk", "status"
-        )
-    )
-    assert statuses == {first.pk: "finished", second.pk: "finished", third.pk: "unprocessed"}
+        signal.disconnect(buggy_receiver)
+        signals.operation_started.disconnect(count)
+    assert len(raised) == 1
+    assert len(started) == 2, started
     assert "event=worker_error" in caplog.text and "a receiver's bug" in caplog.text
