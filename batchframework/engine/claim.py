@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import OperationalError, connections, transaction
 from django.db.models import F
@@ -42,6 +42,8 @@ from ._common import (
     write_alias,
 )
 from .claim_postgresql import claim_due_postgresql
+
+T = TypeVar("T")
 
 
 def _claim_update(lease: timedelta, token: str, now: datetime | None) -> dict[str, Any]:
@@ -87,23 +89,32 @@ def claim(
     be claimed alone is not lost in that window.
     """
     alias = write_alias(using)
-    # Our own transaction, not a caller's: one a deadlock rolled back can be run again. (On
-    # MySQL/MariaDB a writer that locked the row's index entry first, then waits for the row,
-    # deadlocks with the claim's UPDATE of that entry.)
+    return _retrying_deadlocks(
+        alias,
+        lambda: _claim_locked(operation_id, alias=alias, worker=worker, now=now),
+        id=operation_id,
+    )
+
+
+#: How often a claim runs again when its transaction was a deadlock's victim.
+_CLAIM_ATTEMPTS = 3
+
+
+def _retrying_deadlocks(alias: str, claim_now: Callable[[], T], **context: Any) -> T:
+    """Run ``claim_now`` (a transaction of its own) again when it was a deadlock's victim, at
+    most :data:`_CLAIM_ATTEMPTS` times. Not in a caller's transaction, which the deadlock rolled
+    back as a whole. (On MySQL/MariaDB a writer that locked an index entry first, then waits
+    for the row, deadlocks with a claim's UPDATE of that entry: ``enqueue(replace=True)``.)"""
     outermost = not connections[alias].in_atomic_block
     attempt = 1
     while True:
         try:
-            return _claim_locked(operation_id, alias=alias, worker=worker, now=now)
+            return claim_now()
         except OperationalError as exc:
             if not (outermost and is_deadlock(exc)) or attempt >= _CLAIM_ATTEMPTS:
                 raise
-        log_event(logging.INFO, "claim_retried", id=operation_id, reason="deadlock")
+        log_event(logging.INFO, "claim_retried", reason="deadlock", **context)
         attempt += 1
-
-
-#: How often :func:`claim` runs again when its transaction was a deadlock's victim.
-_CLAIM_ATTEMPTS = 3
 
 
 def _claim_locked(
@@ -224,6 +235,26 @@ def claim_due(
             worker=worker,
             now=now,
         )
+    return _retrying_deadlocks(
+        alias,
+        lambda: _claim_due_portable(
+            alias, types=types, ids=ids, queues=queues, limit=limit, worker=worker, now=now
+        ),
+    )
+
+
+def _claim_due_portable(
+    alias: str,
+    *,
+    types: Sequence[str],
+    ids: Sequence[Any] | None,
+    queues: Sequence[str] | None,
+    limit: int,
+    worker: str | None,
+    now: datetime | None,
+) -> list[BatchOperation]:
+    """:func:`claim_due` where no one statement can claim: a locking read, then the
+    compare-and-set UPDATE, in a transaction of their own."""
     manager = BatchOperation.objects.db_manager(alias)
     read_committed_next(alias)
     with transaction.atomic(using=alias):

@@ -311,8 +311,9 @@ def enqueue_many(
     """Store many operations of one operationtype: one INSERT per ``batch_size`` chunk.
 
     Each item is a mapping with optional ``context_object``, ``input_data``, ``delay``,
-    ``run_after`` and ``priority`` keys overriding the call's defaults. All items are
-    validated before the first INSERT; an invalid item writes nothing.
+    ``run_after`` and ``priority`` keys overriding the call's defaults (a ``delay`` or
+    ``run_after`` of ``None`` counts as not given). All items are validated before the first
+    INSERT; an invalid item writes nothing.
     """
     alias = write_alias(using)
     _check_started_by(started_by)
@@ -341,9 +342,11 @@ def enqueue_many(
                 f"allowed: {sorted(allowed)}."
             )
         try:
+            # ``None`` is "not given", as for enqueue() (``{"run_after": obj.scheduled_at}``
+            # of an object that has none): the call's time, not "due now".
             due = (
                 resolve_run_after(item.get("delay"), item.get("run_after"), alias)
-                if "delay" in item or "run_after" in item
+                if item.get("delay") is not None or item.get("run_after") is not None
                 else call_due
             )
             context = _resolve_context(item.get("context_object"), alias)

@@ -8,13 +8,15 @@ together with the finish so that they happen exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import logging
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, connections, transaction
 
 from ..clock import database_now, now_expression
 from ..errors import ErrorDetails, describe_exception, format_error
@@ -139,10 +141,17 @@ def _lost(operation: BatchOperation) -> RunOutcome:
 
 
 def _call(registered: Handler, operation: BatchOperation, alias: str | None = None) -> Any:
-    """Call the handler; with ``alias``, its lease is kept alive meanwhile (not for atomic
-    handlers, whose row lock already keeps recovery away)."""
+    """Call the handler; with ``alias`` (a handler that is not atomic), its lease is kept alive
+    meanwhile (an atomic handler's row lock already keeps recovery away), and a caller's
+    transaction survives a database error in it."""
     if alias is not None and operation.claimed_by:
-        with lease_keeper.keep(operation, registered.resolved_lease(), alias):
+        with (
+            lease_keeper.keep(operation, registered.resolved_lease(), alias),
+            _shielding_callers_transaction(alias),
+        ):
+            output = registered.function(operation)
+    elif alias is not None:
+        with _shielding_callers_transaction(alias):
             output = registered.function(operation)
     else:
         output = registered.function(operation)
@@ -151,6 +160,55 @@ def _call(registered: Handler, operation: BatchOperation, alias: str | None = No
     except ValueError as exc:
         raise HandlerOutputError(str(exc)) from exc
     return output
+
+
+@contextlib.contextmanager
+def _shielding_callers_transaction(alias: str) -> Iterator[None]:
+    """Run a handler that is not atomic so that a database error in it does not break the
+    caller's transaction (``run_due()`` in a test's, eager Celery in a request's): the failure
+    must still be recorded there. In autocommit (a worker) there is nothing to shield.
+
+    A savepoint is rolled back only when the handler broke the transaction: it raised a
+    database error, or one left the transaction unusable. Its other writes stay, as they do in
+    a worker: a test that counts what a failing handler wrote sees what production would.
+    """
+    connection = connections[alias]
+    if not connection.in_atomic_block:
+        yield
+        return
+    savepoint = transaction.savepoint(using=alias)
+    try:
+        yield
+    except BaseException as exc:
+        broken = isinstance(exc, DatabaseError) or connection.needs_rollback
+        _release_or_roll_back(savepoint, alias, broken=broken)
+        raise
+    if not _release_or_roll_back(savepoint, alias, broken=connection.needs_rollback):
+        raise HandlerRolledBackError(
+            "The handler returned but left the caller's transaction unusable: it caught a "
+            "database error raised inside it. Its writes were rolled back. Wrap a statement "
+            "that may fail in an atomic() block of its own."
+        )
+
+
+def _release_or_roll_back(savepoint: str, alias: str, *, broken: bool) -> bool:
+    """Release ``savepoint``; or, when ``broken`` (the handler broke the transaction) or the release
+    fails (an error the handler caught left it aborted), roll back to it, which makes the
+    caller's transaction usable again. Whether it was released."""
+    if not broken:
+        try:
+            transaction.savepoint_commit(savepoint, using=alias)
+            return True
+        except DatabaseError:
+            pass
+    # Unmarked first, as Django's atomic() does: no statement runs while it is marked.
+    transaction.set_rollback(False, using=alias)
+    try:
+        transaction.savepoint_rollback(savepoint, using=alias)
+    except BaseException:
+        transaction.set_rollback(True, using=alias)  # still broken: the caller's to end
+        raise
+    return False
 
 
 def run_claimed(operation: BatchOperation, *, using: str | None = None) -> RunOutcome:

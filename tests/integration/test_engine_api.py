@@ -763,6 +763,15 @@ def test_enqueue_many_items_without_a_time_of_their_own_share_the_call_s():
         enqueue_many("test-noop", [], delay=-1)
 
 
+@pytest.mark.parametrize("key", ["run_after", "delay"])
+def test_enqueue_many_items_whose_time_is_none_share_the_call_s(key):
+    """``{"run_after": obj.scheduled_at}`` of an object without one: ``None`` means "not
+    given", as for enqueue(). It made the item due at once, an hour early here."""
+    created = enqueue_many("test-noop", [{key: None}, {}], delay=timedelta(hours=1))
+    assert created[0].run_after == created[1].run_after
+    assert BatchOperation.objects.due(now=timezone.now() + timedelta(minutes=59)).count() == 0
+
+
 def test_enqueue_many_builds_its_instances_with_init_signals_when_someone_listens():
     built: list[BatchOperation] = []
 
@@ -1143,6 +1152,71 @@ def test_run_due_time_travel():
     assert fresh(op).output_data == {"echo": {"n": 1}}
     with pytest.raises(ValueError):
         run_due(now=timezone.now().replace(tzinfo=None))
+
+
+@pytest.fixture
+def clashing_handler() -> Iterator[str]:
+    """A handler that writes an Execution row, then an Effect whose key already exists (an
+    IntegrityError); with ``input_data["catch"]``, it catches that error and returns."""
+
+    @handler("test-clashes")
+    def clashes(operation):
+        Execution.objects.create(key=str(operation.pk))
+        try:
+            Effect.objects.create(key="taken")
+        except IntegrityError:
+            if not (operation.input_data or {}).get("catch"):
+                raise
+        return None
+
+    Effect.objects.create(key="taken")
+    yield "test-clashes"
+    registry.unregister("test-clashes")
+
+
+def test_run_due_records_a_handlers_database_error_inside_the_tests_transaction(
+    clashing_handler,
+):
+    """The handler's failed statement broke the test's transaction: recording the failure
+    raised TransactionManagementError into the test, though the docs promise a failing
+    handler is recorded on its row. Its statements since the start are rolled back."""
+    op = enqueue(clashing_handler)
+    [ran] = run_due()
+    assert (ran.status, ran.result) == ("finished", "failed")
+    assert fresh(op).error["type"].endswith("IntegrityError")
+    assert not Execution.objects.filter(key=str(op.pk)).exists()  # the transaction works
+
+
+def test_a_handler_that_caught_a_database_error_is_failed_not_recorded_successful(
+    clashing_handler,
+):
+    op = enqueue(clashing_handler, input_data={"catch": True})
+    [ran] = run_due()
+    assert (ran.status, ran.result) == ("finished", "failed")
+    assert fresh(op).error["type"] == "batchframework.exceptions.HandlerRolledBackError"
+
+
+def test_always_synchronous_records_a_handlers_database_error_in_the_callers_transaction(
+    clashing_handler, django_capture_on_commit_callbacks
+):
+    """Eager mode ran into the same wall: the dispatch failed (logged), the operation stayed
+    running, and the test's transaction was unusable."""
+    with (
+        override_settings(BATCHFRAMEWORK={"ALWAYS_SYNCHRONOUS": True}),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        op = enqueue(clashing_handler)
+    assert (fresh(op).status, fresh(op).result) == ("finished", "failed")
+
+
+def test_a_failing_handlers_other_writes_stay_in_the_tests_transaction_as_in_a_worker():
+    """Only a handler that broke the transaction loses its writes: one that raised anything
+    else keeps them, as it does in a worker (autocommit), so tests count what production
+    would."""
+    op = enqueue("test-always-fails")
+    run_due(now=timezone.now() + timedelta(minutes=1), operationtype="test-always-fails")
+    assert fresh(op).result == "failed"
+    assert Execution.objects.filter(key=str(op.pk)).count() == 3  # one per attempt
 
 
 def test_run_due_filters_by_operationtype_and_orders_by_priority():

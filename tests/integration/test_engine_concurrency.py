@@ -8,7 +8,9 @@ Subprocesses use ``tests.settings`` with a DATABASE_URL that points at the *test
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -828,3 +830,64 @@ def test_subprocesses_use_the_test_database():
         print("FOUND", BatchOperation.objects.filter(pk={op.pk}).exists())
     """)
     assert "FOUND True" in result.stdout
+
+
+# --- Deadlock victims -------------------------------------------------------------------------
+def _a_deadlock_first(monkeypatch, name: str) -> list[int]:
+    """Make ``claim_module.<name>`` end its first transaction as a deadlock's victim does
+    (MySQL/MariaDB error 1213), as a concurrent ``enqueue(replace=True)`` can make it."""
+    from django.db import OperationalError
+
+    # The module, not the function batchframework.engine exports under the same name.
+    claim_module = importlib.import_module("batchframework.engine.claim")
+    real = getattr(claim_module, name)
+    calls: list[int] = []
+
+    def deadlocking(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError(1213, "Deadlock found when trying to get lock")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(claim_module, name, deadlocking)
+    return calls
+
+
+@pytest.mark.skipif(
+    connection.vendor == "postgresql", reason="one statement claims there (claim_postgresql)"
+)
+def test_claim_due_runs_again_when_a_deadlock_chose_it_as_its_victim(monkeypatch, caplog):
+    """On MariaDB, claim_due lost its whole batch to a deadlock with concurrent debounced
+    enqueues: the DB worker backed off, a Celery message left its operations to the poller,
+    and run_due raised. claim() by id ran again already; now both do."""
+    caplog.set_level(logging.INFO, logger="batchframework")
+    op = enqueue("test-noop")
+    calls = _a_deadlock_first(monkeypatch, "_claim_due_portable")
+    assert [claimed.pk for claimed in claim_due()] == [op.pk]
+    assert len(calls) == 2
+    assert "event=claim_retried reason=deadlock" in caplog.text
+
+
+def test_claim_by_id_runs_again_when_a_deadlock_chose_it_as_its_victim(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="batchframework")
+    op = enqueue("test-noop")
+    calls = _a_deadlock_first(monkeypatch, "_claim_locked")
+    from batchframework.engine import claim
+
+    claimed = claim(op.pk)
+    assert claimed is not None and claimed.pk == op.pk
+    assert len(calls) == 2
+    assert f"event=claim_retried reason=deadlock id={op.pk}" in caplog.text
+
+
+def test_a_deadlock_in_a_callers_transaction_is_not_run_again(monkeypatch):
+    """The deadlock rolled back the caller's whole transaction: only the caller can redo it."""
+    from django.db import OperationalError
+
+    from batchframework.engine import claim
+
+    op = enqueue("test-noop")
+    calls = _a_deadlock_first(monkeypatch, "_claim_locked")
+    with pytest.raises(OperationalError), transaction.atomic():
+        claim(op.pk)
+    assert len(calls) == 1
