@@ -500,37 +500,34 @@ def test_a_worker_whose_terminal_hangs_up_stops_gracefully_and_quietly(reaper, t
     """The foreground worker of a terminal (an ssh session) that closes gets SIGHUP from the
     kernel: it finishes the operation in hand, gives back the rest, and exits 0, though it
     can no longer write its last words to the terminal (that raised, exit 1)."""
+    import fcntl
     import pty
+    import termios
 
     operations = enqueue_many(
         "test-sleep", [{"input_data": {"seconds": 2, "no_effect": True}} for _ in range(2)]
     )
-    errors = tmp_path / "stderr.log"
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: the worker, with the pty as its controlling terminal
-        try:
-            os.dup2(os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-            os.chdir(ROOT)
-            args = ["-m", "django", "batchframework_worker", "--batch-size", "10"]
-            os.execve(sys.executable, [sys.executable, *args], subprocess_env())
-        finally:
-            os._exit(127)
+    terminal, child_end = pty.openpty()
+    with open(tmp_path / "stderr.log", "wb") as errors:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "django", "batchframework_worker", "--batch-size", "10"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdin=child_end,
+            stdout=child_end,
+            stderr=errors,
+            start_new_session=True,
+            # The pty becomes the controlling terminal of the worker's new session.
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+    reaper.processes.append(worker)
+    os.close(child_end)
     try:
         wait_for(lambda: Execution.objects.exists(), timeout=30, what="the first handler")
-        os.close(terminal)  # hang up
-        terminal = -1
-        deadline = time.monotonic() + 20
-        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            assert time.monotonic() < deadline, "the worker did not exit"
-            time.sleep(0.05)
-        pid = 0
-        assert os.waitstatus_to_exitcode(waited[1]) == 0, errors.read_text()
     finally:
-        if terminal >= 0:
-            os.close(terminal)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        os.close(terminal)  # hang up: the kernel sends the session SIGHUP
+    code = wait_exit(worker, timeout=20)
+    assert code == 0, (tmp_path / "stderr.log").read_text()
     started = Execution.objects.get().key
     statuses = {str(op.pk): fresh(op).status for op in operations}
     assert statuses.pop(started) == BatchOperation.STATUS_FINISHED
