@@ -42,7 +42,15 @@ from ..signals import log_event, operation_finished, operation_started
 from ._common import write_alias
 from .claim import release, renew_leases
 from .keeper import lease_keeper, lease_point
-from .run import RunOutcome, _call, _finish_failure, _lost, run_interruptible
+from .run import (
+    ReturnedThenInterrupted,
+    RunOutcome,
+    _call,
+    _finish_failure,
+    _lost,
+    check_output,
+    run_interruptible,
+)
 
 #: A success not recorded yet: the operation, its handler's output, and the lease keeper's key
 #: for its lease.
@@ -174,6 +182,10 @@ class BatchRunner:
             # Leaving early (a second stop signal, KeyboardInterrupt, an error between
             # handlers): give back what never started, or it would wait for its lease to expire
             # and then, as part of a lost batch, be claimed alone from then on.
+            late = exc if isinstance(exc, ReturnedThenInterrupted) else None
+            if late is not None:
+                # The handler had returned: its run is kept (held or recorded), not recovery's.
+                running, exc = None, late.interruption
             if isinstance(exc, self.interruptions):
                 self._drop_interrupted_sessions()
             with contextlib.suppress(Exception):
@@ -182,6 +194,8 @@ class BatchRunner:
             if running is not None:
                 with contextlib.suppress(Exception):
                     self._interrupted(running)
+            if late is not None:
+                raise exc from None  # the interruption itself, not the engine's wrapper of it
             raise
         self.flush()
         return ran
@@ -289,7 +303,10 @@ class BatchRunner:
 
     def run(self, operation: BatchOperation) -> None:
         """Run one claimed operation; its success may be recorded at the next flush."""
-        self._run_handler(operation)
+        try:
+            self._run_handler(operation)
+        except ReturnedThenInterrupted as late:
+            raise late.interruption from None  # the run is kept: held, or recorded
         self._flush_if_due()
 
     def _flush_if_due(self) -> None:
@@ -300,15 +317,33 @@ class BatchRunner:
         self.operations_started += 1
         registered = registry[operation.operationtype]
         if registered.atomic or self.window <= 0:
-            outcome = run_interruptible(
-                operation, using=self.using, interruptions=self.interruptions
-            )
+            try:
+                outcome = run_interruptible(
+                    operation, using=self.using, interruptions=self.interruptions
+                )
+            except ReturnedThenInterrupted as late:
+                if late.outcome is not None:  # recorded before the interruption goes on
+                    self.outcomes.append(late.outcome)
+                raise
             self.outcomes.append(outcome)
             return
         alias = self._alias(operation)
         operation_started.send(sender=BatchOperation, operation=operation)
         try:
-            output = _call(registered, operation, alias)
+            output = _call(registered, operation, alias, self.interruptions)
+        except ReturnedThenInterrupted as late:
+            # Kept as the success it is (or failed, for output it can't store) before the
+            # interruption goes on: thrown away, the handler would run again.
+            try:
+                check_output(late.output)
+            except Exception as exc:
+                late.outcome = _finish_failure(
+                    operation, registered, describe_exception(exc), alias
+                )
+                self.outcomes.append(late.outcome)
+            else:
+                self._keep_success(operation, late.output, alias)
+            raise
         except self.interruptions:
             raise
         except Exception as exc:
@@ -316,8 +351,11 @@ class BatchRunner:
                 _finish_failure(operation, registered, describe_exception(exc), alias)
             )
         else:
-            self._successes.append(self._hold(operation, output))
-            self._success_aliases.add(alias)
+            self._keep_success(operation, output, alias)
+
+    def _keep_success(self, operation: BatchOperation, output: Any, alias: str) -> None:
+        self._successes.append(self._hold(operation, output))
+        self._success_aliases.add(alias)
 
     def _hold(self, operation: BatchOperation, output: Any) -> _Success:
         """A success to record later; its lease is kept alive until then."""

@@ -140,26 +140,61 @@ def _lost(operation: BatchOperation) -> RunOutcome:
     return RunOutcome.LOST_CLAIM
 
 
-def _call(registered: Handler, operation: BatchOperation, alias: str | None = None) -> Any:
+class ReturnedThenInterrupted(BaseException):
+    """The handler returned ``output``, and then one of the ``interruptions`` landed in the
+    engine's own work after it (leaving the lease keeper's block, checking the output): the run
+    is the handler's success, to record before the interruption goes on. (A ``BaseException``,
+    so that no ``except Exception`` takes it for the handler's failure.)"""
+
+    def __init__(self, output: Any, interruption: BaseException) -> None:
+        super().__init__(interruption)
+        self.output = output
+        self.interruption = interruption
+        #: What was recorded of the run, once it was (``None``: held, to be recorded later).
+        self.outcome: RunOutcome | None = None
+
+
+def _call(
+    registered: Handler,
+    operation: BatchOperation,
+    alias: str | None = None,
+    interruptions: tuple[type[BaseException], ...] = (),
+) -> Any:
     """Call the handler; with ``alias`` (a handler that is not atomic), its lease is kept alive
     meanwhile (an atomic handler's row lock already keeps recovery away), and a caller's
-    transaction survives a database error in it."""
-    if alias is not None and operation.claimed_by:
-        with (
-            lease_keeper.keep(operation, registered.resolved_lease(), alias),
-            _shielding_callers_transaction(alias),
-        ):
+    transaction survives a database error in it. One of the ``interruptions`` that lands once
+    the handler has returned raises :class:`ReturnedThenInterrupted`."""
+    returned = False
+    output: Any = None
+    try:
+        if alias is not None and operation.claimed_by:
+            with (
+                lease_keeper.keep(operation, registered.resolved_lease(), alias),
+                _shielding_callers_transaction(alias),
+            ):
+                output = registered.function(operation)
+                returned = True
+        elif alias is not None:
+            with _shielding_callers_transaction(alias):
+                output = registered.function(operation)
+                returned = True
+        else:
             output = registered.function(operation)
-    elif alias is not None:
-        with _shielding_callers_transaction(alias):
-            output = registered.function(operation)
-    else:
-        output = registered.function(operation)
+            returned = True
+        check_output(output)
+    except interruptions as exc:
+        if returned:
+            raise ReturnedThenInterrupted(output, exc) from None
+        raise
+    return output
+
+
+def check_output(output: Any) -> None:
+    """Raise :class:`HandlerOutputError` for a return value ``output_data`` can't store."""
     try:
         encode_json(output, what="handler return value")
     except ValueError as exc:
         raise HandlerOutputError(str(exc)) from exc
-    return output
 
 
 @contextlib.contextmanager
@@ -235,10 +270,26 @@ def run_interruptible(
     if registered.atomic:
         return _run_atomic(operation, registered, alias, interruptions)
     try:
-        output = _call(registered, operation, alias)
+        output = _call(registered, operation, alias, interruptions)
+    except ReturnedThenInterrupted as late:
+        # Recorded first: the interruption is not the handler's, and a run that was lost here
+        # would run again (or, its attempts spent, be failed as a lost worker's).
+        late.outcome = _finish_returned(operation, registered, late.output, alias)
+        raise
     except interruptions:
         raise
     except Exception as exc:
+        return _finish_failure(operation, registered, describe_exception(exc), alias)
+    return _finish_success(operation, output, alias)
+
+
+def _finish_returned(
+    operation: BatchOperation, registered: Handler, output: Any, alias: str
+) -> RunOutcome:
+    """Record the run of a handler that returned ``output``, not yet checked."""
+    try:
+        check_output(output)
+    except HandlerOutputError as exc:
         return _finish_failure(operation, registered, describe_exception(exc), alias)
     return _finish_success(operation, output, alias)
 

@@ -5,7 +5,9 @@ its own output; the lease keeper outlives its own errors."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import logging
 import signal
 import threading
 import time
@@ -31,6 +33,9 @@ from batchframework.registry import registry
 from batchframework.signals import operation_finished, operation_retry_scheduled
 from batchframework.testing import run_due
 from tests.testapp.models import Execution
+
+#: The module, not the function ``batchframework.engine`` exports under the same name.
+run_module = importlib.import_module("batchframework.engine.run")
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -838,3 +843,54 @@ def test_a_retry_rolled_back_with_its_atomic_handler_leaves_the_lease_ended(
     assert (row.status, row.claimed_by) == (BatchOperation.STATUS_RUNNING, claimed[0].claimed_by)
     assert row.lease_expires_at <= timezone.now()
     assert recover_expired() == 1
+
+
+@pytest.mark.parametrize(
+    ("window", "atomic"),
+    [(60, False), (0, False), (60, True)],
+    ids=["held-success", "finished-at-once", "atomic"],
+)
+def test_an_interruption_after_the_handler_returned_keeps_its_run(
+    registered, monkeypatch, caplog, window, atomic
+):
+    """Celery's soft time limit can land after the handler has returned, in the engine's own
+    work (here, checking the output). The run was thrown away: the handler ran again and, its
+    attempts spent, was failed as a lost worker's, logged as ``handler_interrupted``. Now it
+    is recorded; the interruption goes on, and the operations not started are given back.
+    An atomic handler's transaction is still rolled back: its run never happened."""
+    caplog.set_level(logging.WARNING, logger="batchframework")
+    checked: list[object] = []
+    real_check = run_module.check_output
+
+    def interrupted_once(output):
+        checked.append(output)
+        if len(checked) == 1:
+            raise _Interrupted
+        return real_check(output)
+
+    monkeypatch.setattr(run_module, "check_output", interrupted_once)
+    monkeypatch.setattr(batch_module, "check_output", interrupted_once)
+
+    @registered("runner-returns-then-interrupted", lease=1, atomic=atomic)
+    def returns(operation):
+        Execution.objects.create(key=f"returned-{operation.pk}")
+        return {"done": operation.pk}
+
+    first, second = (enqueue("runner-returns-then-interrupted", priority=p) for p in (1, 0))
+    with (
+        pytest.raises(_Interrupted),
+        BatchRunner(window=window, interruptions=(_Interrupted,)) as runner,
+    ):
+        runner.run_batch(claim_due(limit=2))
+    first.refresh_from_db()
+    second.refresh_from_db()
+    if atomic:  # the interruption propagated out of its transaction: recovery's, as before
+        assert first.status == BatchOperation.STATUS_RUNNING
+        assert "event=handler_interrupted" in caplog.text
+    else:
+        assert (first.status, first.result) == ("finished", "successful")
+        assert first.output_data == {"done": first.pk}
+        assert runner.outcomes == [RunOutcome.SUCCEEDED]
+        assert "handler_interrupted" not in caplog.text
+    assert second.status == BatchOperation.STATUS_UNPROCESSED  # given back, not started
+    assert Execution.objects.filter(key__startswith="returned-").count() == (0 if atomic else 1)
