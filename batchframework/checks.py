@@ -100,7 +100,7 @@ def check_sqlite_transaction_mode(
                 checks.Warning(
                     f"Database {alias!r} is SQLite without transaction_mode IMMEDIATE.",
                     hint='Set DATABASES[...]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", '
-                    '"timeout": 20} so that a worker and the web process (or several workers) '
+                    '"timeout": 30} so that a worker and the web process (or several workers) '
                     'wait for each other instead of failing with "database is locked".',
                     id="batchframework.W003",
                 )

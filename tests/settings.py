@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -44,7 +45,12 @@ TEMPLATES = [
     }
 ]
 
-_default_sqlite = os.path.join(tempfile.gettempdir(), "batchframework-tests.sqlite3")
+# One file per checkout: Django's test runner deletes the test database it finds at the start,
+# so two checkouts' runs sharing one would delete it under each other.
+_checkout = hashlib.sha256(os.path.dirname(os.path.dirname(os.path.abspath(__file__))).encode())
+_default_sqlite = os.path.join(
+    tempfile.gettempdir(), f"batchframework-tests-{_checkout.hexdigest()[:8]}.sqlite3"
+)
 DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{_default_sqlite}"
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
 _engine = DATABASES["default"]["ENGINE"]

@@ -38,7 +38,7 @@ class Command(BaseCommand):
             "--max-operations",
             type=int,
             default=None,
-            help="Exit after running this many operations.",
+            help="Exit after this many runs (attempts) of operations.",
         )
         parser.add_argument("--once", action="store_true", help="Run what is due now, then exit.")
         parser.add_argument(
