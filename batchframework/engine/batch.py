@@ -188,12 +188,16 @@ class BatchRunner:
                 running, exc = None, late.interruption
             if isinstance(exc, self.interruptions):
                 self._drop_interrupted_sessions()
-            with contextlib.suppress(Exception):
+            try:
                 _replace_lost_sessions({self._alias(op) for op in pending})
                 release(pending, using=self.using)
+            except Exception as error:  # what goes on is the exception that ended the batch
+                _log_left_to_recovery("give_back_failed", pending, error)
             if running is not None:
-                with contextlib.suppress(Exception):
+                try:
                     self._interrupted(running)
+                except Exception as error:
+                    _log_left_to_recovery("lease_end_failed", [running], error)
             if late is not None:
                 raise exc from None  # the interruption itself, not the engine's wrapper of it
             raise
@@ -441,6 +445,17 @@ def _same_json(values: list[Any]) -> bool:
         return True
     text = json.dumps(first)
     return all(json.dumps(value) == text for value in values)
+
+
+def _log_left_to_recovery(event: str, operations: list[BatchOperation], error: Exception) -> None:
+    if operations:
+        log_event(
+            logging.WARNING,
+            event,
+            ids=",".join(str(op.pk) for op in operations),
+            error=repr(error),
+            fallback="recovery when their leases expire",
+        )
 
 
 def _replace_lost_sessions(aliases: set[str]) -> None:
