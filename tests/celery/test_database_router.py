@@ -143,4 +143,3 @@ def test_enqueueing_to_a_database_no_poller_polls_is_warned_about_once(caplog, m
         monkeypatch.setattr(dispatcher, "_warned_unpolled", set())
         enqueue("test-noop", using="default", delay=3600)
     assert len([r for r in caplog.records if "database_not_polled" in r.getMessage()]) == 1
-

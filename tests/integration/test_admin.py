@@ -58,6 +58,19 @@ def operator_client(client, django_user_model):
 
 
 @pytest.fixture
+def viewer_client(client, django_user_model):
+    """A staff user who may view batch operations, and nothing else."""
+    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(
+        Permission.objects.get(
+            content_type__app_label="batchframework", codename="view_batchoperation"
+        )
+    )
+    client.force_login(viewer)
+    return client
+
+
+@pytest.fixture
 def operations(superuser):
     """One operation per state, the finished ones with data, about a user (whose admin page
     exists, so the context object is a link) or a post (no admin page)."""
@@ -239,16 +252,8 @@ def test_staff_user_without_permissions_gets_403(client, django_user_model, oper
     assert client.get(change_url(operations["pending"])).status_code == 403
 
 
-def test_staff_user_with_view_permission_sees_but_cannot_cancel(
-    client, django_user_model, operations
-):
-    staff = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
-    staff.user_permissions.add(
-        Permission.objects.get(
-            codename="view_batchoperation", content_type__app_label="batchframework"
-        )
-    )
-    client.force_login(staff)
+def test_staff_user_with_view_permission_sees_but_cannot_cancel(viewer_client, operations):
+    client = viewer_client
     response = client.get(reverse(CHANGELIST))
     assert response.status_code == 200
     assert "cancel_selected" not in response.content.decode()
@@ -345,18 +350,11 @@ def test_the_delete_page_of_a_running_operation_says_why_it_deletes_nothing(
 
 
 def test_the_delete_page_of_a_running_operation_is_forbidden_without_delete_permission(
-    client, django_user_model, operations
+    viewer_client, operations
 ):
-    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
-    viewer.user_permissions.add(
-        Permission.objects.get(
-            content_type__app_label="batchframework", codename="view_batchoperation"
-        )
-    )
-    client.force_login(viewer)
     running = operations["running"]
-    assert client.get(delete_url(running)).status_code == 403
-    assert client.post(delete_url(running), {"post": "yes"}).status_code == 403
+    assert viewer_client.get(delete_url(running)).status_code == 403
+    assert viewer_client.post(delete_url(running), {"post": "yes"}).status_code == 403
     assert BatchOperation.objects.get(pk=running.pk).status == "running"
 
 
