@@ -48,7 +48,7 @@ from .run import (
     _call,
     _finish_failure,
     _lost,
-    check_output,
+    fail_unstorable_output,
     run_interruptible,
 )
 
@@ -338,12 +338,8 @@ class BatchRunner:
         except ReturnedThenInterrupted as late:
             # Kept as the success it is (or failed, for output it can't store) before the
             # interruption goes on: thrown away, the handler would run again.
-            try:
-                check_output(late.output)
-            except Exception as exc:
-                late.outcome = _finish_failure(
-                    operation, registered, describe_exception(exc), alias
-                )
+            late.outcome = fail_unstorable_output(operation, registered, late.output, alias)
+            if late.outcome is not None:
                 self.outcomes.append(late.outcome)
             else:
                 self._keep_success(operation, late.output, alias)

@@ -287,11 +287,21 @@ def _finish_returned(
     operation: BatchOperation, registered: Handler, output: Any, alias: str
 ) -> RunOutcome:
     """Record the run of a handler that returned ``output``, not yet checked."""
+    failed = fail_unstorable_output(operation, registered, output, alias)
+    return failed if failed is not None else _finish_success(operation, output, alias)
+
+
+def fail_unstorable_output(
+    operation: BatchOperation, registered: Handler, output: Any, alias: str
+) -> RunOutcome | None:
+    """Fail the run when ``output_data`` can't store the handler's ``output``: the outcome
+    recorded, or ``None`` when the output is fine and the success is the caller's to record.
+    (For a handler that returned before an interruption, whose output was not checked yet.)"""
     try:
         check_output(output)
     except HandlerOutputError as exc:
         return _finish_failure(operation, registered, describe_exception(exc), alias)
-    return _finish_success(operation, output, alias)
+    return None
 
 
 def _run_atomic(

@@ -869,7 +869,6 @@ def test_an_interruption_after_the_handler_returned_keeps_its_run(
         return real_check(output)
 
     monkeypatch.setattr(run_module, "check_output", interrupted_once)
-    monkeypatch.setattr(batch_module, "check_output", interrupted_once)
 
     @registered("runner-returns-then-interrupted", lease=1, atomic=atomic)
     def returns(operation):
