@@ -23,6 +23,7 @@ from django.db.models import Min
 from .clock import database_now
 from .conf import MAX_POLL_INTERVAL, get_settings
 from .engine import BatchRunner, claim_due, recover_expired
+from .engine._common import write_alias
 from .models import BatchOperation
 from .registry import registry
 from .signals import log_event
@@ -217,7 +218,9 @@ class Worker:
         """Until the next operation is due, at most the poll interval."""
         types = registry.operationtypes()
         upcoming = (
-            BatchOperation.objects.db_manager(self.using)
+            # Where claims are made: a lagging read replica would have the worker sleep past
+            # what is due, or wake for what was claimed already.
+            BatchOperation.objects.db_manager(write_alias(self.using))
             .unprocessed()
             .filter(operationtype__in=types)
         )

@@ -95,3 +95,10 @@ def is_deadlock(exc: OperationalError) -> bool:
     """Whether the database ended the transaction as a deadlock's victim (MySQL/MariaDB error
     1213, PostgreSQL SQLSTATE 40P01)."""
     return (exc.args[:1] == (1213,)) or getattr(exc.__cause__, "sqlstate", None) == "40P01"
+
+
+def claim_alias(operation: BatchOperation, using: str | None) -> str:
+    """Where ``operation`` was claimed: ``using``, else the database it was read from (a claim
+    reads what it claims), else the write database. Writes fenced by the claim go there; a
+    router would send an instance of another database's claim to the wrong one."""
+    return using or operation._state.db or write_alias()

@@ -33,6 +33,7 @@ from ..registry import registry
 from ..signals import log_event
 from ._common import (
     ISOLATED,
+    claim_alias,
     is_deadlock,
     new_claim_token,
     read_committed_next,
@@ -317,12 +318,11 @@ def release(operations: Sequence[BatchOperation], *, using: str | None = None) -
     """
     if not operations:
         return 0
-    alias = write_alias(using)
     released = 0
-    by_token: dict[str, list[Any]] = defaultdict(list)
+    by_claim: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for operation in operations:
-        by_token[operation.claimed_by].append(operation.pk)
-    for token, pks in by_token.items():
+        by_claim[(claim_alias(operation, using), operation.claimed_by)].append(operation.pk)
+    for (alias, token), pks in by_claim.items():
         released += (
             BatchOperation.objects.db_manager(alias)
             .filter(pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token)
@@ -347,16 +347,16 @@ def renew_leases(
     """
     if not operations:
         return []
-    alias = write_alias(using)
-    manager = BatchOperation.objects.db_manager(alias)
-    groups: dict[tuple[str, timedelta], list[BatchOperation]] = defaultdict(list)
+    groups: dict[tuple[str, str, timedelta], list[BatchOperation]] = defaultdict(list)
     for operation in operations:
         lease = registry[operation.operationtype].resolved_lease()
-        groups[(operation.claimed_by, lease)].append(operation)
+        groups[(claim_alias(operation, using), operation.claimed_by, lease)].append(operation)
     held: set[Any] = set()
-    for (token, lease), group in groups.items():
+    for (alias, token, lease), group in groups.items():
         pks = [op.pk for op in group]
-        rows = manager.filter(pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token)
+        rows = BatchOperation.objects.db_manager(alias).filter(
+            pk__in=pks, status=BatchOperation.STATUS_RUNNING, claimed_by=token
+        )
         renewed = rows.update(lease_expires_at=time_after(lease))
         if renewed != len(group):
             still = set(rows.values_list("pk", flat=True))

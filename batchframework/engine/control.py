@@ -17,7 +17,7 @@ from django.db import router, transaction
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event, operation_cancelled
-from ._common import time_after, write_alias
+from ._common import claim_alias, time_after, write_alias
 
 
 class CancelOutcome(enum.Enum):
@@ -135,7 +135,9 @@ def set_progress(
             isinstance(value, bool) or not isinstance(value, int) or value < 0
         ):
             raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
-    alias = _alias(operation, using)
+    # A handler's operation is fenced by its claim, which lives where the claim read it; a
+    # router may name another database for this model.
+    alias = claim_alias(operation, using) if operation.claimed_by else _alias(operation, using)
     changes: dict[str, Any] = {"progress_done": done}
     if total is not None:
         changes["progress_total"] = total

@@ -12,9 +12,12 @@ from django.db import connections
 from django.test import override_settings
 from django.utils import timezone
 
-from batchframework import BatchOperation, enqueue
+from batchframework import BatchOperation, enqueue, handler
 from batchframework.dispatch import NULL_DISPATCHER
-from batchframework.engine import CancelOutcome
+from batchframework.engine import BatchRunner, CancelOutcome, claim_due, renew_leases
+from batchframework.registry import registry
+from batchframework.testing import run_due
+from batchframework.worker import Worker
 from tests.celery.helpers import add_postgresql_alias
 
 #: A second database holding batchframework's tables (its own test database).
@@ -88,3 +91,70 @@ def test_cancel_and_postpone_of_an_instance_read_from_a_replica_write_to_the_pri
     else:
         assert primary is not None and primary.run_after > timezone.now() + timedelta(minutes=59)
         assert replica.run_after < timezone.now() + timedelta(minutes=1)  # left to replication
+
+
+class BatchTablesElsewhere:
+    """Routes batchframework's tables to ``OTHER``; the application's stay on ``default``."""
+
+    def db_for_read(self, model, **hints):
+        return OTHER if model._meta.app_label == "batchframework" else None
+
+    db_for_write = db_for_read
+
+
+@pytest.mark.skipif(not HAS_OTHER, reason="a second PostgreSQL test database is needed")
+@pytest.mark.django_db(transaction=True, databases=["default", OTHER])
+def test_progress_is_recorded_where_the_operation_was_claimed():
+    """An operation enqueued on a database the router does not name (``POLL_DATABASES``
+    supports it) is claimed there; ``set_progress()`` in its handler must write there, under
+    the claim. It asked the router and wrote to the other database, found no such running
+    operation and answered ``False``: a handler following the progress how-to stopped after its
+    first chunk, and its run was recorded as a success."""
+    seen: list[bool] = []
+
+    @handler("second-db-progress")
+    def reports_progress(operation):
+        seen.append(operation.set_progress(1, 2, "half"))
+
+    try:
+        with override_settings(DATABASE_ROUTERS=[f"{__name__}.BatchTablesElsewhere"]):
+            operation = enqueue("second-db-progress", using="default")
+            assert [ran.pk for ran in run_due(using="default")] == [operation.pk]
+    finally:
+        registry.unregister("second-db-progress")
+    assert seen == [True]
+    row = BatchOperation.objects.using("default").get(pk=operation.pk)
+    assert (row.progress_done, row.progress_total, row.progress_message) == (1, 2, "half")
+
+
+@pytest.mark.skipif(not HAS_OTHER, reason="a second PostgreSQL test database is needed")
+@pytest.mark.django_db(transaction=True, databases=["default", OTHER])
+def test_a_runner_gives_back_and_renews_on_the_database_of_the_claim():
+    """``BatchRunner()`` without ``using`` runs each operation on the database it was claimed
+    from; giving back what it did not run, and renewing the leases of what waits its turn, went
+    to ``default`` instead: nothing matched there, so the operations stayed running until their
+    leases expired (and renewal dropped the waiting ones from the batch)."""
+    for _ in range(3):
+        enqueue("test-noop", using=OTHER)
+    claimed = claim_due(using=OTHER)
+    assert len(claimed) == 3
+    assert [op.pk for op in renew_leases(claimed)] == [op.pk for op in claimed]
+    with BatchRunner() as runner:
+        runner.run_batch(claimed, stop=lambda: True)
+    statuses = BatchOperation.objects.using(OTHER).values_list("status", flat=True)
+    assert list(statuses) == [BatchOperation.STATUS_UNPROCESSED] * 3
+
+
+@pytest.mark.skipif(not HAS_OTHER, reason="a second PostgreSQL test database is needed")
+@pytest.mark.django_db(databases=["default", OTHER])
+def test_the_db_worker_judges_what_is_due_on_the_primary():
+    """The worker sleeps until the next operation is due; it read that through the router,
+    from a (lagging) replica, so it slept a whole poll interval past an operation due in half a
+    second on the primary, where it claims."""
+    with override_settings(
+        DATABASE_ROUTERS=[f"{__name__}.PrimaryReplicaRouter"],
+        BATCHFRAMEWORK={"DISPATCHER": NULL_DISPATCHER},
+    ):
+        enqueue("test-noop", delay=timedelta(seconds=0.5))  # the replica has no copy yet
+        sleep = Worker(poll_interval=timedelta(seconds=5))._sleep_seconds()
+    assert sleep < 1
