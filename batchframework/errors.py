@@ -16,9 +16,19 @@ def describe_exception(exc: BaseException) -> ErrorDetails:
     """A JSON-serializable description of ``exc``, stored in ``output_data["error"]``."""
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": storable_text(str(exc)),
+        "message": storable_text(_message_of(exc)),
         "traceback": storable_text("".join(traceback.format_exception(exc))),
     }
+
+
+def _message_of(exc: BaseException) -> str:
+    """``str(exc)``; an exception whose ``__str__`` raises (or returns no ``str``) must still be
+    recorded, or its operation would stay running (the traceback module says the same)."""
+    try:
+        message = str(exc)
+    except Exception:
+        return "<exception str() failed>"
+    return message
 
 
 def storable_text(text: str) -> str:

@@ -208,6 +208,34 @@ def test_a_handler_error_whose_message_holds_a_nul_is_recorded():
         registry.unregister("test-api-nul")
 
 
+class _UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("no message")
+
+
+def test_a_handler_error_whose_str_raises_is_recorded():
+    """Describing the failure called ``str()`` on the exception unguarded: its error replaced
+    the handler's, and the operation stayed running until its lease expired (and the block of
+    a synchronous operation raised the wrong error, leaving it running for good)."""
+
+    def unprintable(operation):
+        raise _UnprintableError
+
+    handler("test-api-unprintable")(unprintable)
+    try:
+        op = enqueue("test-api-unprintable")
+        assert run(op.pk) is RunOutcome.FAILED
+        assert fresh(op).error["type"].endswith("_UnprintableError")
+        assert fresh(op).error["message"] == "<exception str() failed>"
+    finally:
+        registry.unregister("test-api-unprintable")
+    synchronous_block = BatchOperation.objects.synchronous(operationtype="unprintable")
+    with pytest.raises(_UnprintableError), synchronous_block as synchronous:
+        raise _UnprintableError
+    assert fresh(synchronous).status == BatchOperation.STATUS_FINISHED
+    assert fresh(synchronous).result == BatchOperation.RESULT_FAILED
+
+
 def test_registry_lists_discovered_handlers():
     expected = {
         "test-noop",
