@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 
 from ..clock import database_now, now_expression
 from ..errors import ErrorDetails, describe_exception, format_error
@@ -48,7 +48,9 @@ def _fenced(operation: BatchOperation, alias: str) -> Any:
     )
 
 
-def _finish_success(operation: BatchOperation, output: Any, alias: str) -> RunOutcome:
+def _finish_success(
+    operation: BatchOperation, output: Any, alias: str, *, announce: bool = True
+) -> RunOutcome:
     if not _fenced(operation, alias).update(
         status=BatchOperation.STATUS_FINISHED,
         result=BatchOperation.RESULT_SUCCESSFUL,
@@ -61,8 +63,13 @@ def _finish_success(operation: BatchOperation, output: Any, alias: str) -> RunOu
     operation.result = BatchOperation.RESULT_SUCCESSFUL
     operation.output_data = output
     operation.lease_expires_at = None
-    operation_finished.send(sender=BatchOperation, operation=operation, succeeded=True, error=None)
+    if announce:
+        _announce_success(operation)
     return RunOutcome.SUCCEEDED
+
+
+def _announce_success(operation: BatchOperation) -> None:
+    operation_finished.send(sender=BatchOperation, operation=operation, succeeded=True, error=None)
 
 
 def _finish_failure(
@@ -310,31 +317,55 @@ def _run_atomic(
     alias: str,
     interruptions: tuple[type[BaseException], ...],
 ) -> RunOutcome:
-    with transaction.atomic(using=alias):
-        # Lock our row (fenced) first: a late worker whose lease was recovered stops here.
-        if not _fenced(operation, alias).select_for_update().exists():
-            return _lost(operation)
-        try:
-            with transaction.atomic(using=alias):
-                output = _call(registered, operation)
-                if transaction.get_rollback(using=alias):
-                    # Leaving the block would undo the handler's writes in silence, and the
-                    # finish below would record a success without them.
-                    raise HandlerRolledBackError(
-                        "The handler returned but left its transaction marked for rollback: "
-                        "it caught a database error raised inside it. Its writes were rolled "
-                        "back. Wrap a statement that may fail in an atomic() block of its own."
-                    )
-        except interruptions:
-            raise  # out of the outer block too: nothing of the handler's is committed
-        except Exception as exc:
-            # The savepoint rolled back the handler's writes; record the failure.
-            return _finish_failure(operation, registered, describe_exception(exc), alias)
-        outcome = _finish_success(operation, output, alias)
-        if outcome is RunOutcome.LOST_CLAIM:
-            # The row lock makes this unlikely, but the writes must never outlive the finish.
-            transaction.set_rollback(True, using=alias)
-        return outcome
+    owns_transaction = not connections[alias].in_atomic_block
+    succeeded = False
+    try:
+        with transaction.atomic(using=alias):
+            # Lock our row (fenced) first: a late worker whose lease was recovered stops here.
+            if not _fenced(operation, alias).select_for_update().exists():
+                return _lost(operation)
+            try:
+                with transaction.atomic(using=alias):
+                    output = _call(registered, operation)
+                    if transaction.get_rollback(using=alias):
+                        # Leaving the block would undo the handler's writes in silence, and the
+                        # finish below would record a success without them.
+                        raise HandlerRolledBackError(
+                            "The handler returned but left its transaction marked for "
+                            "rollback: it caught a database error raised inside it. Its writes "
+                            "were rolled back. Wrap a statement that may fail in an atomic() "
+                            "block of its own."
+                        )
+                    _check_deferred_constraints(alias)
+            except interruptions:
+                raise  # out of the outer block too: nothing of the handler's is committed
+            except Exception as exc:
+                # The savepoint rolled back the handler's writes; record the failure.
+                return _finish_failure(operation, registered, describe_exception(exc), alias)
+            outcome = _finish_success(operation, output, alias, announce=False)
+            if outcome is RunOutcome.LOST_CLAIM:
+                # The row lock makes this unlikely, but the writes must never outlive the finish.
+                transaction.set_rollback(True, using=alias)
+                return outcome
+            succeeded = True
+    except IntegrityError as exc:
+        if not (succeeded and owns_transaction):
+            raise
+        # The commit refused the handler's writes (SQLite checks foreign keys only then), and
+        # the finish with them: the operation is running under our claim again.
+        return _finish_failure(operation, registered, describe_exception(exc), alias)
+    # Announced once it holds: in a transaction of ours, once it committed.
+    _announce_success(operation)
+    return outcome
+
+
+def _check_deferred_constraints(alias: str) -> None:
+    """Check now the constraints PostgreSQL would check at commit (Django's foreign keys): a
+    violation is then the handler's failure, in its savepoint, instead of the commit's. Not on
+    SQLite, whose check reads every table; its commit failure is caught instead."""
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        connection.check_constraints()
 
 
 def run(

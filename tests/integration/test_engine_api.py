@@ -64,7 +64,7 @@ from batchframework.signals import (
     operations_enqueued,
 )
 from batchframework.testing import run_due
-from tests.testapp.models import Effect, Execution, Post, UUIDThing
+from tests.testapp.models import Effect, Execution, Player, Post, UUIDThing
 
 from .helpers import (
     ANNOUNCE_CHANNEL,
@@ -1307,6 +1307,40 @@ def test_an_atomic_handler_that_swallowed_a_database_error_did_not_succeed(own_s
         assert stored.result == BatchOperation.RESULT_FAILED
         assert "HandlerRolledBackError" in stored.last_error
         assert "marked for rollback" in stored.last_error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_atomic_handler_whose_writes_break_a_constraint_checked_at_commit_fails():
+    """PostgreSQL and SQLite check Django's foreign keys when the transaction commits. The
+    finish was written and ``operation_finished`` announced a success; then the commit refused
+    the handler's writes, and with them the finish: the operation stayed running, to be run
+    again by recovery (and announced again) until it was failed as a lost worker's."""
+    finished: list[bool] = []
+
+    def record(sender, operation, succeeded, **kwargs):
+        finished.append(succeeded)
+
+    def dangling_player(operation):
+        Player.objects.create(game_id=987_654, name="no such game")
+        return {"done": True}
+
+    handler("test-atomic-deferred-fk", atomic=True)(dangling_player)
+    operation_finished.connect(record)
+    try:
+        op = enqueue("test-atomic-deferred-fk")
+        outcome = run(op.pk)
+    finally:
+        operation_finished.disconnect(record)
+        registry.unregister("test-atomic-deferred-fk")
+    stored = fresh(op)
+    assert outcome is RunOutcome.FAILED
+    assert (stored.status, stored.result) == (
+        BatchOperation.STATUS_FINISHED,
+        BatchOperation.RESULT_FAILED,
+    )
+    assert stored.error["type"].endswith("IntegrityError")
+    assert finished == [False]
+    assert not Player.objects.exists()
 
 
 # --- Query counts (invariant 9) --------------------------------------------------------------
