@@ -45,6 +45,12 @@ from .claim import release
 #: ``DatabaseError``: psycopg raises it for a connection that is already closed).
 DatabaseErrors = (DatabaseError, InterfaceError)
 
+#: How long a renewal waits for its row's lock (PostgreSQL; MariaDB's least wait is a second).
+#: A handler that reports progress inside a transaction of its own holds its row until that
+#: commits; one renewal waiting on it would keep every other lease of the process from being
+#: renewed meanwhile. A locked row is safe where it is: recovery skips locked rows.
+LOCK_WAIT_MS = 100
+
 #: Never wake more often than this, whatever the lease.
 MIN_INTERVAL = 0.2
 #: Never sleep longer than this.
@@ -59,6 +65,9 @@ class _Kept:
     lease: timedelta
     alias: str
     renewed_at: float
+    # Its last renewal found the row locked (by its own handler's transaction): the others
+    # due are renewed first.
+    locked: bool = False
 
 
 @dataclass
@@ -91,6 +100,8 @@ class LeaseKeeper:
         # Until when (time.monotonic()) the thread sleeps; None while it is awake (it then
         # plans its next wake-up from everything deferred until it goes to sleep).
         self._sleep_until: float | None = None
+        # The keeper thread's own connections whose lock wait is limited, by alias.
+        self._limited: dict[str, Any] = {}
 
     @contextlib.contextmanager
     def keep(self, operation: BatchOperation, lease: timedelta, alias: str) -> Iterator[None]:
@@ -221,6 +232,7 @@ class LeaseKeeper:
             if item.run_at <= now and not item.done:
                 self._run_deferred(item)
         due = [k for k in kept if now - k.renewed_at >= k.lease.total_seconds() / 3]
+        due.sort(key=lambda k: (k.locked, k.renewed_at))  # the rows free, the oldest first
         for kept_item in due:
             try:
                 self._renew(kept_item)
@@ -239,17 +251,27 @@ class LeaseKeeper:
 
     def _renew(self, item: _Kept) -> None:
         try:
+            self._limit_lock_wait(item.alias)
             renewed = (
                 BatchOperation.objects.db_manager(item.alias)
                 .filter(pk=item.pk, status=BatchOperation.STATUS_RUNNING, claimed_by=item.token)
                 .update(lease_expires_at=time_after(item.lease))
             )
-        except DatabaseErrors as exc:  # the database is down or the connection broke
+        except DatabaseErrors as exc:
+            if is_lock_timeout(exc):
+                # Its handler holds the row (progress reported in its own transaction), and
+                # recovery skips it meanwhile: tried again at the next tick, after the others.
+                if not item.locked:
+                    log_event(logging.INFO, "lease_renewal_waiting", id=item.pk, reason="locked")
+                item.locked = True
+                return
+            # The database is down or the connection broke.
             log_event(logging.WARNING, "lease_renewal_failed", id=item.pk, error=repr(exc))
             with contextlib.suppress(*DatabaseErrors):
                 connections[item.alias].close()
             return
         item.renewed_at = time.monotonic()
+        item.locked = False
         if renewed:
             return
         with self._lock:
@@ -258,6 +280,22 @@ class LeaseKeeper:
             still_held = self._kept.pop(item.key, None) is item
         if still_held:
             log_event(logging.WARNING, "lease_renewal_refused", id=item.pk, reason="claim_lost")
+
+    def _limit_lock_wait(self, alias: str) -> None:
+        """Limit how long this thread's connection to ``alias`` waits for a row lock, once per
+        connection (it is the keeper thread's own)."""
+        connection = connections[alias]
+        connection.ensure_connection()
+        if self._limited.get(alias) is connection.connection:
+            return
+        statement = {
+            "postgresql": f"SET lock_timeout = {LOCK_WAIT_MS}",
+            "mysql": f"SET SESSION innodb_lock_wait_timeout = {math.ceil(LOCK_WAIT_MS / 1000)}",
+        }.get(connection.vendor)
+        if statement is not None:  # SQLite locks the database, not rows
+            with connection.cursor() as cursor:
+                cursor.execute(statement)
+        self._limited[alias] = connection.connection
 
     def _run_deferred(self, item: _Deferred) -> None:
         with item.lock:
@@ -279,6 +317,12 @@ class LeaseKeeper:
                 log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
                 return
             item.done = True
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether a statement gave up waiting for a row lock (PostgreSQL SQLSTATE 55P03,
+    MySQL/MariaDB error 1205)."""
+    return getattr(exc.__cause__, "sqlstate", None) == "55P03" or exc.args[:1] == (1205,)
 
 
 def _give_back(operations: Sequence[BatchOperation], alias: str) -> int:

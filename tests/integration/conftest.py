@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import pytest
 from django.test import override_settings
 
+from batchframework import handler
+from batchframework.registry import registry
+
 from .helpers import RECORDING_DISPATCHER, ProcessReaper, RecordingDispatcher
 
 
@@ -27,3 +30,20 @@ def recording_dispatcher() -> Iterator[list]:
     with override_settings(BATCHFRAMEWORK={"DISPATCHER": RECORDING_DISPATCHER}):
         yield RecordingDispatcher.calls
     RecordingDispatcher.calls.clear()
+
+
+@pytest.fixture
+def registered():
+    """Registers handlers for one test and unregisters them afterwards."""
+    names: list[str] = []
+
+    def register(operationtype: str, **options):
+        def decorate(function):
+            names.append(operationtype)
+            return handler(operationtype, **options)(function)
+
+        return decorate
+
+    yield register
+    for name in names:
+        registry.unregister(name)

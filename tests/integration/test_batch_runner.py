@@ -17,7 +17,7 @@ import pytest
 from django.db import OperationalError, connections, transaction
 from django.utils import timezone
 
-from batchframework import BatchOperation, enqueue, handler
+from batchframework import BatchOperation, enqueue
 from batchframework.engine import (
     BatchRunner,
     RunOutcome,
@@ -29,7 +29,6 @@ from batchframework.engine import (
 from batchframework.engine import batch as batch_module
 from batchframework.engine import keeper as keeper_module
 from batchframework.engine.keeper import LeaseKeeper, lease_keeper
-from batchframework.registry import registry
 from batchframework.signals import operation_finished, operation_retry_scheduled
 from batchframework.testing import run_due
 from tests.testapp.models import Execution
@@ -38,23 +37,6 @@ from tests.testapp.models import Execution
 run_module = importlib.import_module("batchframework.engine.run")
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def registered():
-    """Registers handlers for one test and unregisters them afterwards."""
-    names: list[str] = []
-
-    def register(operationtype: str, **options):
-        def decorate(function):
-            names.append(operationtype)
-            return handler(operationtype, **options)(function)
-
-        return decorate
-
-    yield register
-    for name in names:
-        registry.unregister(name)
 
 
 @pytest.mark.parametrize("keeper", ["not due yet", "refused by the database"])

@@ -35,6 +35,7 @@ from batchframework.engine import (
     recover_expired,
     run,
 )
+from batchframework.engine.run import run_claimed
 from batchframework.testing import run_due
 from batchframework.worker import Worker
 from tests.testapp.models import Effect, Execution, Post
@@ -450,6 +451,43 @@ def test_a_handler_longer_than_its_lease_is_kept_alive_while_its_worker_lives(re
     done = fresh(op)
     assert done.result == BatchOperation.RESULT_SUCCESSFUL and done.attempts == 1
     assert executions(op) == 1
+
+
+@pytest.mark.skipif(
+    connection.vendor == "sqlite", reason="SQLite locks the whole database, not a row"
+)
+def test_a_handler_holding_its_own_row_does_not_cost_another_handler_its_lease(registered):
+    """Two handlers run at once in one process (a threads pool). One reports progress inside a
+    transaction of its own, so its row stays locked until that commits. The lease keeper's
+    renewal of that row waited for the lock, and renewed nothing else meanwhile: the other
+    handler's lease expired, and recovery took its operation while it ran."""
+    lease = timedelta(seconds=2)
+
+    @registered("keeper-holds-own-row", lease=lease)
+    def reports_in_a_transaction(operation):
+        with transaction.atomic():
+            operation.set_progress(1, 2)
+            time.sleep(5)
+
+    @registered("keeper-runs-long", lease=lease)
+    def runs_long(operation):
+        time.sleep(5)
+
+    holder = enqueue("keeper-holds-own-row")
+    other = enqueue("keeper-runs-long")
+    claimed = [claim_due(ids=[op.pk], limit=1)[0] for op in (holder, other)]
+    threads = Threads()
+    for operation in claimed:
+        threads.start(run_claimed, operation)
+    recovered, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline:
+        recovered.append(recover_expired())
+        time.sleep(0.1)
+    threads.join(timeout=30)
+    assert len(recovered) > 20 and sum(recovered) == 0
+    for op in (holder, other):
+        done = fresh(op)
+        assert (done.result, done.attempts) == (BatchOperation.RESULT_SUCCESSFUL, 1)
 
 
 # --- Graceful shutdown -----------------------------------------------------------------------
