@@ -14,19 +14,50 @@ from django.db.models.functions import Concat
 
 from ..clock import now_expression
 from ..conf import get_settings
+from ..errors import ErrorDetails
 from ..models import BatchOperation
 from ..registry import registry
-from ..signals import log_event
+from ..signals import log_event, operation_finished, operation_retry_scheduled
 from ._common import BATCH_SUFFIX, ISOLATED, supports_skip_locked, write_alias
 
 LOST_WORKER_ERROR_TYPE = "batchframework.WorkerLost"
+LOST_WORKER_ERROR: ErrorDetails = {
+    "type": LOST_WORKER_ERROR_TYPE,
+    "message": "The worker running this operation was lost (its lease expired) and no "
+    "attempts are left.",
+    "traceback": "",
+}
+#: How every ``last_error`` recovery writes begins.
+_LOST_PREFIX = "The worker running this operation was lost"
 
 
 def _lost_message(attempt_word: str) -> str:
     return (
-        "The worker running this operation was lost: its lease expired before it finished "
-        f"({attempt_word}). Last claimed by "
+        f"{_LOST_PREFIX}: its lease expired before it finished ({attempt_word}). Last claimed by "
     )
+
+
+def _announce(operations: list[BatchOperation]) -> None:
+    """Send the signals of the operations recovery failed or put back for another attempt;
+    an operation its own worker finished or retried just before recovery's UPDATE (SQLite,
+    which locks no rows) was announced by that worker."""
+    for operation in operations:
+        if not (operation.last_error or "").startswith(_LOST_PREFIX):
+            continue
+        if operation.status == BatchOperation.STATUS_FINISHED and not operation.claimed_by:
+            operation_finished.send(
+                sender=BatchOperation,
+                operation=operation,
+                succeeded=False,
+                error=dict(LOST_WORKER_ERROR),
+            )
+        elif operation.status == BatchOperation.STATUS_UNPROCESSED:
+            operation_retry_scheduled.send(
+                sender=BatchOperation,
+                operation=operation,
+                error={**LOST_WORKER_ERROR, "message": operation.last_error},
+                attempt=operation.attempts,
+            )
 
 
 def recover_expired(
@@ -42,6 +73,9 @@ def recover_expired(
     An operation claimed alone whose operationtype has no handler here goes back too, its
     attempt not counted: only a process that has the handler knows whether its attempts are
     spent (and a claim does not ask).
+    An operation failed here is announced with
+    :data:`~batchframework.signals.operation_finished`, one put back with its attempt counted
+    with :data:`~batchframework.signals.operation_retry_scheduled`, once the recovery commits.
     Returns how many were recovered. A constant number of statements per call.
     """
     alias = write_alias(using)
@@ -107,17 +141,13 @@ def recover_expired(
                 result=BatchOperation.RESULT_FAILED,
                 finished_datetime=now_expression(now),
                 last_error=Concat(Value(_lost_message("attempts spent")), "claimed_by"),
-                output_data={
-                    "error": {
-                        "type": LOST_WORKER_ERROR_TYPE,
-                        "message": "The worker running this operation was lost (its lease "
-                        "expired) and no attempts are left.",
-                        "traceback": "",
-                    }
-                },
+                output_data={"error": dict(LOST_WORKER_ERROR)},
                 claimed_by="",
                 lease_expires_at=None,
             )
+        # Read as recovered, to announce once that holds (the rows are locked until then).
+        announced = list(manager.filter(pk__in=retry + spent)) if retry or spent else []
+    _announce(announced)
     if recovered:
         log_event(
             logging.WARNING,

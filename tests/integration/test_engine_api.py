@@ -1595,6 +1595,37 @@ def test_recover_expired_fails_when_attempts_are_spent():
     assert "attempts spent" in stored.last_error
 
 
+def test_recovery_announces_the_operations_it_fails_or_retries():
+    """Recovery failed operations as a lost worker's (the usual end of a killed worker, with
+    the default ``max_attempts=1``) and put others back for another attempt without a signal:
+    receivers that tell users about failures never heard of these. An operation held in a
+    batch goes back without a failed attempt, and without a signal."""
+    sent: list[tuple[str, Any, Any]] = []
+
+    def finished(sender, operation, succeeded, error, **kwargs):
+        sent.append(("finished", operation.pk, (succeeded, error["type"], operation.status)))
+
+    def retried(sender, operation, error, attempt, **kwargs):
+        sent.append(("retry", operation.pk, (attempt, error["type"], operation.status)))
+
+    spent = enqueue("test-echo")  # max_attempts=1
+    left = enqueue("test-always-fails")  # max_attempts=3
+    assert claim(spent.pk) is not None and claim(left.pk) is not None
+    held = [enqueue("test-always-fails") for _ in range(2)]
+    assert len(claim_due(ids=[op.pk for op in held], limit=2)) == 2
+    operation_finished.connect(finished)
+    operation_retry_scheduled.connect(retried)
+    try:
+        assert recover_expired(now=timezone.now() + timedelta(minutes=10)) == 4
+    finally:
+        operation_finished.disconnect(finished)
+        operation_retry_scheduled.disconnect(retried)
+    assert sorted(sent, key=lambda signal: signal[1]) == [
+        ("finished", spent.pk, (False, LOST_WORKER, BatchOperation.STATUS_FINISHED)),
+        ("retry", left.pk, (1, LOST_WORKER, BatchOperation.STATUS_UNPROCESSED)),
+    ]
+
+
 def test_valid_lease_is_never_robbed():
     op = enqueue("test-sleep")  # 2-second lease
     claimed = claim(op.pk)
