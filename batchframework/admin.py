@@ -9,6 +9,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets, quote
 from django.contrib.auth import get_permission_codename, get_user_model
 from django.core.exceptions import ValidationError
+from django.db import router, transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseRedirect
 from django.urls import NoReverseMatch, reverse
@@ -33,6 +34,14 @@ _CANCEL_REFUSED_MESSAGES = {
     CancelOutcome.NOT_FOUND: _("Operation #%(id)s was already cancelled or deleted."),
 }
 
+# Why a pending operation the delete view read can no longer be cancelled, by what its row holds
+# now (``None``: the row is gone), as the engine's cancel() would answer.
+_REFUSAL_BY_STATUS = {
+    None: CancelOutcome.NOT_FOUND,
+    BatchOperation.STATUS_RUNNING: CancelOutcome.TOO_LATE_RUNNING,
+    BatchOperation.STATUS_FINISHED: CancelOutcome.TOO_LATE_FINISHED,
+}
+
 # What the delete page says, instead of a bare 403, to a user who may delete operations and
 # reached the page of one that runs (a stale link: it was pending when their page loaded).
 _RUNNING_NOT_DELETED = _(
@@ -41,8 +50,9 @@ _RUNNING_NOT_DELETED = _(
 
 
 class _CancelRefused(Exception):
-    """Raised by ``delete_model`` when the engine refuses to cancel. It rolls back the delete
-    view's transaction, and with it the deletion LogEntry Django wrote before deleting."""
+    """Raised when a pending operation the delete view read can no longer be cancelled: by
+    ``log_deletions``, before Django logs the deletion, or by ``delete_model`` if the engine
+    refuses all the same. It rolls back the delete view's transaction."""
 
     def __init__(self, operation: BatchOperation, outcome: CancelOutcome) -> None:
         super().__init__(outcome.value)
@@ -192,10 +202,35 @@ class BatchOperationAdmin(admin.ModelAdmin):
         )
         return HttpResponseRedirect(url)
 
+    def log_deletions(self, request: HttpRequest, queryset: Any) -> Any:
+        # Django logs a deletion before delete_model, on LogEntry's own database: when a router
+        # keeps the operations elsewhere, that entry is outside the delete view's transaction,
+        # and a refusal raised later would not roll it back. So decide first, then log.
+        for operation in queryset:
+            self._hold_pending(operation)
+        return super().log_deletions(request, queryset)
+
+    def _hold_pending(self, operation: BatchOperation) -> None:
+        """Lock the row of ``operation``, pending when the view read it, where ``cancel()``
+        will delete it, so that no worker claims it before ``delete_model`` cancels it (the
+        lock lasts as long as the delete view's transaction). Raise ``_CancelRefused`` now if
+        it is no longer pending."""
+        if operation.status != BatchOperation.STATUS_UNPROCESSED:
+            return
+        alias = router.db_for_write(BatchOperation, instance=operation)  # as cancel() asks
+        # No savepoint: inside the view's transaction the lock must outlive this block. On a
+        # database with no row locks (SQLite) delete_model's own refusal remains the guard.
+        with transaction.atomic(using=alias, savepoint=False):
+            rows = BatchOperation.objects.db_manager(alias).select_for_update()
+            status = rows.filter(pk=operation.pk).values_list("status", flat=True).first()
+        if status != BatchOperation.STATUS_UNPROCESSED:
+            raise _CancelRefused(operation, _REFUSAL_BY_STATUS[status])
+
     def delete_model(self, request: HttpRequest, obj: BatchOperation) -> None:
         if obj.status == BatchOperation.STATUS_UNPROCESSED:
-            # Pending when the view read it; the engine cancels atomically, or refuses if a
-            # worker claimed it since. Raising rolls back the view's transaction (see above).
+            # Pending when the view read it, and locked since (log_deletions): the engine
+            # cancels atomically. Should it refuse all the same (no lock held, as on SQLite),
+            # raising rolls back the view's transaction.
             outcome = obj.cancel()
             if not outcome:
                 raise _CancelRefused(obj, outcome)
@@ -316,6 +351,9 @@ class BatchOperationAdmin(admin.ModelAdmin):
     ) -> None:
         # Only running operations no worker claimed can be abandoned: a worker's are recovered
         # when their lease expires. Whether the process running one is gone is the user's call.
+        # Counted before marking: the queryset carries the changelist's filter (say, running),
+        # which the rows just marked no longer match.
+        selected = queryset.count()
         marked = fail_abandoned(
             queryset,
             reason=_(
@@ -324,7 +362,7 @@ class BatchOperationAdmin(admin.ModelAdmin):
             )
             % {"user": request.user.get_username()},
         )
-        skipped = queryset.count() - marked
+        skipped = selected - marked
         self.message_user(
             request,
             _(

@@ -17,6 +17,7 @@ from batchframework.admin import BatchOperationAdmin
 from batchframework.engine import cancel, claim
 from batchframework.models import BatchOperation
 from batchframework.testing import run_due
+from tests.integration.test_second_database import HAS_OTHER, OTHER
 from tests.testapp.models import OperationLine, Post
 
 pytestmark = pytest.mark.django_db
@@ -358,40 +359,46 @@ def test_the_delete_page_of_a_running_operation_is_forbidden_without_delete_perm
     assert BatchOperation.objects.get(pk=running.pk).status == "running"
 
 
-@pytest.mark.parametrize(
-    ("meanwhile", "status", "page", "message"),
-    [
-        (
-            claim,
-            "running",
-            "change",
-            "Operation #{pk} started running before it could be cancelled, so it was not "
-            "deleted: a running operation can't be cancelled.",
-        ),
-        (
-            lambda pk: run_due(),
-            "finished",
-            "change",
-            "Operation #{pk} ran and finished before it could be cancelled, so it was not deleted.",
-        ),
-        (cancel, None, "changelist", "Operation #{pk} was already cancelled or deleted."),
-    ],
-    ids=["claimed", "finished", "cancelled"],
-)
-def test_the_delete_page_says_why_it_did_not_delete_an_operation_that_changed_meanwhile(
-    operator_client, monkeypatch, meanwhile, status, page, message
-):
+#: What happened between the delete page's load and its POST, what was left of the operation,
+#: where the view went back to and what it said.
+CHANGED_MEANWHILE = [
+    pytest.param(
+        claim,
+        "running",
+        "change",
+        "Operation #{pk} started running before it could be cancelled, so it was not "
+        "deleted: a running operation can't be cancelled.",
+        id="claimed",
+    ),
+    pytest.param(
+        lambda pk: run_due(),
+        "finished",
+        "change",
+        "Operation #{pk} ran and finished before it could be cancelled, so it was not deleted.",
+        id="finished",
+    ),
+    pytest.param(
+        cancel,
+        None,
+        "changelist",
+        "Operation #{pk} was already cancelled or deleted.",
+        id="cancelled",
+    ),
+]
+
+
+def delete_after_change_meanwhile(client, monkeypatch, meanwhile, status, page, message):
     """The delete view read the operation while it was pending; before the view cancelled it, a
     worker claimed it (or ran it, or someone cancelled it): the engine refuses, and the admin
     says why, logs no deletion and goes back to the operation's page (or the list)."""
     pending = BatchOperation.objects.create_asynchronous(operationtype="test-noop")
-    assert operator_client.get(delete_url(pending)).status_code == 200
+    assert client.get(delete_url(pending)).status_code == 200
     as_read = BatchOperation.objects.get(pk=pending.pk)
     meanwhile(pending.pk)
     # The view gets the row as it read it, still pending, just before the change.
     monkeypatch.setattr(BatchOperationAdmin, "get_object", lambda *args, **kwargs: as_read)
 
-    response = operator_client.post(delete_url(pending), {"post": "yes"}, follow=True)
+    response = client.post(delete_url(pending), {"post": "yes"}, follow=True)
 
     expected_url = change_url(pending) if page == "change" else reverse(CHANGELIST)
     assert response.redirect_chain == [(expected_url, 302)]
@@ -401,13 +408,62 @@ def test_the_delete_page_says_why_it_did_not_delete_an_operation_that_changed_me
     assert not LogEntry.objects.filter(action_flag=DELETION).exists()
 
 
-def test_the_delete_page_logs_the_deletion_of_a_cancelled_operation(operator_client):
+@pytest.mark.parametrize(("meanwhile", "status", "page", "message"), CHANGED_MEANWHILE)
+def test_the_delete_page_says_why_it_did_not_delete_an_operation_that_changed_meanwhile(
+    operator_client, monkeypatch, meanwhile, status, page, message
+):
+    delete_after_change_meanwhile(operator_client, monkeypatch, meanwhile, status, page, message)
+
+
+def test_the_delete_page_still_refuses_if_it_could_not_lock_the_operation(
+    operator_client, monkeypatch
+):
+    """Without a row lock (SQLite has none) a worker may claim the operation after the check;
+    the engine then refuses in delete_model, whose error rolls back the view's transaction."""
+    monkeypatch.setattr(BatchOperationAdmin, "_hold_pending", lambda self, operation: None)
+    [claimed] = [case for case in CHANGED_MEANWHILE if case.id == "claimed"]
+    delete_after_change_meanwhile(operator_client, monkeypatch, *claimed.values)
+
+
+@pytest.fixture
+def batch_tables_elsewhere(settings):
+    """A router that keeps batchframework's tables on another database than the admin's
+    LogEntry (and the users): the delete view's transaction is then not LogEntry's."""
+    settings.DATABASE_ROUTERS = ["tests.integration.test_second_database.BatchTablesElsewhere"]
+
+
+@pytest.mark.skipif(not HAS_OTHER, reason="a second PostgreSQL test database is needed")
+@pytest.mark.django_db(databases=["default", OTHER])
+@pytest.mark.parametrize(("meanwhile", "status", "page", "message"), CHANGED_MEANWHILE)
+def test_a_refused_delete_logs_no_deletion_when_batch_tables_are_on_another_database(
+    operator_client, batch_tables_elsewhere, monkeypatch, meanwhile, status, page, message
+):
+    """Django logs a deletion before it deletes, on LogEntry's database, outside the delete
+    view's transaction (opened on the operations' database): rolling that back when the
+    engine refuses left a "Deleted" entry for an operation that was not deleted."""
+    delete_after_change_meanwhile(operator_client, monkeypatch, meanwhile, status, page, message)
+    assert not BatchOperation.objects.using("default").exists()  # the router was in effect
+
+
+def assert_the_delete_page_cancels_and_logs(client):
     pending = BatchOperation.objects.create_asynchronous(operationtype="test-noop")
-    response = operator_client.post(delete_url(pending), {"post": "yes"}, follow=True)
+    response = client.post(delete_url(pending), {"post": "yes"}, follow=True)
     [message] = response.context["messages"]
     assert "was deleted successfully" in str(message)
     assert not BatchOperation.objects.filter(pk=pending.pk).exists()
     assert LogEntry.objects.get(action_flag=DELETION).object_id == str(pending.pk)
+
+
+def test_the_delete_page_logs_the_deletion_of_a_cancelled_operation(operator_client):
+    assert_the_delete_page_cancels_and_logs(operator_client)
+
+
+@pytest.mark.skipif(not HAS_OTHER, reason="a second PostgreSQL test database is needed")
+@pytest.mark.django_db(databases=["default", OTHER])
+def test_the_delete_page_cancels_and_logs_when_batch_tables_are_on_another_database(
+    operator_client, batch_tables_elsewhere
+):
+    assert_the_delete_page_cancels_and_logs(operator_client)
 
 
 # --- Deleting finished operations and the rows that cascade from them. ------------------------
@@ -575,3 +631,28 @@ def test_fail_abandoned_selected_is_offered_with_the_change_permission(
     assert "fail_abandoned_selected" in client.get(reverse(CHANGELIST)).content.decode()
     fail_abandoned_selected(client, [operations["running"]])
     assert BatchOperation.objects.get(pk=operations["running"].pk).result == "failed"
+
+
+def test_fail_abandoned_selected_counts_the_selection_of_a_filtered_changelist(admin_client):
+    """The action's queryset carries the changelist's filter (here: running), which the rows
+    it just finished no longer match: counted after marking, it reported -2 left as they are."""
+    selected = [
+        BatchOperation.objects.create_synchronous(operationtype="deal-cards") for _ in range(2)
+    ]
+    response = admin_client.post(
+        f"{reverse(CHANGELIST)}?status__exact=running",
+        {
+            "action": "fail_abandoned_selected",
+            helpers.ACTION_CHECKBOX_NAME: [op.pk for op in selected],
+        },
+        follow=True,
+    )
+    assert response.status_code == 200
+    messages = [str(message) for message in response.context["messages"]]
+    assert messages == [
+        "Marked 2 operation(s) as failed; 0 were left as they are (only running operations "
+        "that no worker claimed can be marked abandoned)."
+    ]
+    [message] = response.context["messages"]
+    assert message.level_tag == "info"
+    assert set(BatchOperation.objects.values_list("result", flat=True)) == {"failed"}
