@@ -119,6 +119,22 @@ def as_backoff(value: Any) -> timedelta | None:
         return None
 
 
+def _same_handler(existing: Handler, registered: Handler) -> bool:
+    """Whether ``registered`` may take the place of ``existing``: the same registration again,
+    or the module-level function of a module imported again (``importlib.reload``), which
+    holds the module's code now. Lambdas, functions made by a factory and bound methods share
+    their names with others, so only the very same one counts."""
+    if existing.function is registered.function:
+        return existing == registered
+    function = registered.function
+    return (
+        inspect.isfunction(function)
+        and inspect.isfunction(existing.function)
+        and "<" not in function.__qualname__  # <lambda>, <locals>
+        and existing.name == registered.name
+    )
+
+
 class HandlerRegistry:
     """Maps operationtypes to handlers. Thread-safe to register into; read without locks."""
 
@@ -129,15 +145,11 @@ class HandlerRegistry:
     def register(self, registered: Handler) -> Handler:
         with self._lock:
             existing = self._handlers.get(registered.operationtype)
-            # The same function again (a module imported twice) is fine; another one is not.
-            if (
-                existing is not None
-                and existing.function is not registered.function
-                and existing.name != registered.name
-            ):
+            if existing is not None and not _same_handler(existing, registered):
                 raise HandlerRegistrationError(
                     f"Operationtype {registered.operationtype!r} is already handled by "
-                    f"{existing.name}; cannot register {registered.name} for it too."
+                    f"{existing.name}; cannot register {registered.name} for it too"
+                    + (" with other options." if existing.function is registered.function else ".")
                 )
             self._handlers[registered.operationtype] = registered
         return registered

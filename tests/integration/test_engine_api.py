@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -124,6 +125,76 @@ def test_registering_an_operationtype_twice_names_both_functions():
     finally:
         registry.unregister("test-api-duplicate")
     assert "test-api-duplicate" not in registry
+
+
+def _made_by_a_factory(result):
+    def made(operation):
+        return result
+
+    return made
+
+
+class _Methods:
+    def handle(self, operation):
+        return id(self)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (lambda operation: 1, lambda operation: 2),
+        (_made_by_a_factory(1), _made_by_a_factory(2)),
+        (_Methods().handle, _Methods().handle),
+    ],
+    ids=["lambdas", "factory", "bound-methods"],
+)
+def test_another_function_with_the_same_name_is_no_second_registration(first, second):
+    """Two lambdas, two functions made by one factory, or the methods of two instances share
+    their qualified name; the second silently replaced the first handler, as if it were the
+    same function imported again."""
+    try:
+        handler("test-api-same-name")(first)
+        with pytest.raises(HandlerRegistrationError, match="already handled"):
+            handler("test-api-same-name")(second)
+        assert registry["test-api-same-name"].function is first
+    finally:
+        registry.unregister("test-api-same-name")
+
+
+def test_the_same_function_registered_again_with_other_options_is_refused():
+    def options_differ(operation):
+        return None
+
+    try:
+        handler("test-api-options", queue="a", max_attempts=1)(options_differ)
+        handler("test-api-options", queue="a", max_attempts=1)(options_differ)  # the same
+        with pytest.raises(HandlerRegistrationError, match="with other options"):
+            handler("test-api-options", queue="b", max_attempts=5)(options_differ)
+        assert registry["test-api-options"].queue == "a"
+    finally:
+        registry.unregister("test-api-options")
+
+
+def test_a_reloaded_handlers_module_registers_its_new_function(tmp_path, monkeypatch):
+    """``importlib.reload`` runs a module's ``@handler`` again with a new function object of
+    the same name: it takes the old one's place (the module's code now)."""
+    import importlib
+
+    (tmp_path / "reloaded_handlers.py").write_text(
+        "from batchframework import handler\n"
+        "@handler('test-api-reloaded')\n"
+        "def reloaded(operation):\n"
+        "    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module("reloaded_handlers")
+        before = registry["test-api-reloaded"].function
+        importlib.reload(module)
+        assert registry["test-api-reloaded"].function is module.reloaded is not before
+    finally:
+        registry.unregister("test-api-reloaded")
+        monkeypatch.delitem(sys.modules, "reloaded_handlers", raising=False)
 
 
 @pytest.mark.parametrize(
