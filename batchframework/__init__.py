@@ -41,11 +41,17 @@ if TYPE_CHECKING:
     from .models import BatchOperation
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batchframework' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+if not TYPE_CHECKING:
+    # Hidden from type checkers: a module-level ``__getattr__`` makes mypy treat every unknown
+    # name imported from this package as ``Any``, so a typo (``from batchframework import
+    # enqeue``) would type-check. The real names are declared in the block above instead.
+
+    def __getattr__(name: str) -> Any:
+        """Import the lazy names on first use (see the module docstring)."""
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'batchframework' has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
 
 
 __all__ = [

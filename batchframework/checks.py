@@ -109,12 +109,14 @@ def check_sqlite_transaction_mode(
 
 
 def _dispatcher_problem(path: str) -> str | None:
-    from .dispatch import load_dispatcher_class
+    from .dispatch import AbstractDispatcherError, load_dispatcher_class
 
     try:
         load_dispatcher_class(path)
     except ImportError as exc:
         return f"cannot be imported: {exc}"
+    except AbstractDispatcherError as exc:
+        return exc.problem
     except ImproperlyConfigured:
         return "is not a Dispatcher subclass."
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
@@ -197,12 +198,7 @@ class BatchframeworkSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BatchframeworkSettings:
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ImproperlyConfigured(
-                f"Unknown key(s) in {SETTING_NAME}: {', '.join(unknown)}. "
-                f"Known keys: {', '.join(sorted(fields))}."
-            )
+        _refuse_unknown_keys(values, fields)
         kwargs: dict[str, Any] = {}
         for name, value in values.items():
             default = getattr(cls, name, None)
@@ -220,6 +216,19 @@ class BatchframeworkSettings:
                 _check_value(name, value)
             kwargs[name] = value
         return cls(**kwargs)
+
+
+def _refuse_unknown_keys(values: dict[Any, Any], known: Collection[str]) -> None:
+    """Raise ``ImproperlyConfigured`` (check E002) listing the keys that name no setting.
+
+    Keys are shown and sorted by their ``repr``: a key need not be a string (``{1: 2}``), and
+    joining or sorting the keys themselves raised a bare ``TypeError`` at startup instead."""
+    unknown = sorted(repr(key) for key in values if key not in known)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"Unknown key(s) in {SETTING_NAME}: {', '.join(unknown)}. "
+            f"Known keys: {', '.join(sorted(known))}."
+        )
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -128,8 +129,9 @@ def dispatcher_path() -> str:
 def get_dispatcher() -> Dispatcher:
     """The configured dispatcher instance (cached until settings change).
 
-    Raises ``ImproperlyConfigured`` when ``DISPATCHER`` can't be imported or is not a
-    :class:`Dispatcher` subclass (system check ``batchframework.E005`` says so at startup)."""
+    Raises ``ImproperlyConfigured`` when ``DISPATCHER`` can't be imported, is not a
+    :class:`Dispatcher` subclass, or is abstract (system check ``batchframework.E005`` says so
+    at startup)."""
     path = dispatcher_path()
     try:
         found = load_dispatcher_class(path)
@@ -141,15 +143,31 @@ def get_dispatcher() -> Dispatcher:
     return found()
 
 
+class AbstractDispatcherError(ImproperlyConfigured):
+    """``DISPATCHER`` is a :class:`Dispatcher` subclass that leaves abstract methods
+    unimplemented, so it can't be instantiated. ``problem`` is what system check
+    ``batchframework.E005`` says of it."""
+
+    def __init__(self, path: str, found: type[Dispatcher]) -> None:
+        missing = ", ".join(sorted(found.__abstractmethods__))
+        self.problem = f"is an abstract Dispatcher subclass: it does not implement {missing}."
+        super().__init__(f"BATCHFRAMEWORK['DISPATCHER'] = {path!r} {self.problem}")
+
+
 def load_dispatcher_class(path: str) -> type[Dispatcher]:
     """The dispatcher class at ``path``: ``ImportError`` if it can't be imported,
-    ``ImproperlyConfigured`` if it is not a :class:`Dispatcher` subclass."""
+    ``ImproperlyConfigured`` if it is not a :class:`Dispatcher` subclass or is abstract."""
     found: Any = import_string(path)
     if not (isinstance(found, type) and issubclass(found, Dispatcher)):
         raise ImproperlyConfigured(
             f"BATCHFRAMEWORK['DISPATCHER'] = {path!r} is not a "
             "batchframework.dispatch.Dispatcher subclass."
         )
+    if inspect.isabstract(found):
+        # Checked here, not left to instantiation: that raised a bare TypeError in every
+        # enqueue, and the system check passed it (the base class itself, or a subclass whose
+        # ``dispatch`` is misspelled).
+        raise AbstractDispatcherError(path, found)
     return found
 
 

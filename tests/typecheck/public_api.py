@@ -48,3 +48,10 @@ def queries(post: Post) -> None:
     assert_type(objects.create_syncronous(operationtype="x"), BatchOperation)
     with objects.synchronous(operationtype="x") as running:
         assert_type(running, BatchOperation)
+
+
+def misspelled_names() -> None:
+    # A misspelled name from the flat API is an error, not ``Any``: the package's lazy
+    # ``__getattr__`` is hidden from type checkers. With ``warn_unused_ignores`` the check
+    # fails if this ignore is ever not needed.
+    from batchframework import enqeue  # type: ignore[attr-defined]  # noqa: F401
