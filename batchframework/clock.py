@@ -69,10 +69,38 @@ def storable(value: datetime) -> bool:
 STORABLE_RANGE = "from 1000-01-01 to 9999-01-01 (UTC)"
 
 
+def check_now(now: object) -> None:
+    """Refuse a ``now`` (time travel) that due times can't be judged against, before any query.
+
+    A naive datetime would be read in the database session's zone or warned about and guessed;
+    a string or a date fails deep in Django with a message that names neither the argument nor
+    the fix; a time outside :data:`STORABLE_RANGE` fails in the database, breaking the caller's
+    transaction. ``TypeError`` for what is no datetime, ``ValueError`` for the rest.
+    """
+    if now is None:
+        return
+    if not isinstance(now, datetime):
+        raise TypeError(
+            f"now must be a timezone-aware datetime (or None for the database clock), not {now!r}."
+        )
+    if timezone.is_naive(now):
+        raise ValueError(
+            "now must be a timezone-aware datetime (e.g. django.utils.timezone.now() + delta); "
+            f"a naive datetime is ambiguous: {now!r}."
+        )
+    if not storable(now):
+        raise ValueError(f"now must be {STORABLE_RANGE}, not {now}.")
+
+
 def now_expression(now: datetime | None = None) -> Expression:
-    """``now`` as a query value, or the database clock when ``now`` is ``None``."""
+    """``now`` as a query value, or the database clock when ``now`` is ``None``.
+
+    Every ORM query that takes a caller's ``now`` builds it here, so :func:`check_now` guards
+    them; SQL written by hand (the claim on PostgreSQL) must call it itself.
+    """
     if now is None:
         return DatabaseNow()
+    check_now(now)
     return Value(now, output_field=DateTimeField())
 
 

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from django.utils import timezone
 
+from .clock import check_now
 from .engine import claim_due, recover_expired, run_claimed
 from .models import BatchOperation
 
@@ -29,11 +30,14 @@ def run_due(
     A failed attempt is rescheduled on the database clock (real time + backoff), so a retry
     runs in this call only when ``now`` lies beyond that; pass a later ``now`` to run retries.
     Expired leases at ``now`` are recovered first. Returns the operations that were run,
-    in the order they ran, with their final status.
+    in the order they ran, with their final status. A ``now`` that is not a timezone-aware
+    datetime raises ``TypeError`` (``ValueError`` when naive, or outside the years 1000-9999).
     """
-    now = now or timezone.now()
-    if timezone.is_naive(now):
-        raise ValueError("run_due(now=...) needs a timezone-aware datetime.")
+    # Checked here, not only where the queries build it: before the first query, and so that
+    # a falsy wrong value (``""``, ``0``) is refused rather than taken for "the current time".
+    if now is None:
+        now = timezone.now()
+    check_now(now)
     types = [operationtype] if isinstance(operationtype, str) else operationtype
     recover_expired(now=now, using=using)
     ran: list[BatchOperation] = []

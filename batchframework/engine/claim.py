@@ -25,7 +25,7 @@ from django.db import OperationalError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from ..clock import now_expression
+from ..clock import check_now, now_expression
 from ..conf import get_settings
 from ..exceptions import InvalidOperationError
 from ..models import BatchOperation
@@ -218,6 +218,7 @@ def claim_due(
             raise InvalidOperationError(
                 f"{name} must be a list of names, not the string {names!r}."
             )
+    check_now(now)  # the PostgreSQL claim writes it into its SQL itself
     alias = write_alias(using)
     limit = limit or get_settings().BATCH_SIZE
     # The row's queue decides where it runs (it was routed when stored), not the handler's.

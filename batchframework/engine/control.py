@@ -14,6 +14,7 @@ from typing import Any
 
 from django.db import router, transaction
 
+from ..errors import storable_text
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event, operation_cancelled
@@ -130,21 +131,32 @@ def set_progress(
     Returns ``False`` when the operation is no longer running under this claim (its lease was
     lost): a long handler may take that as a signal to stop.
     """
+    # Checked before any query: a value the database refuses would raise its error inside the
+    # handler's (or caller's) transaction, and break it.
     for name, value in (("done", done), ("total", total)):
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**63 - 1
         ):
-            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+            # 2**63 - 1: the most a PositiveBigIntegerField holds on every supported database.
+            raise ValueError(
+                f"{name} must be a non-negative integer of at most 2**63 - 1, not {value!r}"
+            )
+    text = None if message is None else str(message)
+    # NUL is refused, as the manager's create methods refuse it in this column (lone
+    # surrogates are escaped below).
+    if text is not None and "\x00" in text:
+        raise ValueError(f"message must not contain NUL characters: {message!r}")
     # A handler's operation is fenced by its claim, which lives where the claim read it; a
     # router may name another database for this model.
     alias = claim_alias(operation, using) if operation.claimed_by else _alias(operation, using)
     changes: dict[str, Any] = {"progress_done": done}
     if total is not None:
         changes["progress_total"] = total
-    if message is not None:
-        if "\x00" in str(message):
-            raise ValueError(f"message must not contain NUL characters: {message!r}")
-        changes["progress_message"] = str(message)[:255]
+    if text is not None:
+        # Lone surrogates (not valid Unicode; the driver can't encode them) are written as
+        # escapes, as error messages and abandon reasons are: a progress line is for people
+        # to read, not worth failing a handler over. Escaped first, then cut to the column.
+        changes["progress_message"] = storable_text(text)[:255]
     rows = BatchOperation.objects.db_manager(alias).filter(
         pk=operation.pk, status=BatchOperation.STATUS_RUNNING
     )

@@ -7,7 +7,8 @@ the enclosing transaction commits, on the alias the row was written to (invarian
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import reprlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from ..clock import STORABLE_RANGE, database_now, storable
 from ..conf import get_settings, is_queue_name
-from ..exceptions import InvalidOperationError, OperationStateError
+from ..exceptions import InvalidOperationError, OperationStateError, UnknownOperationTypeError
 from ..jsondata import encode_json
 from ..models import BatchOperation, check_context_object
 from ..registry import registry
@@ -87,6 +88,34 @@ def _as_delay(delay: Any) -> timedelta:
     if delay < timedelta(0):
         raise InvalidOperationError(f"delay must not be negative, got {given!r}.")
     return delay
+
+
+def _check_operationtype(operationtype: Any) -> None:
+    """Refuse what can't name a handler before the registry is asked: a list or a dict would
+    fail there as unhashable, with a ``TypeError`` that names neither argument nor fix."""
+    if not isinstance(operationtype, str):
+        raise UnknownOperationTypeError(
+            f"operationtype must be a string naming a registered handler, not {operationtype!r}."
+        )
+
+
+def _checked_alias(using: Any) -> str:
+    """The database to write to, refusing a ``using`` that names none of ``DATABASES`` with
+    this library's error (Django's would come from the first query, and a non-string alias
+    fails as a confusing ``TypeError``)."""
+    if using is not None and (not isinstance(using, str) or using not in connections):
+        raise InvalidOperationError(
+            f"using must be the alias of a database in DATABASES "
+            f"({', '.join(map(repr, connections))}), not {using!r}."
+        )
+    return write_alias(using)
+
+
+def _check_replace(replace: Any) -> None:
+    # Not truthiness: replace="no" would debounce, updating an operation the caller meant to
+    # keep (the @handler decorator refuses a non-bool ``atomic`` for the same reason).
+    if not isinstance(replace, bool):
+        raise InvalidOperationError(f"replace must be True or False, not {replace!r}.")
 
 
 @dataclass(frozen=True)
@@ -189,7 +218,9 @@ def enqueue(
     Raises a subclass of :class:`~batchframework.exceptions.InvalidOperationError` and writes
     nothing when an argument is invalid.
     """
-    alias = write_alias(using)
+    _check_operationtype(operationtype)
+    _check_replace(replace)
+    alias = _checked_alias(using)
     due = resolve_run_after(delay, run_after, alias)
     _check_started_by(started_by)
     _check_dispatcher()
@@ -315,7 +346,9 @@ def enqueue_many(
     ``run_after`` of ``None`` counts as not given). All items are validated before the first
     INSERT; an invalid item writes nothing.
     """
-    alias = write_alias(using)
+    _check_operationtype(operationtype)
+    alias = _checked_alias(using)
+    items = _iterable_items(items)
     _check_started_by(started_by)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidOperationError(f"batch_size must be a positive integer, not {batch_size!r}.")
@@ -335,10 +368,15 @@ def enqueue_many(
     call_due = resolve_run_after(delay, run_after, alias)
     rows: list[Row] = []
     for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise InvalidOperationError(
+                f"enqueue_many item {index} must be a mapping (such as a dict with an "
+                f"'input_data' key), not {reprlib.repr(item)}."
+            )
         unknown = set(item) - allowed
         if unknown:
             raise InvalidOperationError(
-                f"enqueue_many item {index} has unknown key(s) {sorted(unknown)}; "
+                f"enqueue_many item {index} has unknown key(s) {sorted(unknown, key=repr)}; "
                 f"allowed: {sorted(allowed)}."
             )
         try:
@@ -371,6 +409,24 @@ def enqueue_many(
         created = store(template, rows, alias=alias, batch_size=batch_size)
         _after_enqueue(created, alias)
     return created
+
+
+def _iterable_items(items: Any) -> Iterator[Any]:
+    """``items`` as an iterator, refused when it is no collection of items: ``None`` or a
+    number would fail as "not iterable", and one mapping alone would be taken for its keys
+    (``{"input_data": 1}`` as the items "input_data", reported as unknown keys '_', 'a'...)."""
+    expected = "an iterable of items, one mapping per operation ([{'input_data': ...}, ...])"
+    if isinstance(items, Mapping | str | bytes):
+        raise InvalidOperationError(
+            f"enqueue_many takes {expected}, not a single {type(items).__name__} "
+            f"{reprlib.repr(items)}: for one operation, pass [item]."
+        )
+    try:
+        return iter(items)
+    except TypeError:
+        raise InvalidOperationError(
+            f"enqueue_many takes {expected}, not {reprlib.repr(items)}."
+        ) from None
 
 
 def _after_enqueue(

@@ -1,0 +1,239 @@
+"""Bad arguments to the public API get a clear error before any query that could write or fail.
+
+Each case runs inside the test's transaction: afterwards nothing was written and that
+transaction still works (a database error would have broken it on PostgreSQL), which is what a
+caller's own ``transaction.atomic()`` block needs. Covers ``set_progress`` (numbers outside the
+column, text the driver can't encode), ``enqueue`` / ``enqueue_many`` (arguments of the wrong
+kind: ``docs/guarantees.rst`` promises an ``InvalidOperationError`` for each) and every ``now``
+(``run_due``, the queryset's time filters, the engine's claim and recovery).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from django.utils import timezone
+
+from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework.engine import claim, claim_due, recover_expired, set_progress
+from batchframework.exceptions import InvalidOperationError, UnknownOperationTypeError
+from batchframework.testing import run_due
+from tests.testapp.models import Post
+
+pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
+
+BIGINT_MAX = 2**63 - 1
+
+
+def assert_transaction_usable() -> None:
+    """A write and a read still work in the test's (the caller's) transaction."""
+    Post.objects.create(title="after the error")
+    assert Post.objects.filter(title="after the error").count() == 1
+
+
+@pytest.fixture
+def running() -> BatchOperation:
+    """A claimed operation with progress 1 of 2, "one": what a refused call must leave."""
+    op = claim(enqueue("test-sleep").pk)
+    assert op is not None
+    assert set_progress(op, 1, 2, "one") is True
+    return op
+
+
+def stored_progress(op: BatchOperation) -> tuple:
+    row = BatchOperation.objects.get(pk=op.pk)
+    return row.progress_done, row.progress_total, row.progress_message
+
+
+# --- set_progress ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        pytest.param((2**64,), "done", id="done-above-bigint"),
+        pytest.param((BIGINT_MAX + 1,), "done", id="done-just-above"),
+        pytest.param((1, 2**64), "total", id="total-above-bigint"),
+        pytest.param((1, BIGINT_MAX + 1), "total", id="total-just-above"),
+    ],
+)
+def test_set_progress_refuses_numbers_the_column_cannot_hold(running, args, needle):
+    with pytest.raises(ValueError, match=needle) as excinfo:
+        set_progress(running, *args)
+    assert "2**63 - 1" in str(excinfo.value)
+    assert stored_progress(running) == (1, 2, "one")
+    assert_transaction_usable()
+
+
+def test_set_progress_accepts_the_largest_number_the_column_holds(running):
+    assert set_progress(running, BIGINT_MAX, BIGINT_MAX) is True
+    assert stored_progress(running)[:2] == (BIGINT_MAX, BIGINT_MAX)
+
+
+def test_set_progress_writes_lone_surrogates_as_escapes(running):
+    """As error messages and abandon reasons are (``errors.storable_text``): the driver can't
+    encode them, and a progress line is not worth failing a handler over."""
+    assert set_progress(running, 2, 2, "a\ud800b") is True
+    assert stored_progress(running) == (2, 2, "a\\ud800b")
+    assert running.progress_message == "a\\ud800b"
+    assert_transaction_usable()
+
+
+def test_set_progress_cuts_an_escaped_message_to_the_column(running):
+    assert set_progress(running, 2, 2, "\udfff" * 255) is True
+    assert stored_progress(running)[2] == ("\\udfff" * 255)[:255]
+
+
+# --- enqueue / enqueue_many ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("call", "error", "needle"),
+    [
+        pytest.param(lambda: enqueue(["x"]), UnknownOperationTypeError, "string", id="list"),
+        pytest.param(lambda: enqueue({}), UnknownOperationTypeError, "string", id="dict"),
+        pytest.param(lambda: enqueue(None), UnknownOperationTypeError, "string", id="none"),
+        pytest.param(lambda: enqueue("test-echo", using=5), InvalidOperationError, "using"),
+        pytest.param(
+            lambda: enqueue("test-echo", using="bogus"),
+            InvalidOperationError,
+            "'default'",
+            id="using-not-in-databases",
+        ),
+        pytest.param(lambda: enqueue("test-echo", replace="no"), InvalidOperationError, "replace"),
+        pytest.param(lambda: enqueue("test-echo", replace=1), InvalidOperationError, "replace"),
+        pytest.param(
+            lambda: enqueue_many(["x"], [{}]), UnknownOperationTypeError, "string", id="many-list"
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", [{}], using=5), InvalidOperationError, "using"
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", None), InvalidOperationError, "iterable", id="none"
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", 3), InvalidOperationError, "iterable", id="int"
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", [1]),
+            InvalidOperationError,
+            "item 0 must be a mapping",
+            id="item-int",
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", [{"input_data": 1}, "input_data"]),
+            InvalidOperationError,
+            "item 1 must be a mapping",
+            id="item-str",
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", {"input_data": 1}),
+            InvalidOperationError,
+            "not a single dict",
+            id="one-dict-for-the-list",
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", "abc"),
+            InvalidOperationError,
+            "not a single str",
+            id="str-for-the-list",
+        ),
+        pytest.param(
+            lambda: enqueue_many("test-echo", [{1: "a", "b": 2}]),
+            InvalidOperationError,
+            "unknown key(s) ['b', 1]",
+            id="unknown-keys-of-mixed-types",
+        ),
+    ],
+)
+def test_enqueue_refuses_arguments_of_the_wrong_kind(call, error, needle):
+    before = enqueue("test-echo", delay=timedelta(hours=1))  # pending: must be left alone
+    with pytest.raises(error) as excinfo:
+        call()
+    assert isinstance(excinfo.value, InvalidOperationError)
+    assert needle in str(excinfo.value)
+    assert list(BatchOperation.objects.values_list("pk", "run_after")) == [
+        (before.pk, before.run_after)
+    ]
+    assert_transaction_usable()
+
+
+def test_enqueue_replace_false_and_true_still_work():
+    first = enqueue("test-echo", input_data={"n": 1}, replace=True)
+    assert enqueue("test-echo", input_data={"n": 2}, replace=True).pk == first.pk
+    assert enqueue("test-echo", input_data={"n": 3}, replace=False).pk != first.pk
+    assert BatchOperation.objects.count() == 2
+
+
+def test_enqueue_many_takes_any_iterable_of_mappings():
+    created = enqueue_many("test-echo", ({"input_data": {"i": i}} for i in range(3)))
+    assert sorted(op.input_data["i"] for op in created) == [0, 1, 2]
+    assert enqueue_many("test-echo", (), using="default") == []
+
+
+# --- now -------------------------------------------------------------------------------------
+NOT_DATETIMES = [
+    pytest.param("2030-01-01", id="str"),
+    pytest.param(date(2030, 1, 1), id="date"),
+    pytest.param(5, id="int"),
+    pytest.param("", id="empty-str"),
+    pytest.param(0, id="zero"),
+]
+NAIVE = datetime(2100, 1, 1)
+OUT_OF_RANGE = datetime(9999, 6, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("now", NOT_DATETIMES)
+def test_run_due_refuses_a_now_that_is_no_datetime(now):
+    op = enqueue("test-echo")
+    with pytest.raises(TypeError, match="timezone-aware datetime"):
+        run_due(now)
+    assert BatchOperation.objects.get(pk=op.pk).status == BatchOperation.STATUS_UNPROCESSED
+    assert_transaction_usable()
+
+
+@pytest.mark.parametrize(
+    ("now", "needle"), [(NAIVE, "naive"), (OUT_OF_RANGE, "1000-01-01 to 9999-01-01")]
+)
+def test_run_due_refuses_a_naive_or_unstorable_now(now, needle):
+    op = enqueue("test-echo")
+    with pytest.raises(ValueError, match=needle):
+        run_due(now)
+    assert BatchOperation.objects.get(pk=op.pk).status == BatchOperation.STATUS_UNPROCESSED
+    assert_transaction_usable()
+
+
+QUERYSET_FILTERS = ["due", "not_due", "lease_expired"]
+
+
+@pytest.mark.parametrize("method", QUERYSET_FILTERS)
+@pytest.mark.parametrize("now", NOT_DATETIMES[:3])
+def test_queryset_time_filters_refuse_a_now_that_is_no_datetime(method, now):
+    with pytest.raises(TypeError, match="timezone-aware datetime"):
+        getattr(BatchOperation.objects, method)(now)
+    assert_transaction_usable()
+
+
+@pytest.mark.parametrize("method", QUERYSET_FILTERS)
+def test_queryset_time_filters_refuse_a_naive_now(method):
+    """It used to be only a RuntimeWarning, with the time read in the session's zone."""
+    with pytest.raises(ValueError, match="naive"):
+        getattr(BatchOperation.objects, method)(NAIVE)
+    assert_transaction_usable()
+
+
+def test_claim_and_recovery_refuse_a_bad_now():
+    op = enqueue("test-echo")
+    with pytest.raises(TypeError, match="timezone-aware datetime"):
+        claim(op.pk, now="2030-01-01")
+    with pytest.raises(ValueError, match="naive"):
+        recover_expired(now=NAIVE)
+    # The PostgreSQL claim writes ``now`` into its own SQL: a string broke the transaction.
+    with pytest.raises(TypeError, match="timezone-aware datetime"):
+        claim_due(now="2030-01-01")
+    assert BatchOperation.objects.get(pk=op.pk).status == BatchOperation.STATUS_UNPROCESSED
+    assert_transaction_usable()
+
+
+def test_an_aware_now_in_any_zone_still_works():
+    op = enqueue("test-echo")
+    later = timezone.localtime(timezone.now() + timedelta(seconds=1))
+    assert BatchOperation.objects.due(later).get() == op
+    assert [o.pk for o in run_due(later)] == [op.pk]
