@@ -36,7 +36,8 @@ def encode_json(value: Any, *, what: str = "input_data", max_bytes: int | None =
     """Return ``value`` as JSON text, or raise :class:`InputDataError` saying why it can't be.
 
     Only plain JSON is accepted (dicts with string keys, lists, strings, numbers, booleans,
-    ``None``): what a handler reads back is then what was stored. (JSON has one number type;
+    ``None``): what a handler reads back is then what was stored. (Tuples are taken as the
+    lists JSON makes of them, and read back as lists. JSON has one number type;
     PostgreSQL's ``jsonb`` keeps numbers as decimals, so ``1e16`` may read back as the int
     ``10000000000000000`` — equal in value.) NaN and infinity are
     refused because PostgreSQL's ``jsonb`` refuses them, and so are strings holding NUL

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.db import DatabaseError, connections, models, transaction
+from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
 from django.db.models import Q
 from django.db.models.deletion import Collector
 from django.utils import timezone
@@ -30,7 +30,12 @@ from django.utils.translation import gettext_lazy as _
 from .clock import STORABLE_RANGE, now_expression, storable
 from .conf import get_settings
 from .errors import describe_exception
-from .exceptions import InputDataError, InvalidOperationError, OperationFieldsError
+from .exceptions import (
+    InputDataError,
+    InvalidOperationError,
+    OperationFieldsError,
+    OperationStateError,
+)
 from .jsondata import encode_json
 from .registry import registry
 from .signals import log_event
@@ -49,8 +54,22 @@ def take_context_arguments(kwargs: dict[str, Any]) -> None:
             raise InvalidOperationError("Pass either context_object or context_object_id.")
         del kwargs["context_object_id"]
         kwargs["context_object"] = given
+    parts = [
+        name
+        for name in ("context_content_type", "context_content_type_id", "context_object_id")
+        if kwargs.get(name) is not None
+    ]
     if kwargs.get("context_object") is not None:
+        if parts:  # one of them would be dropped in silence
+            raise InvalidOperationError(
+                f"Pass either context_object or {' and '.join(parts)}, not both."
+            )
         check_context_object(kwargs["context_object"])
+    elif parts == ["context_object_id"]:
+        raise InvalidOperationError(
+            "context_object_id needs context_content_type (or pass context_object): an id "
+            "alone names no object."
+        )
 
 
 def check_context_object(context_object: Any) -> None:
@@ -58,8 +77,10 @@ def check_context_object(context_object: Any) -> None:
         raise InvalidOperationError(
             f"context_object must be a saved model instance, not {type(context_object).__name__}."
         )
-    if context_object.pk is None:
-        raise InvalidOperationError("context_object must be saved (it has no primary key yet).")
+    if is_unsaved(context_object):
+        raise InvalidOperationError(
+            "context_object must be saved (it has no primary key yet, or no row has it)."
+        )
     if len(str(context_object.pk)) > CONTEXT_ID_LENGTH:
         # A database would refuse it, or (PostgreSQL's cast in enqueue_many) cut it short
         # and point the operation at another object.
@@ -67,6 +88,18 @@ def check_context_object(context_object: Any) -> None:
             f"context_object's primary key is longer than {CONTEXT_ID_LENGTH} characters as "
             "text, which context_object_id can't hold."
         )
+
+
+def is_unsaved(instance: models.Model) -> bool:
+    """Whether ``instance`` has no row. A primary key with a default (a UUID, a text key that
+    defaults to ``""``) is set before the instance is saved, so an instance built rather than
+    read is looked up: one query, only for those. One read or saved is taken at its word."""
+    if instance.pk is None:
+        return True
+    if not instance._state.adding:
+        return False
+    alias = instance._state.db or router.db_for_read(type(instance), instance=instance)
+    return not type(instance)._base_manager.using(alias).filter(pk=instance.pk).exists()
 
 
 #: The length of ``context_object_id``: a context object's primary key as text.
@@ -105,6 +138,43 @@ def _take_json_text(kwargs: dict[str, Any], name: str, value: Any) -> Any:
         ) from None
 
 
+def _check_types(kwargs: dict[str, Any]) -> None:
+    """Refuse values ``clean_fields`` would fail on with a bare ``TypeError`` (or, for
+    ``operationtype``, the registry as unhashable)."""
+    errors: dict[str, list[str]] = {}
+    if not isinstance(kwargs.get("operationtype", ""), str):
+        errors["operationtype"] = [f"Must be a string, not {kwargs['operationtype']!r}."]
+    for name in _DATETIME_FIELDS:
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, datetime | str):
+            errors[name] = [f"Must be a timezone-aware datetime, not {value!r}."]
+    if errors:
+        raise ValidationError(errors)
+
+
+def _insert(operation: BatchOperation, alias: str | None) -> None:
+    """Save the new ``operation``. A value another row holds (a ``debounce_key``, an ``id``)
+    is refused by the database: in a savepoint when the caller is in a transaction, which it
+    would break, and as :class:`OperationFieldsError` like every other refused value."""
+    unique_given = operation.debounce_key or operation.pk is not None
+    alias = alias or router.db_for_write(BatchOperation, instance=operation)
+    if not (unique_given and connections[alias].in_atomic_block):
+        guard: Any = contextlib.nullcontext()
+    else:
+        guard = transaction.atomic(using=alias)
+    try:
+        with guard:
+            operation.save(force_insert=True, using=alias)
+    except IntegrityError as exc:
+        if not unique_given:
+            raise
+        raise OperationFieldsError(
+            ValidationError(
+                {NON_FIELD_ERRORS: [f"Another operation has this id or debounce_key: {exc}"]}
+            )
+        ) from None
+
+
 def _check_cleaned(operation: BatchOperation, alias: str | None) -> None:
     """What ``clean_fields`` leaves to the database, which would refuse it with an error of its
     own or, in a caller's transaction, break that transaction: times it can't store, NUL in
@@ -127,8 +197,8 @@ def _check_cleaned(operation: BatchOperation, alias: str | None) -> None:
         assert isinstance(key, models.ForeignKey)
         if key.is_cached(operation):
             related = key.get_cached_value(operation)
-            if related is not None and related.pk is None:
-                errors[name] = ["Must be saved (it has no primary key yet)."]
+            if related is not None and is_unsaved(related):
+                errors[name] = ["Must be saved (it has no primary key yet, or no row has it)."]
         elif getattr(operation, key.attname) is not None:
             # Given as an id: one query, only then.
             target: type[models.Model] = key.related_model
@@ -189,6 +259,7 @@ class BatchOperationQuerySet(models.QuerySet["BatchOperation"]):
 
     def for_context_object(self, obj: models.Model) -> BatchOperationQuerySet:
         """Operations that concern ``obj`` (uses the context-object index)."""
+        check_context_object(obj)
         content_type = ContentType.objects.db_manager(self.db).get_for_model(obj)
         return self.filter(context_content_type=content_type, context_object_id=str(obj.pk))
 
@@ -238,13 +309,14 @@ class _CreationMethods(models.Manager["BatchOperation"]):
         take_context_arguments(kwargs)
         input_data = _take_json_text(kwargs, "input_data", input_data)
         kwargs["output_data"] = _take_json_text(kwargs, "output_data", kwargs.get("output_data"))
-        # Like enqueue's: workers that take only their queues must find it where they look.
-        kwargs.setdefault("queue", registry.queue_for(kwargs.get("operationtype", "")))
         if input_data is not None:
             encode_json(input_data, max_bytes=get_settings().MAX_INPUT_BYTES)
         if kwargs["output_data"] is not None:
             encode_json(kwargs["output_data"], what="output_data")
         try:
+            _check_types(kwargs)
+            # Like enqueue's: workers that take only their queues must find it where they look.
+            kwargs.setdefault("queue", registry.queue_for(kwargs.get("operationtype", "")))
             try:
                 operation = self.model(**kwargs)
             except (TypeError, ValueError) as exc:  # an unknown field, a wrong related object
@@ -263,7 +335,7 @@ class _CreationMethods(models.Manager["BatchOperation"]):
             operation.clean()
         except ValidationError as exc:
             raise OperationFieldsError(exc) from None
-        operation.save(force_insert=True, using=self._db)
+        _insert(operation, self._db)
         return operation
 
     def create_asynchronous(self, input_data: Any = None, **kwargs: Any) -> BatchOperation:
@@ -288,7 +360,9 @@ class _CreationMethods(models.Manager["BatchOperation"]):
         like :meth:`create_asynchronous`.
         """
         kwargs.setdefault("status", BatchOperation.STATUS_RUNNING)
-        kwargs.setdefault("started_running_datetime", timezone.now())
+        now = timezone.now()  # one reading: it can't have started before it was created
+        kwargs.setdefault("created_datetime", now)
+        kwargs.setdefault("started_running_datetime", now)
         return self._create_validated(input_data, **kwargs)
 
     # The original's spellings, kept so code written for ievv_batchframework runs unchanged.
@@ -580,14 +654,25 @@ class BatchOperation(models.Model):
 
     # --- The original's manual flow. ----------------------------------------------------------
     def mark_as_running(self) -> None:
-        """Mark the operation as running now and save it (the original's manual flow)."""
+        """Mark the operation as running now and save it (the original's manual flow).
+
+        Raises :class:`~batchframework.exceptions.OperationStateError` for an operation this
+        instance knows is finished: running it again would leave a row both running and
+        finished (with its result), which the abandoned-operation tools take for a live one."""
+        self._refuse_when_finished("marked as running")
         self.status = self.STATUS_RUNNING
         self.started_running_datetime = timezone.now()
         self.clean()
         self.save(update_fields=["status", "started_running_datetime"])
 
     def finish(self, failed: bool = False, output_data: Any = None) -> None:
-        """Mark the operation as finished, successful unless ``failed``, and save it."""
+        """Mark the operation as finished, successful unless ``failed``, and save it.
+
+        Raises :class:`~batchframework.exceptions.OperationStateError` for an operation this
+        instance knows is finished: a second outcome would keep the first's output (a success
+        that still reports the failure's error). An instance whose row was finished by someone
+        else meanwhile (``fail_abandoned``) records its outcome over theirs."""
+        self._refuse_when_finished("finished again")
         output = self.output_data if output_data is None else output_data
         if output is not None:  # passed, or assigned before the call
             # Before it is kept: a refused value must not fail every later finish() too.
@@ -608,6 +693,13 @@ class BatchOperation(models.Model):
                 "output_data",
             ]
         )
+
+    def _refuse_when_finished(self, change: str) -> None:
+        if self.status == self.STATUS_FINISHED:
+            raise OperationStateError(
+                f"Operation #{self.pk} is finished ({self.result}) and can't be {change}; "
+                "create a new operation for another run."
+            )
 
     # --- Engine operations, as methods for convenience. ---------------------------------------
     def cancel(self) -> CancelOutcome:

@@ -22,7 +22,7 @@ from ..clock import STORABLE_RANGE, database_now, storable
 from ..conf import get_settings, is_queue_name
 from ..exceptions import InvalidOperationError, OperationStateError, UnknownOperationTypeError
 from ..jsondata import encode_json
-from ..models import BatchOperation, check_context_object
+from ..models import BatchOperation, check_context_object, is_unsaved
 from ..registry import registry
 from ..signals import operations_enqueued
 from ._common import is_deadlock, write_alias
@@ -140,7 +140,7 @@ def _check_started_by(started_by: Any) -> None:
     if started_by is None:
         return
     user_model = BatchOperation._meta.get_field("started_by").related_model
-    if not isinstance(started_by, user_model) or started_by.pk is None:
+    if not isinstance(started_by, user_model) or is_unsaved(started_by):
         raise InvalidOperationError(
             "started_by must be a saved user instance or None "
             f"(got {started_by!r}; pass None for anonymous users)."

@@ -17,9 +17,14 @@ from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
 from batchframework.engine import claim, claim_due, recover_expired, set_progress
-from batchframework.exceptions import InvalidOperationError, UnknownOperationTypeError
+from batchframework.exceptions import (
+    InvalidOperationError,
+    OperationFieldsError,
+    OperationStateError,
+    UnknownOperationTypeError,
+)
 from batchframework.testing import run_due
-from tests.testapp.models import Post
+from tests.testapp.models import Post, StringThing, UUIDThing
 
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
 
@@ -237,3 +242,103 @@ def test_an_aware_now_in_any_zone_still_works():
     later = timezone.localtime(timezone.now() + timedelta(seconds=1))
     assert BatchOperation.objects.due(later).get() == op
     assert [o.pk for o in run_due(later)] == [op.pk]
+
+
+# --- Context objects, related objects and creation arguments ---------------------------------
+@pytest.mark.parametrize("model", [UUIDThing, StringThing], ids=["uuid-pk", "text-pk"])
+@pytest.mark.parametrize("create", ["enqueue", "create_asynchronous"])
+def test_an_unsaved_context_object_with_a_default_primary_key_is_refused(model, create):
+    """A UUID or text primary key is set before the object is saved: only ``pk is None`` was
+    refused, so an operation pointed at an object that never existed (its handler saw
+    ``context_object`` None), and succeeded."""
+    unsaved = model()
+    with pytest.raises(InvalidOperationError, match="must be saved"):
+        if create == "enqueue":
+            enqueue("test-echo", context_object=unsaved)
+        else:
+            BatchOperation.objects.create_asynchronous(context_object=unsaved)
+    assert not BatchOperation.objects.exists()
+    saved = model.objects.create(**({"slug": "saved"} if model is StringThing else {}))
+    built = model(pk=saved.pk)  # built, not read, for an existing row: fine (one lookup)
+    assert enqueue("test-echo", context_object=built).context_object == saved
+    assert BatchOperation.objects.for_context_object(built).count() == 1
+    with pytest.raises(InvalidOperationError, match="must be saved"):
+        BatchOperation.objects.for_context_object(model())
+
+
+@pytest.mark.parametrize("given", [None, 5], ids=["none", "int"])
+def test_for_context_object_of_no_model_instance_is_refused(given):
+    with pytest.raises(InvalidOperationError, match="model instance"):
+        BatchOperation.objects.for_context_object(given)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"context_object_id": "999"},
+        {"context_content_type_id": 1},
+    ],
+    ids=["and-id", "and-content-type"],
+)
+def test_a_context_object_and_its_parts_together_are_refused(extra):
+    """One of them was dropped in silence."""
+    post = Post.objects.create(title="p")
+    with pytest.raises(InvalidOperationError, match="either context_object"):
+        BatchOperation.objects.create_asynchronous(context_object=post, **extra)
+    with pytest.raises(InvalidOperationError, match="needs context_content_type"):
+        BatchOperation.objects.create_asynchronous(context_object_id="5")
+    assert not BatchOperation.objects.exists()
+    assert_transaction_usable()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"operationtype": ["x"]}, "operationtype"),
+        ({"run_after": 5}, "run_after"),
+        ({"finished_datetime": object()}, "finished_datetime"),
+    ],
+    ids=["operationtype-list", "run-after-int", "finished-object"],
+)
+def test_create_methods_refuse_values_of_the_wrong_type_as_field_errors(kwargs, field):
+    with pytest.raises(OperationFieldsError) as excinfo:
+        BatchOperation.objects.create_asynchronous(**kwargs)
+    assert field in excinfo.value.message_dict
+    assert not BatchOperation.objects.exists()
+    assert_transaction_usable()
+
+
+@pytest.mark.parametrize("taken", ["debounce_key", "id"])
+def test_a_value_another_operation_holds_leaves_the_callers_transaction_usable(taken):
+    """The database refused the duplicate with an ``IntegrityError`` that broke the caller's
+    transaction; every other refused field value raises ``OperationFieldsError`` first."""
+    first = BatchOperation.objects.create_asynchronous(debounce_key="k")
+    again = {"debounce_key": "k"} if taken == "debounce_key" else {"id": first.pk}
+    with pytest.raises(OperationFieldsError, match=taken):
+        BatchOperation.objects.create_asynchronous(**again)
+    assert BatchOperation.objects.count() == 1
+    assert_transaction_usable()
+
+
+# --- The original's manual flow --------------------------------------------------------------
+def test_a_finished_operation_is_neither_finished_again_nor_marked_as_running():
+    """A second ``finish()`` made a failure successful while keeping its error; marking a
+    finished operation as running left it running with its result, which the abandoned tools
+    then took for a live one."""
+    op = BatchOperation.objects.create_synchronous(operationtype="manual")
+    op.finish(failed=True, output_data={"error": {"type": "a"}})
+    with pytest.raises(OperationStateError, match="finished"):
+        op.finish()
+    with pytest.raises(OperationStateError, match="finished"):
+        op.mark_as_running()
+    stored = BatchOperation.objects.get(pk=op.pk)
+    assert (stored.status, stored.result) == (
+        BatchOperation.STATUS_FINISHED,
+        BatchOperation.RESULT_FAILED,
+    )
+    assert stored.error == {"type": "a"}
+
+
+def test_a_synchronous_operation_starts_when_it_is_created():
+    op = BatchOperation.objects.create_synchronous(operationtype="manual")
+    assert op.created_datetime == op.started_running_datetime
