@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -23,6 +24,8 @@ from django.db import InterfaceError, OperationalError, connections
 from batchframework.clock import NOISE, database_now, now_expression
 from batchframework.conf import is_queue_name
 from batchframework.engine import BatchRunner, claim_due, write_alias
+from batchframework.engine._common import worker_identity
+from batchframework.engine.claim import claims_of
 from batchframework.models import BatchOperation
 from batchframework.signals import log_event
 
@@ -65,7 +68,9 @@ def _valid_ids(ids: Any) -> list[int]:
     return ids
 
 
-def reconnecting(using: str | None, first_use: Callable[[], T]) -> T:
+def reconnecting(
+    using: str | None, first_use: Callable[[], T], again: Callable[[], T] | None = None
+) -> T:
     """Run a task's first database work, on a working connection even after a database restart.
 
     Celery's Django fix-up replaces broken connections only every ``2 * CELERY_DB_REUSE_MAX``
@@ -73,8 +78,8 @@ def reconnecting(using: str | None, first_use: Callable[[], T]) -> T:
     fail every task until then. A connection Django saw fail is checked (and closed if broken)
     before the task uses it; checking every time would cost a round trip per task, so one that
     broke unseen is found by the first use failing, which is then run once more on a new
-    connection. ``first_use`` must be safe to repeat: a claim is (one atomic statement; if it
-    committed before the session died, those rows are recovered when their lease expires).
+    connection: ``again`` if given, else ``first_use``, which must then be safe to repeat
+    (see :func:`claiming` for a claim).
     """
     connection = connections[write_alias(using)]
     if connection.errors_occurred and not connection.in_atomic_block:
@@ -94,7 +99,25 @@ def reconnecting(using: str | None, first_use: Callable[[], T]) -> T:
             raise  # a fresh session failed, or the caller's transaction: not ours to redo
         log_event(logging.WARNING, "database_reconnect", alias=connection.alias, error=repr(exc))
         connection.close()
-        return first_use()
+        return (again or first_use)()
+
+
+def claiming(
+    using: str | None, claim: Callable[[str], list[BatchOperation]]
+) -> list[BatchOperation]:
+    """``claim(worker)`` through :func:`reconnecting`, under a worker name of its own.
+
+    When the session is lost, the claim may have committed all the same (only its answer was
+    lost): its operations are then found by that name and run here. Claimed again instead,
+    they would be found running, wait for their leases to expire, and be counted as a lost
+    worker's attempt (failed, with ``max_attempts=1``) without having run.
+    """
+    worker = f"{worker_identity()}/{uuid.uuid4().hex[:8]}"
+    return reconnecting(
+        using,
+        lambda: claim(worker),
+        again=lambda: claims_of(worker, using=using) or claim(worker),
+    )
 
 
 #: A task's soft time limit (``task_soft_time_limit``, ``--soft-time-limit``) bounds a whole
@@ -122,7 +145,9 @@ def run_operations(ids: Any, using: Any = None) -> int:
         return 0
     if _stopping(RUN_OPERATIONS_TASK):
         return 0
-    claimed = reconnecting(using, lambda: claim_due(ids=ids, limit=len(ids), using=using))
+    claimed = claiming(
+        using, lambda worker: claim_due(ids=ids, limit=len(ids), worker=worker, using=using)
+    )
     won = {op.pk for op in claimed}
     # Looked for before the batch runs: a long batch must not let them fall due unnoticed
     # (a due operation no longer counts as early, and would wait for the poller's drain).
@@ -220,7 +245,7 @@ def drain(queue: Any, using: Any = None) -> int:
         return 0
     if _stopping(DRAIN_TASK):
         return 0
-    claimed = reconnecting(using, lambda: claim_due(queues=[queue], using=using))
+    claimed = claiming(using, lambda worker: claim_due(queues=[queue], worker=worker, using=using))
     if not claimed:
         log_event(
             logging.INFO,

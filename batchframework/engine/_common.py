@@ -33,11 +33,16 @@ ISOLATED = "!isolated"
 ALONE_SUFFIX = "/alone"
 
 
+def worker_identity() -> str:
+    """Who claims, unless a claimer names itself: this host and process."""
+    return f"{_HOSTNAME}:{os.getpid()}"
+
+
 def new_claim_token(worker: str | None = None, *, batch: bool = False, alone: bool = False) -> str:
     """A claim identity: who claims (host:pid unless given), a fresh token per claim, and
     whether the claim took a batch (recovery treats those differently) or an operation marked
     to be claimed alone (see :func:`unclaimed_mark`)."""
-    who = worker or f"{_HOSTNAME}:{os.getpid()}"
+    who = worker or worker_identity()
     suffix = BATCH_SUFFIX if batch else ALONE_SUFFIX if alone else ""
     return f"{who[: 255 - 13 - len(suffix)]}:{uuid.uuid4().hex[:12]}{suffix}"
 

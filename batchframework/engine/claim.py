@@ -311,6 +311,22 @@ def _alone_or_before_isolated(candidates: list[BatchOperation]) -> list[BatchOpe
     return candidates
 
 
+def claims_of(worker: str, *, using: str | None = None) -> list[BatchOperation]:
+    """The operations running under claims made with this ``worker`` name, in claim order.
+
+    For a claimer whose session was lost with the answer to a claim that had committed: its
+    operations are its own to run (otherwise they would wait for their leases to expire, and
+    be counted as a lost worker's attempt without ever running). Only for a name no other
+    claimer uses, such as one made for a single claim.
+    """
+    return list(
+        BatchOperation.objects.db_manager(write_alias(using))
+        .running()
+        .filter(claimed_by__startswith=f"{worker}:")
+        .order_by("-priority", "run_after", "pk")
+    )
+
+
 def release(operations: Sequence[BatchOperation], *, using: str | None = None) -> int:
     """Give back claimed operations whose turn has not come (e.g. on worker shutdown).
 

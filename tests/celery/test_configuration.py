@@ -23,6 +23,7 @@ from batchframework import BatchOperation, enqueue
 from batchframework.dispatch import ImmediateDispatcher, get_dispatcher
 from batchframework.signals import operation_started
 from batchframework.testing import run_due
+from batchframework_celery import tasks as tasks_module
 from batchframework_celery.beat import PERIODIC_TASK_NAME, beat_schedule, register_poller
 from batchframework_celery.checks import (
     _first_broker_url,
@@ -235,6 +236,33 @@ def test_a_task_after_a_database_error_it_saw_starts_on_a_new_session(caplog):
         assert reconnecting(None, first_use) == 0
     assert len(calls) == 1
     assert "database_reconnect" not in caplog.text
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="pg_terminate_backend")
+@pytest.mark.parametrize("task", ["run_operations", "drain"])
+def test_a_claim_that_committed_before_its_session_was_lost_is_run(monkeypatch, task):
+    """The claim's COMMIT went through and the session died before its answer arrived. The
+    task claimed again on a new session, found the operation running and did nothing: it
+    waited for its lease to expire and was then failed as a lost worker's, never having run."""
+    real_claim_due = tasks_module.claim_due
+
+    def committed_then_lost(**kwargs):
+        claimed = real_claim_due(**kwargs)
+        monkeypatch.setattr(tasks_module, "claim_due", real_claim_due)  # only the first
+        with pytest.raises(OperationalError), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        raise OperationalError(f"the answer to the claim of {len(claimed)} was lost")
+
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        op = enqueue("test-effect")
+    monkeypatch.setattr(tasks_module, "claim_due", committed_then_lost)
+    if task == "run_operations":
+        assert tasks_module.run_operations([op.pk]) == 1
+    else:
+        assert tasks_module.drain(op.queue) == 1
+    stored = BatchOperation.objects.get(pk=op.pk)
+    assert (stored.result, stored.attempts) == (BatchOperation.RESULT_SUCCESSFUL, 1)
+    assert executions(op.pk) == 1
 
 
 def test_beat_schedule_is_the_plain_alternative():
