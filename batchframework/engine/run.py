@@ -353,6 +353,9 @@ def _run_atomic(
             raise
         # The commit refused the handler's writes (SQLite checks foreign keys only then), and
         # the finish with them: the operation is running under our claim again.
+        operation.status = BatchOperation.STATUS_RUNNING
+        operation.result = BatchOperation.RESULT_NOT_AVAILABLE
+        operation.output_data = None
         return _finish_failure(operation, registered, describe_exception(exc), alias)
     # Announced once it holds: in a transaction of ours, once it committed.
     _announce_success(operation)
