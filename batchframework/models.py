@@ -77,16 +77,16 @@ def check_context_object(context_object: Any) -> None:
         raise InvalidOperationError(
             f"context_object must be a saved model instance, not {type(context_object).__name__}."
         )
-    if is_unsaved(context_object):
-        raise InvalidOperationError(
-            "context_object must be saved (it has no primary key yet, or no row has it)."
-        )
-    if len(str(context_object.pk)) > CONTEXT_ID_LENGTH:
+    if context_object.pk is not None and len(str(context_object.pk)) > CONTEXT_ID_LENGTH:
         # A database would refuse it, or (PostgreSQL's cast in enqueue_many) cut it short
         # and point the operation at another object.
         raise InvalidOperationError(
             f"context_object's primary key is longer than {CONTEXT_ID_LENGTH} characters as "
             "text, which context_object_id can't hold."
+        )
+    if is_unsaved(context_object):
+        raise InvalidOperationError(
+            "context_object must be saved (it has no primary key yet, or no row has it)."
         )
 
 
