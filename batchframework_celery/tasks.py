@@ -112,7 +112,7 @@ def claiming(
     they would be found running, wait for their leases to expire, and be counted as a lost
     worker's attempt (failed, with ``max_attempts=1``) without having run.
     """
-    worker = f"{worker_identity()}/{uuid.uuid4().hex[:8]}"
+    worker = f"{worker_identity()}:{uuid.uuid4().hex[:8]}"
     return reconnecting(
         using,
         lambda: claim(worker),

@@ -30,8 +30,8 @@ QUICK = 0.8
 
 
 def _claimer_pid(operation: BatchOperation) -> int:
-    """The pid in a claim token (``host:pid:token``): the process that runs the handler."""
-    return int(operation.claimed_by.rsplit(":", 2)[1])
+    """The pid in a claim token (``host:pid:...``): the process that runs the handler."""
+    return int(operation.claimed_by.split(":")[1])
 
 
 def _parent_pid(pid: int) -> int:
