@@ -91,12 +91,16 @@ def check_context_object(context_object: Any) -> None:
 
 
 def is_unsaved(instance: models.Model) -> bool:
-    """Whether ``instance`` has no row. A primary key with a default (a UUID, a text key that
-    defaults to ``""``) is set before the instance is saved, so an instance built rather than
-    read is looked up: one query, only for those. One read or saved is taken at its word."""
+    """Whether ``instance`` has no row. A primary key with a default (a UUID; a text key,
+    ``""``) is set before the instance is saved, so such an instance built rather than read is
+    looked up: one query, only for those. Any other is taken at its word: one read or saved,
+    or built with a key of the caller's (``Post(pk=post_id)``, a reference that costs none)."""
     if instance.pk is None:
         return True
     if not instance._state.adding:
+        return False
+    key = instance._meta.pk
+    if not (key.has_default() or instance.pk == ""):
         return False
     alias = instance._state.db or router.db_for_read(type(instance), instance=instance)
     return not type(instance)._base_manager.using(alias).filter(pk=instance.pk).exists()

@@ -102,8 +102,22 @@ def is_deadlock(exc: OperationalError) -> bool:
     return (exc.args[:1] == (1213,)) or getattr(exc.__cause__, "sqlstate", None) == "40P01"
 
 
+#: Set on the instances a claim returns: the database the claim was made on.
+CLAIMED_ON = "_batchframework_claimed_on"
+
+
+def mark_claimed_on(operation: BatchOperation, alias: str) -> None:
+    operation.__dict__[CLAIMED_ON] = alias
+
+
 def claim_alias(operation: BatchOperation, using: str | None) -> str:
-    """Where ``operation`` was claimed: ``using``, else the database it was read from (a claim
-    reads what it claims), else the write database. Writes fenced by the claim go there; a
-    router would send an instance of another database's claim to the wrong one."""
-    return using or operation._state.db or write_alias()
+    """Where writes fenced by ``operation``'s claim go: ``using``; else, for an instance a claim
+    returned, the database the claim was made on (a router may name another one for this
+    model: ``enqueue(using=...)`` with ``POLL_DATABASES``); else where the router writes this
+    instance (the primary, for one read from a replica)."""
+    if using:
+        return using
+    claimed_on = operation.__dict__.get(CLAIMED_ON)
+    if claimed_on:
+        return str(claimed_on)
+    return router.db_for_write(BatchOperation, instance=operation)

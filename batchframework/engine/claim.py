@@ -35,6 +35,7 @@ from ._common import (
     ISOLATED,
     claim_alias,
     is_deadlock,
+    mark_claimed_on,
     new_claim_token,
     read_committed_next,
     supports_skip_locked,
@@ -60,9 +61,10 @@ def _claim_update(lease: timedelta, token: str, now: datetime | None) -> dict[st
 
 
 def _mark_claimed(
-    operation: BatchOperation, token: str, lease: timedelta, now: datetime | None
+    operation: BatchOperation, token: str, lease: timedelta, now: datetime | None, alias: str
 ) -> None:
     """Mirror the claim's UPDATE on the in-memory instance (times approximated locally)."""
+    mark_claimed_on(operation, alias)
     started = now or timezone.now()
     operation.status = BatchOperation.STATUS_RUNNING
     operation.result = BatchOperation.RESULT_NOT_AVAILABLE
@@ -166,7 +168,7 @@ def _claim_locked(
     if not won:
         log_event(logging.INFO, "claim_skipped", id=operation_id, reason="lost_race_or_not_due")
         return None
-    _mark_claimed(operation, token, lease, now)
+    _mark_claimed(operation, token, lease, now, alias)
     return operation
 
 
@@ -283,7 +285,7 @@ def _claim_due_portable(
                 pk__in=[op.pk for op in group], status=BatchOperation.STATUS_UNPROCESSED
             ).update(**_claim_update(lease, token, now))
             for operation in group:
-                _mark_claimed(operation, token, lease, now)
+                _mark_claimed(operation, token, lease, now, alias)
         if claimed_count != len(operations):
             # Without row locks a concurrent claimer may have won some rows: keep only ours.
             ours = set(
@@ -319,12 +321,16 @@ def claims_of(worker: str, *, using: str | None = None) -> list[BatchOperation]:
     be counted as a lost worker's attempt without ever running). Only for a name no other
     claimer uses, such as one made for a single claim.
     """
-    return list(
-        BatchOperation.objects.db_manager(write_alias(using))
+    alias = write_alias(using)
+    found = list(
+        BatchOperation.objects.db_manager(alias)
         .running()
         .filter(claimed_by__startswith=f"{worker}:")
         .order_by("-priority", "run_after", "pk")
     )
+    for operation in found:
+        mark_claimed_on(operation, alias)
+    return found
 
 
 def release(operations: Sequence[BatchOperation], *, using: str | None = None) -> int:

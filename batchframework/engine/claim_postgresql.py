@@ -27,7 +27,7 @@ from django.db import connections
 from django.utils import timezone
 
 from ..models import BatchOperation
-from ._common import ISOLATED, new_claim_token
+from ._common import ISOLATED, mark_claimed_on, new_claim_token
 
 
 def claim_due_postgresql(
@@ -122,7 +122,7 @@ def _loaded(cursor: Any, alias: str, connection: Any) -> list[BatchOperation]:
     fields = BatchOperation._meta.concrete_fields
     attnames = [field.attname for field in fields]
     converters = _converters(connection)
-    return [
+    loaded = [
         BatchOperation.from_db(
             alias,
             attnames,
@@ -133,6 +133,9 @@ def _loaded(cursor: Any, alias: str, connection: Any) -> list[BatchOperation]:
         )
         for row in cursor.fetchall()
     ]
+    for operation in loaded:
+        mark_claimed_on(operation, alias)
+    return loaded
 
 
 def _converted(value: Any, column: Any, chain: list[Any], connection: Any) -> Any:

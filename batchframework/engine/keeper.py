@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, InterfaceError, connections
+from django.db import DatabaseError, InterfaceError, connections, transaction
 from django.utils import timezone
 
 from ..models import BatchOperation
@@ -100,8 +100,6 @@ class LeaseKeeper:
         # Until when (time.monotonic()) the thread sleeps; None while it is awake (it then
         # plans its next wake-up from everything deferred until it goes to sleep).
         self._sleep_until: float | None = None
-        # The keeper thread's own connections whose lock wait is limited, by alias.
-        self._limited: dict[str, Any] = {}
 
     @contextlib.contextmanager
     def keep(self, operation: BatchOperation, lease: timedelta, alias: str) -> Iterator[None]:
@@ -251,12 +249,12 @@ class LeaseKeeper:
 
     def _renew(self, item: _Kept) -> None:
         try:
-            self._limit_lock_wait(item.alias)
-            renewed = (
-                BatchOperation.objects.db_manager(item.alias)
-                .filter(pk=item.pk, status=BatchOperation.STATUS_RUNNING, claimed_by=item.token)
-                .update(lease_expires_at=time_after(item.lease))
-            )
+            with _lock_wait_limited(item.alias):
+                renewed = (
+                    BatchOperation.objects.db_manager(item.alias)
+                    .filter(pk=item.pk, status=BatchOperation.STATUS_RUNNING, claimed_by=item.token)
+                    .update(lease_expires_at=time_after(item.lease))
+                )
         except DatabaseErrors as exc:
             if is_lock_timeout(exc):
                 # Its handler holds the row (progress reported in its own transaction), and
@@ -281,22 +279,6 @@ class LeaseKeeper:
         if still_held:
             log_event(logging.WARNING, "lease_renewal_refused", id=item.pk, reason="claim_lost")
 
-    def _limit_lock_wait(self, alias: str) -> None:
-        """Limit how long this thread's connection to ``alias`` waits for a row lock, once per
-        connection (it is the keeper thread's own)."""
-        connection = connections[alias]
-        connection.ensure_connection()
-        if self._limited.get(alias) is connection.connection:
-            return
-        statement = {
-            "postgresql": f"SET lock_timeout = {LOCK_WAIT_MS}",
-            "mysql": f"SET SESSION innodb_lock_wait_timeout = {math.ceil(LOCK_WAIT_MS / 1000)}",
-        }.get(connection.vendor)
-        if statement is not None:  # SQLite locks the database, not rows
-            with connection.cursor() as cursor:
-                cursor.execute(statement)
-        self._limited[alias] = connection.connection
-
     def _run_deferred(self, item: _Deferred) -> None:
         with item.lock:
             with self._lock:
@@ -317,6 +299,32 @@ class LeaseKeeper:
                 log_event(logging.ERROR, "lease_keeper_error", error=repr(exc))
                 return
             item.done = True
+
+
+@contextlib.contextmanager
+def _lock_wait_limited(alias: str) -> Iterator[None]:
+    """Run the block with a row lock wait of at most :data:`LOCK_WAIT_MS`, leaving the
+    session as it was: the connection may go back to a pool (Django's, or PgBouncer's), where
+    other work must not inherit the limit. PostgreSQL: ``SET LOCAL``, in a transaction of the
+    block's own; MariaDB/MySQL, which have no ``SET LOCAL``: set, then set back. SQLite locks
+    the database, not rows: nothing to limit."""
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        with transaction.atomic(using=alias):
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET LOCAL lock_timeout = {LOCK_WAIT_MS}")
+            yield
+    elif connection.vendor == "mysql":
+        seconds = math.ceil(LOCK_WAIT_MS / 1000)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {seconds}")
+        try:
+            yield
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+    else:
+        yield
 
 
 def is_lock_timeout(exc: BaseException) -> bool:

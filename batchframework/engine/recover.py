@@ -40,24 +40,35 @@ def _lost_message(attempt_word: str) -> str:
 def _announce(operations: list[BatchOperation]) -> None:
     """Send the signals of the operations recovery failed or put back for another attempt;
     an operation its own worker finished or retried just before recovery's UPDATE (SQLite,
-    which locks no rows) was announced by that worker."""
+    which locks no rows) was announced by that worker. A receiver's error reaches the caller
+    once every operation was announced: one receiver must not keep the others' news."""
+    failure: Exception | None = None
     for operation in operations:
-        if not (operation.last_error or "").startswith(_LOST_PREFIX):
-            continue
-        if operation.status == BatchOperation.STATUS_FINISHED and not operation.claimed_by:
-            operation_finished.send(
-                sender=BatchOperation,
-                operation=operation,
-                succeeded=False,
-                error=dict(LOST_WORKER_ERROR),
-            )
-        elif operation.status == BatchOperation.STATUS_UNPROCESSED:
-            operation_retry_scheduled.send(
-                sender=BatchOperation,
-                operation=operation,
-                error={**LOST_WORKER_ERROR, "message": operation.last_error},
-                attempt=operation.attempts,
-            )
+        try:
+            _announce_one(operation)
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
+def _announce_one(operation: BatchOperation) -> None:
+    if not (operation.last_error or "").startswith(_LOST_PREFIX):
+        return
+    if operation.status == BatchOperation.STATUS_FINISHED and not operation.claimed_by:
+        operation_finished.send(
+            sender=BatchOperation,
+            operation=operation,
+            succeeded=False,
+            error=dict(LOST_WORKER_ERROR),
+        )
+    elif operation.status == BatchOperation.STATUS_UNPROCESSED:
+        operation_retry_scheduled.send(
+            sender=BatchOperation,
+            operation=operation,
+            error={**LOST_WORKER_ERROR, "message": operation.last_error},
+            attempt=operation.attempts,
+        )
 
 
 def recover_expired(

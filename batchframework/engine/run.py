@@ -319,8 +319,13 @@ def _run_atomic(
 ) -> RunOutcome:
     owns_transaction = not connections[alias].in_atomic_block
     succeeded = False
+    committed: list[bool] = []
     try:
         with transaction.atomic(using=alias):
+            if owns_transaction:
+                # First of the commit's callbacks: an error after it came from a callback the
+                # handler registered, once the run had committed.
+                transaction.on_commit(lambda: committed.append(True), using=alias)
             # Lock our row (fenced) first: a late worker whose lease was recovered stops here.
             if not _fenced(operation, alias).select_for_update().exists():
                 return _lost(operation)
@@ -348,8 +353,12 @@ def _run_atomic(
                 transaction.set_rollback(True, using=alias)
                 return outcome
             succeeded = True
-    except IntegrityError as exc:
-        if not (succeeded and owns_transaction):
+    except BaseException as exc:
+        if committed:
+            if succeeded:
+                _announce_success(operation)  # it holds; the callback's error is the caller's
+            raise
+        if not (isinstance(exc, IntegrityError) and succeeded and owns_transaction):
             raise
         # The commit refused the handler's writes (SQLite checks foreign keys only then), and
         # the finish with them: the operation is running under our claim again.

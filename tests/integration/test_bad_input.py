@@ -13,6 +13,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, enqueue_many
@@ -342,3 +344,14 @@ def test_a_finished_operation_is_neither_finished_again_nor_marked_as_running():
 def test_a_synchronous_operation_starts_when_it_is_created():
     op = BatchOperation.objects.create_synchronous(operationtype="manual")
     assert op.created_datetime == op.started_running_datetime
+
+
+def test_a_reference_built_with_its_key_costs_no_query():
+    """``Post(pk=post_id)`` is the usual way to point at a row without reading it; only keys
+    with a default are looked up (a UUID is set before its instance is saved)."""
+    posts = [Post.objects.create(title=str(n)) for n in range(20)]
+    enqueue_many("test-echo", [{"context_object": Post(pk=post.pk)} for post in posts[:1]])
+    with CaptureQueriesContext(connection) as captured:
+        enqueue_many("test-echo", [{"context_object": Post(pk=post.pk)} for post in posts])
+    assert not [q for q in captured.captured_queries if q["sql"].upper().startswith("SELECT")]
+    assert BatchOperation.objects.count() == 21

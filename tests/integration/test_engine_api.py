@@ -1414,6 +1414,37 @@ def test_an_atomic_handler_whose_writes_break_a_constraint_checked_at_commit_fai
     assert not Player.objects.exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_an_atomic_handler_whose_on_commit_callback_fails_still_succeeded():
+    """A callback the handler registered runs once the run has committed; its error was taken
+    for the commit's: the success went unannounced and was reported as a lost claim."""
+    finished: list[bool] = []
+
+    def record(sender, operation, succeeded, **kwargs):
+        finished.append(succeeded)
+
+    def callback_fails(operation):
+        Effect.objects.create(key="taken")
+        transaction.on_commit(lambda: Effect.objects.create(key="taken"))
+        return {"done": True}
+
+    handler("test-atomic-callback-fails", atomic=True)(callback_fails)
+    operation_finished.connect(record)
+    try:
+        op = enqueue("test-atomic-callback-fails")
+        with pytest.raises(IntegrityError):
+            run(op.pk)
+    finally:
+        operation_finished.disconnect(record)
+        registry.unregister("test-atomic-callback-fails")
+    stored = fresh(op)
+    assert (stored.status, stored.result) == (
+        BatchOperation.STATUS_FINISHED,
+        BatchOperation.RESULT_SUCCESSFUL,
+    )
+    assert finished == [True]
+
+
 # --- Query counts (invariant 9) --------------------------------------------------------------
 def test_enqueue_is_one_insert(django_assert_num_queries):
     post = Post.objects.create(title="p")

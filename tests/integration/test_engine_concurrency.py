@@ -490,6 +490,28 @@ def test_a_handler_holding_its_own_row_does_not_cost_another_handler_its_lease(r
         assert (done.result, done.attempts) == (BatchOperation.RESULT_SUCCESSFUL, 1)
 
 
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite has no lock wait to limit")
+def test_the_keepers_lock_wait_limit_does_not_outlive_its_renewal():
+    """The limit was set on the keeper's session and kept: a session handed back to a pool
+    (Django's, PgBouncer's) then gave its next user's statements 100 ms to get a lock, and a
+    cancel waiting on a busy row failed with a lock timeout."""
+    keeper_module = importlib.import_module("batchframework.engine.keeper")
+    query = {
+        "postgresql": "SHOW lock_timeout",
+        "mysql": "SELECT @@SESSION.innodb_lock_wait_timeout",
+    }[connection.vendor]
+
+    def session_setting():
+        with connection.cursor() as cursor:
+            cursor.execute(query)
+            return cursor.fetchone()[0]
+
+    before = session_setting()
+    with keeper_module._lock_wait_limited(connection.alias):
+        assert session_setting() != before  # in force for the renewal
+    assert session_setting() == before
+
+
 # --- Graceful shutdown -----------------------------------------------------------------------
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
 def test_sigterm_finishes_the_operation_in_hand_and_releases_the_rest(reaper, signum):

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from batchframework import BatchOperation, enqueue, handler
 from batchframework.dispatch import NULL_DISPATCHER
-from batchframework.engine import BatchRunner, CancelOutcome, claim_due, renew_leases
+from batchframework.engine import BatchRunner, CancelOutcome, claim_due, renew_leases, set_progress
 from batchframework.registry import registry
 from batchframework.testing import run_due
 from batchframework.worker import Worker
@@ -158,3 +158,24 @@ def test_the_db_worker_judges_what_is_due_on_the_primary():
         enqueue("test-noop", delay=timedelta(seconds=0.5))  # the replica has no copy yet
         sleep = Worker(poll_interval=timedelta(seconds=5))._sleep_seconds()
     assert sleep < 1
+
+
+@pytest.mark.skipif(not HAS_OTHER, reason="a second PostgreSQL test database is needed")
+@pytest.mark.django_db(transaction=True, databases=["default", OTHER])
+def test_progress_of_a_running_operation_read_from_a_replica_is_written_to_the_primary():
+    """Only an instance a claim returned is written where it was claimed; one read back from a
+    replica (a helper thread of the handler's) is written where the router writes it."""
+    with override_settings(
+        DATABASE_ROUTERS=[f"{__name__}.PrimaryReplicaRouter"],
+        BATCHFRAMEWORK={"DISPATCHER": NULL_DISPATCHER},
+    ):
+        enqueue("test-noop")
+        (claimed,) = claim_due(using="default")
+        BatchOperation.objects.using("default").get(pk=claimed.pk).save(
+            using=OTHER, force_insert=True
+        )  # replicated
+        read = BatchOperation.objects.get(pk=claimed.pk)
+        assert read._state.db == OTHER
+        assert set_progress(read, 3, 4) is True
+    assert BatchOperation.objects.using("default").get(pk=claimed.pk).progress_done == 3
+    assert BatchOperation.objects.using(OTHER).get(pk=claimed.pk).progress_done is None
