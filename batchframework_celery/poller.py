@@ -101,7 +101,7 @@ def poll_once(
                 # ones): workers discard it unrun.
                 publisher.publish(drain, [queue], queue=queue, kwargs=kwargs, expires=expires)
     drains = publisher.published
-    soon = _take_window(alias, types)
+    soon = _take_window(alias)
     # Judged on the clock the window was measured on: a process clock behind the database's
     # would leave the window's end taken but unpublished.
     scheduled = (
@@ -133,8 +133,14 @@ def _starving(alias: str, queue: str, types: list[str]) -> bool:
     )
 
 
-def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:
+def _take_window(alias: str) -> list[BatchOperation]:
     """The operations nobody has published yet that come due before the tick after next.
+
+    Of every operationtype, also those without a handler here: the watermark is shared, so
+    an operation this poller left out would be left out by the next one too, even one that has
+    its handler (a newer release's, during a rolling deploy). Its message goes to the queue
+    stored on it; a worker without the handler that takes it does nothing, and a drain runs
+    the operation once it is due.
 
     Those were beyond the horizon when enqueued, or when a failed attempt put them back for a
     retry: the worker that recorded the failure publishes a retry due within the horizon
@@ -162,7 +168,7 @@ def _take_window(alias: str, types: list[str]) -> list[BatchOperation]:
                 mark.save(update_fields=["published_until"], using=alias)
                 return list(
                     manager.unprocessed()
-                    .filter(operationtype__in=types, run_after__gt=start, run_after__lte=end)
+                    .filter(run_after__gt=start, run_after__lte=end)
                     .filter(
                         Q(run_after__gt=F("created_datetime") + settings.DISPATCH_HORIZON)
                         | Q(

@@ -13,8 +13,9 @@ from django.db import connections
 from django.test import override_settings
 from django.utils import timezone
 
-from batchframework import BatchOperation, enqueue, enqueue_many
+from batchframework import BatchOperation, enqueue, enqueue_many, handler
 from batchframework.clock import forget_clock_offsets
+from batchframework.registry import registry
 from batchframework_celery.models import PollerWatermark
 from batchframework_celery.poller import poll_once
 from batchframework_celery.tasks import drain
@@ -72,6 +73,24 @@ def test_every_operation_the_pollers_window_takes_gets_its_eta_message(
         forget_clock_offsets()
     assert first["scheduled"] == 1, first
     assert first["scheduled_messages"] + second["scheduled_messages"] == 1, (first, second)
+    assert purge_broker.waiting("default") == 1
+
+
+def test_a_poller_without_an_operations_handler_still_publishes_it(purge_broker):
+    """During a rolling deploy, a poller of the older release (no handler for a new type) took
+    the window without the new type's operations, and moved the shared watermark past them:
+    the newer release's poller never published them, and they ran a tick or more late."""
+    handler("test-deploy-new")(lambda operation: None)
+    try:
+        with override_settings(
+            BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 1, "POLL_INTERVAL": 1}
+        ):
+            enqueue("test-deploy-new", delay=1.4)  # beyond the horizon, in this tick's window
+            registry.unregister("test-deploy-new")  # the older release's poller
+            counts = poll_once()
+    finally:
+        registry.unregister("test-deploy-new")
+    assert counts["scheduled"] == 1, counts
     assert purge_broker.waiting("default") == 1
 
 
