@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets, quote
@@ -63,7 +63,9 @@ class _CancelRefused(Exception):
 def _pretty_json(value: Any) -> str:
     if value is None:
         return "-"
-    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True))
+    # Text as written (not \u escapes): names, messages and paths are for people to read.
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+    return format_html("<pre>{}</pre>", text)
 
 
 @admin.register(BatchOperation)
@@ -90,9 +92,14 @@ class BatchOperationAdmin(admin.ModelAdmin):
         "result",
         "operationtype",
         "queue",
-        "context_content_type",
+        # The content types in use, not every model of the project.
+        ("context_content_type", admin.RelatedOnlyFieldListFilter),
         "created_datetime",
     )
+    # The table holds every operation ever run: no COUNT(*) of all of it beside the filtered
+    # one, and the newest first by the primary key's index (created_datetime has none).
+    show_full_result_count = False
+    ordering = ("-id",)
     search_fields = (
         "=id",
         "operationtype",
@@ -253,7 +260,10 @@ class BatchOperationAdmin(admin.ModelAdmin):
         try:
             url = reverse(
                 f"admin:{content_type.app_label}_{content_type.model}_change",
-                args=[obj.context_object_id],
+                # Quoted as the admin quotes keys in its own links (a text key may hold "/"
+                # or "_"), on this admin site.
+                args=[quote(obj.context_object_id or "")],
+                current_app=self.admin_site.name,
             )
         except NoReverseMatch:
             return label
@@ -277,19 +287,23 @@ class BatchOperationAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("last error"))
     def last_error_pretty(self, obj: BatchOperation) -> str:
-        return format_html("<pre>{}</pre>", obj.last_error) if obj.last_error else "-"
+        # A failed synchronous operation records its error in output_data only.
+        text = obj.last_error or (obj.error or {}).get("traceback")
+        return format_html("<pre>{}</pre>", text) if text else "-"
 
     @admin.action(description=_("Cancel selected pending operations"), permissions=["delete"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[BatchOperation]) -> None:
         pending = queryset.filter(status=BatchOperation.STATUS_UNPROCESSED)
         if self._refused_cascade(request, pending, _("cancelling the selected operations")):
             return
-        outcomes = [operation.cancel() for operation in queryset]
-        cancelled = sum(1 for outcome in outcomes if outcome)
+        selected = queryset.count()
+        cancelled = [operation for operation in pending if operation.cancel()]
+        # Logged as the delete page logs a cancel: what was deleted, by whom.
+        admin.ModelAdmin.log_deletions(self, request, cast(Any, cancelled))
         self.message_user(
             request,
-            _("Cancelled %(n)d operation(s); %(m)d were too late.")
-            % {"n": cancelled, "m": len(outcomes) - cancelled},
+            _("Cancelled %(n)d operation(s); %(m)d were running or finished (too late to cancel).")
+            % {"n": len(cancelled), "m": selected - len(cancelled)},
             messages.INFO,
         )
 
@@ -334,7 +348,9 @@ class BatchOperationAdmin(admin.ModelAdmin):
         finished = queryset.filter(status=BatchOperation.STATUS_FINISHED)
         if self._refused_cascade(request, finished, _("deleting the selected finished operations")):
             return None
+        rows = list(finished)  # for the history: a finished operation stays so
         _deleted, by_model = finished.delete()
+        admin.ModelAdmin.log_deletions(self, request, cast(Any, rows))
         # delete() counts the cascaded rows too; report the operations alone.
         deleted = by_model.get(BatchOperation._meta.label, 0)
         self.message_user(

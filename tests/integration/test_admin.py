@@ -280,7 +280,12 @@ def test_cancel_selected_cancels_pending_and_reports_too_late(admin_client, oper
     )
     assert response.status_code == 200
     messages = [str(message) for message in response.context["messages"]]
-    assert messages == ["Cancelled 2 operation(s); 2 were too late."]
+    assert messages == [
+        "Cancelled 2 operation(s); 2 were running or finished (too late to cancel)."
+    ]
+    # In the history, as the delete page logs a cancel.
+    logged = LogEntry.objects.filter(action_flag=DELETION).values_list("object_id", flat=True)
+    assert sorted(logged) == sorted(str(op.pk) for op in selected[:2])
 
     assert not BatchOperation.objects.filter(
         pk__in=[operations["pending"].pk, second_pending.pk]
@@ -288,6 +293,17 @@ def test_cancel_selected_cancels_pending_and_reports_too_late(admin_client, oper
     assert BatchOperation.objects.get(pk=operations["running"].pk).status == "running"
     assert BatchOperation.objects.get(pk=operations["successful"].pk).result == "successful"
     assert BatchOperation.objects.get(pk=operations["failed"].pk).result == "failed"
+
+
+def test_the_change_page_shows_data_and_a_synchronous_failure_readably(admin_client):
+    """Non-ASCII text was shown as ``\\u`` escapes, and a failed synchronous operation's
+    traceback (kept in output_data only) as one line of JSON with literal ``\\n``."""
+    block = BatchOperation.objects.synchronous(input_data={"navn": "Øyvind Ærø"})
+    with pytest.raises(ValueError), block as operation:
+        raise ValueError("Ødelagt fil: 東京.csv")
+    page = admin_client.get(change_url(operation)).content.decode()
+    assert "Øyvind Ærø" in page and "Ødelagt fil: 東京.csv" in page
+    assert "Traceback (most recent call last):\n" in page  # a real line break, in a <pre>
 
 
 def test_cancel_selected_is_offered_to_superusers(admin_client, operations):
