@@ -92,10 +92,11 @@ def check_sqlite_transaction_mode(
 
     messages: list[checks.CheckMessage] = []
     for alias in databases or []:
-        settings_dict = connections[alias].settings_dict
-        if not settings_dict["ENGINE"].endswith("sqlite3"):
+        if connections[alias].vendor != "sqlite":  # SpatiaLite too
             continue
-        if str(settings_dict.get("OPTIONS", {}).get("transaction_mode", "")).upper() != "IMMEDIATE":
+        options = connections[alias].settings_dict.get("OPTIONS") or {}
+        # EXCLUSIVE also takes the write lock at BEGIN: writers wait for each other.
+        if str(options.get("transaction_mode", "")).upper() not in ("IMMEDIATE", "EXCLUSIVE"):
             messages.append(
                 checks.Warning(
                     f"Database {alias!r} is SQLite without transaction_mode IMMEDIATE.",
@@ -109,14 +110,16 @@ def check_sqlite_transaction_mode(
 
 
 def _dispatcher_problem(path: str) -> str | None:
-    from .dispatch import AbstractDispatcherError, load_dispatcher_class
+    from .dispatch import AbstractDispatcherError, NotADispatcherError, load_dispatcher_class
 
     try:
         load_dispatcher_class(path)
-    except ImportError as exc:
-        return f"cannot be imported: {exc}"
     except AbstractDispatcherError as exc:
         return exc.problem
-    except ImproperlyConfigured:
+    except NotADispatcherError:
         return "is not a Dispatcher subclass."
+    except ImportError as exc:
+        return f"cannot be imported: {exc}"
+    except Exception as exc:  # its module raised while importing (ImproperlyConfigured...)
+        return f"cannot be imported: {exc!r}"
     return None

@@ -143,6 +143,10 @@ def get_dispatcher() -> Dispatcher:
     return found()
 
 
+class NotADispatcherError(ImproperlyConfigured):
+    """``DISPATCHER`` names something that is not a :class:`Dispatcher` subclass."""
+
+
 class AbstractDispatcherError(ImproperlyConfigured):
     """``DISPATCHER`` is a :class:`Dispatcher` subclass that leaves abstract methods
     unimplemented, so it can't be instantiated. ``problem`` is what system check
@@ -159,7 +163,7 @@ def load_dispatcher_class(path: str) -> type[Dispatcher]:
     ``ImproperlyConfigured`` if it is not a :class:`Dispatcher` subclass or is abstract."""
     found: Any = import_string(path)
     if not (isinstance(found, type) and issubclass(found, Dispatcher)):
-        raise ImproperlyConfigured(
+        raise NotADispatcherError(
             f"BATCHFRAMEWORK['DISPATCHER'] = {path!r} is not a "
             "batchframework.dispatch.Dispatcher subclass."
         )

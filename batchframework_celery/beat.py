@@ -124,13 +124,15 @@ def _register(using: str, queue: str, keep_choices: bool) -> tuple[Any, bool]:
             wanted.update(queue=task.queue, enabled=task.enabled)
             if task.interval_id is None:  # a schedule of another kind (crontab, solar, ...)
                 del wanted["interval"]
+            if task.expires is not None:  # an expiry date of theirs (beat takes one or the other)
+                del wanted["expire_seconds"]
         else:  # asked for this schedule: it replaces one of another kind (one per task)
-            wanted.update(crontab=None, solar=None, clocked=None)
+            wanted.update(crontab=None, solar=None, clocked=None, expires=None)
         changed = [name for name, value in wanted.items() if getattr(task, name) != value]
         if changed:
             for name in changed:
                 setattr(task, name, wanted[name])
-            task.save()
+            task.save(using=using)
         return task, bool(changed)
 
 

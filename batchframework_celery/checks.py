@@ -13,8 +13,8 @@ from django.core.exceptions import ImproperlyConfigured
 
 from batchframework.conf import get_settings
 
-#: Celery's default visibility timeout on Redis and SQS, in seconds.
-DEFAULT_VISIBILITY_TIMEOUT = 3600
+#: kombu's default visibility timeout, in seconds, by transport (Redis, its sentinels; SQS).
+DEFAULT_VISIBILITY_TIMEOUTS = {"redis": 3600, "rediss": 3600, "sentinel": 3600, "sqs": 1800}
 #: RabbitMQ's default ``consumer_timeout`` (since 3.8.17; 15 minutes in 3.8.15 and 3.8.16), in
 #: seconds. A server setting: a client can't read it.
 RABBITMQ_CONSUMER_TIMEOUT = 1800
@@ -36,20 +36,32 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
         return []  # reported as batchframework.E002 by batchframework's own checks
     # Workers consume, and so hold ETA messages, on broker_read_url (broker_url unless set).
     broker = _first_broker_url(conf.broker_read_url)
+    scheme = broker.partition(":")[0].lower()  # kombu takes REDIS:// and SQS:// too
     options = conf.broker_transport_options or {}
     # How long a worker may hold an ETA message before the broker acts: Redis and SQS deliver
     # it again, RabbitMQ closes the consumer's channel.
     limit: tuple[float, str, str, str] | None = None
-    if broker.startswith(("redis", "rediss", "sqs", "sentinel")):
+    if scheme in DEFAULT_VISIBILITY_TIMEOUTS:
+        timeout = _visibility_timeout(options, DEFAULT_VISIBILITY_TIMEOUTS[scheme])
+        if timeout is None:
+            return [
+                checks.Warning(
+                    "broker_transport_options['visibility_timeout'] is not a number of "
+                    f"seconds: {options.get('visibility_timeout')!r}.",
+                    hint="Give it in seconds (kombu reads None or '' as its default).",
+                    id="batchframework_celery.W001",
+                ),
+                *messages,
+            ]
         limit = (
-            float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)),
+            timeout,
             "the broker's visibility timeout",
             "Messages with an ETA beyond the visibility timeout are delivered again, and wait "
             "in worker memory. Lower DISPATCH_HORIZON (the poller publishes operations due "
             "later as they come due) or raise visibility_timeout.",
             "batchframework_celery.W001",
         )
-    elif broker.startswith(("amqp", "pyamqp")):
+    elif scheme in ("amqp", "amqps", "pyamqp"):
         limit = (
             RABBITMQ_CONSUMER_TIMEOUT,
             "RabbitMQ's default consumer_timeout",
@@ -95,6 +107,18 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
             )
         )
     return messages
+
+
+def _visibility_timeout(options: Any, default: float) -> float | None:
+    """The visibility timeout the transport uses: its default for a value kombu takes as
+    unset (``None``, ``""``), ``None`` for one that is no number."""
+    value = options.get("visibility_timeout")
+    if value is None or value == "":
+        return float(default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _first_broker_url(url: Any) -> str:
@@ -190,12 +214,22 @@ def check_relay(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
 
     try:
         dispatcher = import_string(dispatcher_path())
-    except (ImportError, ImproperlyConfigured):
-        return []  # reported by batchframework's own checks
+    except Exception:  # its module fails to import: batchframework.E005 says so
+        return []
     if not (isinstance(dispatcher, type) and issubclass(dispatcher, RelayDispatcher)):
         return []
-    alias = write_alias()
-    connection = connections[alias]
+    try:
+        alias = write_alias()
+        connection = connections[alias]
+    except Exception as exc:  # a router that raises, or names no database
+        return [
+            checks.Error(
+                f"RelayDispatcher: the database router gives no usable database for "
+                f"operations: {exc!r}.",
+                hint="Fix DATABASE_ROUTERS' db_for_write for batchframework.BatchOperation.",
+                id="batchframework_celery.E001",
+            )
+        ]
     if connection.vendor != "postgresql":
         return [
             checks.Warning(

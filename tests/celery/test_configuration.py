@@ -208,6 +208,21 @@ def test_migrate_keeps_an_operators_crontab_schedule_for_the_poller():
     assert (task.interval.every, task.crontab_id) == (1, None)
 
 
+def test_migrate_keeps_an_operators_expiry_date_for_the_poller():
+    """django-celery-beat takes an expiry date or an expiry in seconds, not both: ``migrate``
+    set the seconds beside an operator's date, and failed on every deploy."""
+    task, _ = register_poller()
+    expires = timezone.now() + timedelta(days=365)
+    PeriodicTask.objects.filter(pk=task.pk).update(expire_seconds=None, expires=expires)
+    call_command("migrate", verbosity=0)
+    task = PeriodicTask.objects.get(name=PERIODIC_TASK_NAME)
+    assert (task.expires, task.expire_seconds) == (expires, None)
+    # Asked for explicitly, the library's expiry replaces it.
+    call_command("batchframework_register_poller", stdout=io.StringIO())
+    task = PeriodicTask.objects.get(name=PERIODIC_TASK_NAME)
+    assert task.expires is None and task.expire_seconds == 2
+
+
 def test_a_task_run_eagerly_inside_a_transaction_leaves_its_connection_alone():
     """An eager task runs in the caller's transaction (a test's atomic block): even after an
     earlier database error, its check of the connection must not close it there."""
@@ -312,6 +327,24 @@ def test_check_warns_when_the_horizon_nears_the_visibility_timeout(celery_conf):
         broker_transport_options={"visibility_timeout": 15},
     )
     assert "batchframework_celery.W001" not in _ids(check_celery())
+
+
+def test_the_visibility_timeout_check_knows_sqs_and_kombus_ways_of_saying_default(celery_conf):
+    """SQS's default visibility timeout is half Redis's (kombu: 1800 s), a timeout of None or
+    "" means that default (and crashed ``manage.py check``), and kombu takes a scheme in
+    capitals."""
+    with override_settings(BATCHFRAMEWORK={**NO_DISPATCH, "DISPATCH_HORIZON": 1200}):
+        celery_conf(broker_url="sqs://", broker_transport_options={})
+        assert "batchframework_celery.W001" in _ids(check_celery())
+        celery_conf(broker_transport_options={"visibility_timeout": None})
+        assert "batchframework_celery.W001" in _ids(check_celery())
+        celery_conf(broker_url="REDIS://127.0.0.1:6379/9", broker_transport_options={})
+        assert "batchframework_celery.W001" not in _ids(check_celery())  # 1200 s vs 3600 s
+        celery_conf(broker_transport_options={"visibility_timeout": 600})
+        assert "batchframework_celery.W001" in _ids(check_celery())
+        celery_conf(broker_transport_options={"visibility_timeout": "soon"})
+        [warning] = [m for m in check_celery() if m.id == "batchframework_celery.W001"]
+        assert "not a number" in warning.msg
 
 
 def test_check_warns_when_the_horizon_nears_rabbitmqs_consumer_timeout(celery_conf):
