@@ -9,6 +9,7 @@ import pytest
 from django.contrib.admin import helpers
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.admin.sites import site
+from django.contrib.admin.utils import quote
 from django.contrib.auth.models import Permission
 from django.urls import path, reverse
 from django.utils import timezone
@@ -18,7 +19,7 @@ from batchframework.engine import cancel, claim
 from batchframework.models import BatchOperation
 from batchframework.testing import run_due
 from tests.integration.test_second_database import HAS_OTHER, OTHER
-from tests.testapp.models import OperationLine, Post
+from tests.testapp.models import OperationLine, Post, StringThing
 
 pytestmark = pytest.mark.django_db
 
@@ -507,6 +508,30 @@ def lines_in_admin(settings):
     settings.ROOT_URLCONF = urls
     yield
     site.unregister(OperationLine)
+
+
+@pytest.fixture
+def text_keys_in_admin(settings):
+    """Give ``StringThing`` (a text primary key) an admin, for the context object's link."""
+    site.register(StringThing)
+
+    class urls:
+        urlpatterns = [path("admin/", site.urls)]
+
+    settings.ROOT_URLCONF = urls
+    yield
+    site.unregister(StringThing)
+
+
+def test_the_context_link_quotes_a_text_key_as_the_admin_does(admin_client, text_keys_in_admin):
+    """The key went into the URL as it is: the admin unquotes ``_5F`` and the like, so a key
+    holding them (or a "/") linked to another object's page, or to none."""
+    thing = StringThing.objects.create(slug="a_5Fb/c")
+    operation = BatchOperation.objects.create_asynchronous(context_object=thing)
+    page = admin_client.get(change_url(operation)).content.decode()
+    link = reverse("admin:testapp_stringthing_change", args=[quote(thing.pk)])
+    assert f'href="{link}"' in page
+    assert admin_client.get(link).context["original"] == thing
 
 
 def delete_finished(client, operation: BatchOperation):
