@@ -495,32 +495,30 @@ def finished_with_lines():
     return operation
 
 
-@pytest.fixture
-def lines_in_admin(settings):
-    """Give ``OperationLine`` an admin: Django asks for the delete permission only on models
-    that have one (it takes the others for inlines of their parent). The URLs are built anew,
-    as the admin's pages link to every registered model's."""
-    site.register(OperationLine)
+def _in_admin(settings, model):
+    """Give ``model`` an admin for one test. The URLs are built anew, as the admin's pages
+    link to every registered model's."""
+    site.register(model)
 
     class urls:
         urlpatterns = [path("admin/", site.urls)]
 
     settings.ROOT_URLCONF = urls
     yield
-    site.unregister(OperationLine)
+    site.unregister(model)
+
+
+@pytest.fixture
+def lines_in_admin(settings):
+    """Give ``OperationLine`` an admin: Django asks for the delete permission only on models
+    that have one (it takes the others for inlines of their parent)."""
+    yield from _in_admin(settings, OperationLine)
 
 
 @pytest.fixture
 def text_keys_in_admin(settings):
     """Give ``StringThing`` (a text primary key) an admin, for the context object's link."""
-    site.register(StringThing)
-
-    class urls:
-        urlpatterns = [path("admin/", site.urls)]
-
-    settings.ROOT_URLCONF = urls
-    yield
-    site.unregister(StringThing)
+    yield from _in_admin(settings, StringThing)
 
 
 def test_the_context_link_quotes_a_text_key_as_the_admin_does(admin_client, text_keys_in_admin):
