@@ -131,11 +131,14 @@ def _first_broker_url(url: Any) -> str:
 
 def _is_celerys_fallback_app(app: Any) -> bool:
     """Whether ``app`` is the app Celery makes up when no app was loaded in this process
-    (it publishes to ``amqp://guest@localhost//``, whatever the project's settings say)."""
+    (it publishes to ``amqp://guest@localhost//``, whatever the project's settings say).
+
+    Celery makes it with no fix-ups; a project's app, even one named ``"default"`` and made
+    the default with ``set_default()``, has Celery's Django fix-up."""
     from celery import _state
 
     fallback = getattr(_state, "default_app", None)  # not in celery-types' stubs
-    return fallback is not None and app is fallback and app.main == "default"
+    return fallback is not None and app is fallback and app.main == "default" and not app.fixups
 
 
 @checks.register()

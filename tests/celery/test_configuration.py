@@ -383,6 +383,18 @@ def test_check_warns_when_no_celery_app_is_loaded(monkeypatch):
     assert "batchframework_celery.W006" in _ids(check_wiring())
 
 
+def test_check_takes_a_project_app_named_default_for_a_loaded_app(monkeypatch):
+    """Celery's made-up app is named "default"; a project may name its own app so too."""
+    import celery._state
+    from celery import Celery
+
+    monkeypatch.setattr(celery._state._tls, "current_app", None)
+    monkeypatch.setattr(celery._state, "default_app", None)
+    project_app = Celery("default", set_as_current=False)
+    project_app.set_default()
+    assert "batchframework_celery.W006" not in _ids(check_wiring())
+
+
 def test_check_warns_when_nothing_schedules_the_poller(celery_conf, monkeypatch):
     from django.apps import apps
 
