@@ -23,7 +23,7 @@ from .claim import (
     release,
     renew_leases,
 )
-from .control import CancelOutcome, cancel, postpone, set_progress
+from .control import CancelOutcome, cancel, cancel_many, postpone, set_progress
 from .enqueue import enqueue, enqueue_many
 from .recover import recover_expired
 from .run import RunOutcome, run, run_claimed
@@ -33,6 +33,7 @@ __all__ = [
     "CancelOutcome",
     "RunOutcome",
     "cancel",
+    "cancel_many",
     "claim",
     "claim_due",
     "claims_needed",

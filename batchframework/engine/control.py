@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.db import router, transaction
@@ -79,6 +82,69 @@ def cancel(operation: BatchOperation | Any, *, using: str | None = None) -> Canc
     else:
         log_event(logging.INFO, "cancel_refused", id=pk, reason=outcome.value)
     return outcome
+
+
+#: How many operations :func:`cancel_many` cancels per transaction, so that it holds its row
+#: locks (and SQLite's write lock) briefly, and stays within every database's parameter limit.
+CANCEL_CHUNK = 500
+
+
+def cancel_many(
+    operations: Iterable[BatchOperation | Any], *, using: str | None = None
+) -> list[Any]:
+    """Cancel every one of ``operations`` (instances or primary keys) that is still pending,
+    as :func:`cancel` cancels one; return the primary keys of those cancelled, in the order
+    given (once each). The others (running, finished, gone) are left as they are.
+
+    Two statements, plus the cascade's, per :data:`CANCEL_CHUNK` operations, each chunk in a
+    transaction of its own: the pending rows are locked in key order (a claim skips them; one
+    that holds a row first makes this wait and then see it running), then deleted. Inside a
+    caller's transaction the cancels are final when it commits, and
+    :data:`~batchframework.signals.operation_cancelled` is sent for each then.
+    """
+    if isinstance(operations, str | bytes | BatchOperation):
+        raise TypeError(
+            f"cancel_many() takes an iterable of operations or primary keys, not {operations!r}"
+        )
+    key = BatchOperation._meta.pk
+    assert key is not None
+    # Each database's keys, once each, in the order given. Converted before anything is
+    # written, so that a value that is no key (Django's ValueError) cancels nothing.
+    by_alias: dict[str, dict[Any, None]] = defaultdict(dict)
+    for operation in operations:
+        pk = _pk(operation)
+        if pk is None:  # an instance already deleted (or never saved): nothing to cancel
+            continue
+        by_alias[_alias(operation, using)][key.get_prep_value(pk)] = None
+    cancelled: set[Any] = set()
+    for alias, keys in by_alias.items():
+        manager = BatchOperation.objects.db_manager(alias)
+        pks = list(keys)
+        for start in range(0, len(pks), CANCEL_CHUNK):
+            chunk = pks[start : start + CANCEL_CHUNK]
+            with transaction.atomic(using=alias):
+                pending = list(
+                    manager.select_for_update()
+                    .filter(pk__in=chunk, status=BatchOperation.STATUS_UNPROCESSED)
+                    .order_by("pk")
+                    .values_list("pk", flat=True)
+                )
+                if pending:
+                    manager.filter(pk__in=pending).delete()
+            if pending:
+                transaction.on_commit(partial(_announce_cancelled, pending), using=alias)
+            cancelled.update(pending)
+    given = [pk for keys in by_alias.values() for pk in keys]
+    if len(given) > len(cancelled):
+        log_event(
+            logging.INFO, "cancel_refused", count=len(given) - len(cancelled), reason="not_pending"
+        )
+    return [pk for pk in given if pk in cancelled]
+
+
+def _announce_cancelled(pks: list[Any]) -> None:
+    for pk in pks:
+        operation_cancelled.send(sender=BatchOperation, operation_id=pk)
 
 
 def postpone(

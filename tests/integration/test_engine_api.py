@@ -735,6 +735,74 @@ def test_cancel_outcomes():
     assert row_values(running) == before
 
 
+def test_cancel_many_cancels_the_pending_and_leaves_the_others(
+    received, django_capture_on_commit_callbacks
+):
+    first, second = enqueue_many("test-effect", [{}, {}], delay=60)
+    running = enqueue("test-echo")
+    claimed = claim(running.pk)
+    assert claimed is not None
+    finished = enqueue("test-echo")
+    run(finished.pk)
+    before = [row_values(running), row_values(finished)]
+    with django_capture_on_commit_callbacks(execute=True):
+        cancelled = batchframework.cancel_many(
+            # An instance, its key again (as text, as a form posts it), a key, the others, and
+            # a key that names nothing.
+            [second, str(second.pk), first.pk, running, finished, 10**12]
+        )
+        assert received.get("cancelled") is None  # not before the cancels are final
+    assert cancelled == [second.pk, first.pk]
+    assert not BatchOperation.objects.filter(pk__in=[first.pk, second.pk]).exists()
+    assert [row_values(running), row_values(finished)] == before
+    assert sorted(e["operation_id"] for e in received["cancelled"]) == sorted(cancelled)
+    assert batchframework.cancel_many([first, second]) == []
+    assert run_due(now=timezone.now() + timedelta(hours=1)) == []
+    assert Execution.objects.count() == 0
+
+
+def test_cancel_many_costs_the_same_statements_for_any_number_in_a_chunk(monkeypatch):
+    def statements(count: int) -> int:
+        operations = enqueue_many("test-effect", [{}] * count, delay=60)
+        with CaptureQueriesContext(connection) as queries:
+            assert len(batchframework.cancel_many(operations)) == count
+        return len(queries)
+
+    assert statements(3) == statements(40)
+    # A chunk per transaction: two chunks cost twice one's statements.
+    from batchframework.engine import control
+
+    monkeypatch.setattr(control, "CANCEL_CHUNK", 20)
+    assert statements(40) == 2 * statements(20)
+
+
+def test_cancel_many_in_a_transaction_that_rolls_back_cancels_nothing(
+    received, django_capture_on_commit_callbacks
+):
+    operations = enqueue_many("test-noop", [{}, {}], delay=60)
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
+    ):
+        assert len(batchframework.cancel_many(operations)) == 2
+        raise RuntimeError("the caller's transaction fails")
+    assert (
+        BatchOperation.objects.unprocessed().filter(pk__in=[o.pk for o in operations]).count() == 2
+    )
+    assert received.get("cancelled") is None
+
+
+def test_cancel_many_refuses_what_is_not_a_list_of_operations_and_cancels_nothing():
+    pending = enqueue("test-noop", delay=60)
+    for wrong in (pending, str(pending.pk), 5):
+        with pytest.raises(TypeError):
+            batchframework.cancel_many(wrong)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected a number"):
+        batchframework.cancel_many([pending, "not a key"])
+    assert BatchOperation.objects.unprocessed().filter(pk=pending.pk).exists()
+
+
 def test_deleting_a_pending_operation_is_as_safe_as_cancel():
     op = enqueue("test-effect")
     BatchOperation.objects.filter(pk=op.pk).delete()

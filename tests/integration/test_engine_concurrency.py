@@ -31,6 +31,7 @@ from batchframework.engine import (
     CancelOutcome,
     RunOutcome,
     cancel,
+    cancel_many,
     claim_due,
     recover_expired,
     run,
@@ -217,6 +218,43 @@ def test_cancel_racing_a_claim_either_runs_once_or_never():
             assert result is RunOutcome.SUCCEEDED, (pk, outcome, result)
             assert count == 1
             assert BatchOperation.objects.get(pk=pk).result == BatchOperation.RESULT_SUCCESSFUL
+    assert Effect.objects.count() == sum(r is RunOutcome.SUCCEEDED for r in ran.values())
+
+
+def test_cancel_many_racing_claims_cancels_each_or_lets_it_run_once():
+    """Each round, ``cancel_many`` of two operations races a claim of the first: the first
+    is cancelled and never runs, or runs once and is reported not cancelled."""
+    rounds = 100
+    pairs = [tuple(op.pk for op in enqueue_many("test-effect", [{}, {}])) for _ in range(rounds)]
+    barrier = threading.Barrier(2, timeout=20)
+    cancelled: dict[int, list[int]] = {}
+    ran: dict[int, RunOutcome] = {}
+
+    def canceller():
+        for first, second in pairs:
+            barrier.wait()
+            cancelled[first] = cancel_many([first, second])
+
+    def runner():
+        for first, _second in pairs:
+            barrier.wait()
+            ran[first] = run(first)
+
+    threads = Threads()
+    threads.start(canceller)
+    threads.start(runner)
+    threads.join(timeout=75)
+
+    for first, second in pairs:
+        count = Execution.objects.filter(key=str(first)).count()
+        if first in cancelled[first]:
+            assert ran[first] is RunOutcome.NOT_CLAIMED, (first, cancelled[first], ran[first])
+            assert count == 0 and not BatchOperation.objects.filter(pk=first).exists()
+        else:
+            assert ran[first] is RunOutcome.SUCCEEDED, (first, cancelled[first], ran[first])
+            assert count == 1
+        assert cancelled[first][-1] == second  # never claimed: always cancelled
+        assert not BatchOperation.objects.filter(pk=second).exists()
     assert Effect.objects.count() == sum(r is RunOutcome.SUCCEEDED for r in ran.values())
 
 
