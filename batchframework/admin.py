@@ -16,7 +16,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from .engine import CancelOutcome, fail_abandoned
+from .engine import CancelOutcome, cancel_many, fail_abandoned
 from .models import BatchOperation, BatchOperationQuerySet
 
 if TYPE_CHECKING:
@@ -297,7 +297,8 @@ class BatchOperationAdmin(admin.ModelAdmin):
         if self._refused_cascade(request, pending, _("cancelling the selected operations")):
             return
         selected = queryset.count()
-        cancelled = [operation for operation in pending if operation.cancel()]
+        operations = {operation.pk: operation for operation in pending}
+        cancelled = [operations[pk] for pk in cancel_many(operations.values())]
         # Logged as the delete page logs a cancel: what was deleted, by whom.
         admin.ModelAdmin.log_deletions(self, request, cast(Any, cancelled))
         self.message_user(

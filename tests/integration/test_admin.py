@@ -11,6 +11,8 @@ from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.admin.sites import site
 from django.contrib.admin.utils import quote
 from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import path, reverse
 from django.utils import timezone
 
@@ -294,6 +296,29 @@ def test_cancel_selected_cancels_pending_and_reports_too_late(admin_client, oper
     assert BatchOperation.objects.get(pk=operations["running"].pk).status == "running"
     assert BatchOperation.objects.get(pk=operations["successful"].pk).result == "successful"
     assert BatchOperation.objects.get(pk=operations["failed"].pk).result == "failed"
+
+
+def test_cancel_selected_costs_the_same_statements_for_few_and_many(admin_client):
+    """One transaction per operation made cancelling a large selection take minutes."""
+
+    def statements(count: int) -> int:
+        pending = BatchOperation.objects.bulk_create(
+            [BatchOperation(operationtype="later") for _ in range(count)]
+        )
+        if pending[0].pk is None:  # MariaDB and older SQLite return no keys
+            pending = list(BatchOperation.objects.unprocessed())
+        with CaptureQueriesContext(connection) as queries:
+            admin_client.post(
+                reverse(CHANGELIST),
+                {
+                    "action": "cancel_selected",
+                    helpers.ACTION_CHECKBOX_NAME: [op.pk for op in pending],
+                },
+            )
+        assert not BatchOperation.objects.exists()
+        return len(queries)
+
+    assert statements(3) == statements(30)
 
 
 def test_the_change_page_shows_data_and_a_synchronous_failure_readably(admin_client):
