@@ -9,6 +9,7 @@ Handlers come from ``tests/testapp/batch_handlers.py``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import sys
@@ -1197,6 +1198,28 @@ def test_non_json_handler_output_fails_the_attempt():
     assert stored.result == BatchOperation.RESULT_FAILED
     assert stored.output_data["error"]["type"] == "batchframework.exceptions.HandlerOutputError"
     assert "JSON" in stored.output_data["error"]["message"]
+
+
+def test_output_nested_too_deep_fails_its_own_attempt_only(registered):
+    """MariaDB refused such output when the batch recorded its successes: every operation of
+    the batch stayed running, and ran again after recovery."""
+
+    @registered("test-deep-output")
+    def deep_output(operation):
+        depth = operation.input_data["depth"]
+        return json.loads("[" * depth + "]" * depth)
+
+    ops = enqueue_many(
+        "test-deep-output", [{"input_data": {"depth": depth}} for depth in (31, 32, 3)]
+    )
+    assert sorted(o.pk for o in run_due(operationtype="test-deep-output")) == [o.pk for o in ops]
+    stored = [fresh(op) for op in ops]
+    assert [op.result for op in stored] == ["successful", "failed", "successful"]
+    assert stored[1].output_data["error"]["type"] == (
+        "batchframework.exceptions.HandlerOutputError"
+    )
+    assert "31 levels" in stored[1].output_data["error"]["message"]
+    assert stored[0].output_data == json.loads("[" * 31 + "]" * 31)
 
 
 def test_retry_with_backoff():

@@ -863,6 +863,7 @@ def test_a_given_user_and_content_type_id_cost_a_query_only_when_given_as_ids(
         pytest.param({1: "int key"}, id="non-string-key"),
         pytest.param({"text": "nul\x00byte"}, id="nul-character"),
         pytest.param({"text": "\ud800"}, id="lone-surrogate"),
+        pytest.param(json.loads("[" * 32 + "]" * 32), id="nested-too-deep"),
     ],
 )
 @pytest.mark.parametrize("method", ["create_asynchronous", "create_synchronous"])

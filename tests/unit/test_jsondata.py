@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchframework.exceptions import InputDataError, InvalidOperationError
-from batchframework.jsondata import encode_json
+from batchframework.jsondata import MAX_DEPTH, encode_json
 
 # Text every supported database stores unchanged: no NUL (PostgreSQL's jsonb refuses
 # \u0000), and no lone surrogates (not encodable as UTF-8).
@@ -175,3 +175,21 @@ def test_too_deeply_nested_structures_are_refused_not_crashing():
         value = [value]
     with pytest.raises(InputDataError):
         encode_json(value)
+
+
+def nested(depth: int, kind: str) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_nesting_deeper_than_mariadb_stores_is_refused(kind):
+    assert MAX_DEPTH == 31  # MariaDB's JSON_VALID refuses 32 levels
+    assert json.loads(encode_json(nested(MAX_DEPTH, kind))) == nested(MAX_DEPTH, kind)
+    with pytest.raises(InputDataError, match="more than 31 levels deep"):
+        encode_json(nested(MAX_DEPTH + 1, kind))
+    # Depth is nesting, not size: many containers side by side are fine.
+    wide = [nested(MAX_DEPTH - 1, kind) for _ in range(100)]
+    assert json.loads(encode_json(wide)) == wide
