@@ -662,8 +662,10 @@ class BatchOperation(models.Model):
 
         Raises :class:`~batchframework.exceptions.OperationStateError` for an operation this
         instance knows is finished: running it again would leave a row both running and
-        finished (with its result), which the abandoned-operation tools take for a live one."""
+        finished (with its result), which the abandoned-operation tools take for a live one;
+        and for one a worker has claimed (inside a handler: the worker runs it already)."""
         self._refuse_when_finished("marked as running")
+        self._refuse_when_claimed("marked as running")
         self.status = self.STATUS_RUNNING
         self.started_running_datetime = timezone.now()
         self.clean()
@@ -675,8 +677,11 @@ class BatchOperation(models.Model):
         Raises :class:`~batchframework.exceptions.OperationStateError` for an operation this
         instance knows is finished: a second outcome would keep the first's output (a success
         that still reports the failure's error). An instance whose row was finished by someone
-        else meanwhile (``fail_abandoned``) records its outcome over theirs."""
+        else meanwhile (``fail_abandoned``) records its outcome over theirs. An operation a
+        worker has claimed (the instance a handler is given) is refused too: the handler
+        returns its output, or raises, and the worker records it."""
         self._refuse_when_finished("finished again")
+        self._refuse_when_claimed("finished by hand")
         output = self.output_data if output_data is None else output_data
         if output is not None:  # passed, or assigned before the call
             # Before it is kept: a refused value must not fail every later finish() too.
@@ -703,6 +708,17 @@ class BatchOperation(models.Model):
             raise OperationStateError(
                 f"Operation #{self.pk} is finished ({self.result}) and can't be {change}; "
                 "create a new operation for another run."
+            )
+
+    def _refuse_when_claimed(self, change: str) -> None:
+        # The engine finishes what it claimed, fenced by the claim; a row finished under it by
+        # hand fails that fence, which then reads as a lost lease: the handler's work rolled
+        # back (atomic handlers) or its success never announced.
+        if self.status == self.STATUS_RUNNING and self.claimed_by:
+            raise OperationStateError(
+                f"Operation #{self.pk} is being run by a worker (claimed by "
+                f"{self.claimed_by}) and can't be {change}: a handler returns its output, or "
+                "raises to fail, and the worker records the outcome."
             )
 
     # --- Engine operations, as methods for convenience. ---------------------------------------

@@ -341,6 +341,28 @@ def test_a_finished_operation_is_neither_finished_again_nor_marked_as_running():
     assert stored.error == {"type": "a"}
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["plain", "atomic"])
+@pytest.mark.parametrize("call", ["finish", "mark_as_running"])
+def test_a_handler_that_finishes_its_own_operation_by_hand_is_told_how(registered, atomic, call):
+    """Porting the original's manual flow into a handler: ``finish()`` inside an atomic handler
+    failed the engine's fenced finish, which rolled the handler's work back and left the
+    operation running until it was failed as a lost worker's; a plain one never announced."""
+
+    @registered("test-finishes-itself", atomic=atomic, max_attempts=1)
+    def finishes_itself(operation):
+        Post.objects.create(title="the handler's work")
+        getattr(operation, call)()
+        return {"returned": True}
+
+    op = enqueue("test-finishes-itself")
+    run_due(operationtype="test-finishes-itself")
+    stored = BatchOperation.objects.get(pk=op.pk)
+    assert (stored.status, stored.result) == ("finished", "failed")
+    assert stored.error["type"] == "batchframework.exceptions.OperationStateError"
+    assert "a handler returns its output" in stored.error["message"]
+    assert Post.objects.exists() is not atomic  # an atomic handler's work rolls back with it
+
+
 def test_a_synchronous_operation_starts_when_it_is_created():
     op = BatchOperation.objects.create_synchronous(operationtype="manual")
     assert op.created_datetime == op.started_running_datetime
