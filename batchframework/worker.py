@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from traceback import format_exc
@@ -21,9 +22,10 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, conn
 from django.db.models import Min
 
 from .clock import database_now
-from .conf import MAX_POLL_INTERVAL, get_settings
+from .conf import MAX_BATCH_SIZE, MAX_POLL_INTERVAL, get_settings
 from .engine import BatchRunner, claim_due, recover_expired
-from .engine._common import write_alias
+from .engine._common import worker_identity, write_alias
+from .engine.claim import claims_of
 from .models import BatchOperation
 from .registry import registry
 from .signals import log_event
@@ -62,6 +64,23 @@ class StopFlag:
             return self._set
 
 
+def _checked_poll_interval(value: timedelta | float | None) -> timedelta | None:
+    """``value`` as a duration: a timedelta or a number of seconds, more than nothing and at
+    most a day (a sleep of 1e10 s overflows the platform's timeout)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        longest = MAX_POLL_INTERVAL.total_seconds()
+        # NaN and infinity fail the comparison; timedelta() would raise or overflow on them.
+        value = timedelta(seconds=value) if 0 < value <= longest else timedelta(0)
+    if not (isinstance(value, timedelta) and timedelta(0) < value <= MAX_POLL_INTERVAL):
+        raise ValueError(
+            "poll_interval must be a positive timedelta or number of seconds, at most a day "
+            f"(and not rounding to no time at all), not {value!r}."
+        )
+    return value
+
+
 class Worker:
     """A loop over the engine. Construct it, then call :meth:`run`."""
 
@@ -72,17 +91,31 @@ class Worker:
         batch_size: int | None = None,
         max_operations: int | None = None,
         once: bool = False,
-        poll_interval: timedelta | None = None,
+        poll_interval: timedelta | float | None = None,
         name: str | None = None,
         using: str | None = None,
         log: Callable[[str], Any] | None = None,
     ) -> None:
         settings = get_settings()
-        if poll_interval is not None and not timedelta(0) < poll_interval <= MAX_POLL_INTERVAL:
-            # A sleep of 1e10 s overflows the platform's timeout; past a day is a mistake anyway.
-            raise ValueError(
-                f"poll_interval must be positive and at most a day, not {poll_interval!r}."
-            )
+        # Checked here, as the command checks its options: a wrong value would otherwise fail
+        # in the first claim's SQL, which the loop takes for a database outage and retries.
+        poll_interval = _checked_poll_interval(poll_interval)
+        for option, value, most in (
+            ("batch_size", batch_size, MAX_BATCH_SIZE),
+            ("max_operations", max_operations, None),
+        ):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < 1
+                or (most is not None and value > most)
+            ):
+                limit = f" of at most {most:,}" if most is not None else ""
+                raise ValueError(f"{option} must be a whole number from 1{limit}, not {value!r}.")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"name must be a string, not {name!r}.")
+        if using is not None and using not in connections:
+            raise ValueError(f"using must be a database alias of DATABASES, not {using!r}.")
         if isinstance(queues, str):
             raise ValueError(f"queues must be a list of names, not the string {queues!r}.")
         self.queues = None if queues is None else list(queues)  # once: it may be an iterator
@@ -91,9 +124,7 @@ class Worker:
         self.batch_size = batch_size or settings.BATCH_SIZE
         self.max_operations = max_operations
         self.once = once
-        self.poll_interval = (
-            settings.POLL_INTERVAL if poll_interval is None else poll_interval
-        ).total_seconds()
+        self.poll_interval = (poll_interval or settings.POLL_INTERVAL).total_seconds()
         self.name = name
         self.using = using
         self.log = log or (lambda message: None)
@@ -101,6 +132,9 @@ class Worker:
         self._stop = StopFlag()
         self._signals_received = 0
         self._fruitless_polls = 0  # in a row: operations due, yet none could be claimed
+        #: The name of a claim made but not known to have committed: its answer was lost with
+        #: the session (see :meth:`_adopt_unconfirmed_claim`).
+        self._unconfirmed_claim: str | None = None
 
     # --- Signals -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -198,12 +232,37 @@ class Worker:
         return self.max_operations is not None and self.processed >= self.max_operations
 
     def _tick(self) -> int:
+        adopted = self._adopt_unconfirmed_claim()
+        if adopted:
+            return self._run_batch(adopted)
         recover_expired(using=self.using)
         limit = self.batch_size
         if self.max_operations is not None:
             limit = min(limit, self.max_operations - self.processed)
-        claimed = claim_due(queues=self.queues, limit=limit, worker=self.name, using=self.using)
+        # Each claim under a name of its own, remembered until its answer arrives.
+        who = (self.name or worker_identity())[:200]  # claim tokens keep 236 characters of it
+        self._unconfirmed_claim = f"{who}:{uuid.uuid4().hex[:8]}"
+        claimed = claim_due(
+            queues=self.queues, limit=limit, worker=self._unconfirmed_claim, using=self.using
+        )
+        self._unconfirmed_claim = None
         return self._run_batch(claimed)
+
+    def _adopt_unconfirmed_claim(self) -> list[BatchOperation]:
+        """The operations of a claim whose answer was lost with the database session.
+
+        The claim may have committed all the same: claimed again, its operations would be
+        found running, wait for their leases to expire, and be counted as a lost worker's
+        attempt (failed, with ``max_attempts=1``) without having run. Found by the claim's
+        name, they are run now. (While the database stays unreachable, this fails and is
+        tried again on the next tick.)"""
+        if self._unconfirmed_claim is None:
+            return []
+        found = claims_of(self._unconfirmed_claim, using=self.using)
+        self._unconfirmed_claim = None
+        if found:
+            log_event(logging.WARNING, "claim_adopted", count=len(found), reason="answer_lost")
+        return found
 
     def _run_batch(self, claimed: list[BatchOperation]) -> int:
         runner = BatchRunner(using=self.using)

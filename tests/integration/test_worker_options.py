@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -98,3 +99,75 @@ def test_a_signal_receiver_that_raises_is_logged_and_the_worker_goes_on(
     assert len(raised) == 1
     assert len(started) == 2, started
     assert "event=worker_error" in caplog.text and "a receiver's bug" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_runs_the_operations_of_a_claim_whose_answer_was_lost(monkeypatch, caplog):
+    """The session ends after the claim committed and before its answer arrived (a failover,
+    a network blip). The operations were left running under a claim nobody held, and were
+    failed as a lost worker's (``max_attempts=1``) once their leases expired, never having
+    run. Now the worker finds them by the claim's own name and runs them."""
+    from django.db import OperationalError
+
+    from batchframework import worker as worker_module
+    from tests.testapp.models import Execution
+
+    monkeypatch.setattr(worker_module, "DATABASE_ERROR_BACKOFF", 0.01)
+    ops = [enqueue("test-effect") for _ in range(2)]
+    real_claim_due = worker_module.claim_due
+    lost: list[BatchOperation] = []
+
+    def claim_then_lose_the_answer(**kwargs):
+        claimed = real_claim_due(**kwargs)
+        if not lost:
+            lost.extend(claimed)
+            raise OperationalError("server closed the connection unexpectedly")
+        return claimed
+
+    monkeypatch.setattr(worker_module, "claim_due", claim_then_lose_the_answer)
+    worker = Worker(max_operations=2, batch_size=5, poll_interval=0.05)
+    deadline = threading.Timer(10, worker.stop)  # without the fix it would wait forever
+    deadline.start()
+    try:
+        ran = worker.run()
+    finally:
+        deadline.cancel()
+    assert sorted(op.pk for op in lost) == sorted(op.pk for op in ops)
+    assert ran == 2
+    for op in ops:
+        op.refresh_from_db()
+        assert (op.result, op.attempts) == (BatchOperation.RESULT_SUCCESSFUL, 1)
+        assert Execution.objects.filter(key=str(op.pk)).count() == 1
+    assert "event=claim_adopted count=2 reason=answer_lost" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"batch_size": -1}, "batch_size must be a whole number from 1"),
+        ({"batch_size": 0}, "batch_size must be a whole number from 1"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"batch_size": 10**7}, "at most 1,000,000"),
+        ({"max_operations": 0}, "max_operations"),
+        ({"poll_interval": 0}, "poll_interval"),
+        ({"poll_interval": -1.0}, "poll_interval"),
+        ({"poll_interval": float("nan")}, "poll_interval"),
+        ({"poll_interval": float("inf")}, "poll_interval"),
+        ({"poll_interval": 1e-300}, "poll_interval"),
+        ({"poll_interval": timedelta(days=2)}, "poll_interval"),
+        ({"poll_interval": "5"}, "poll_interval"),
+        ({"name": 5}, "name must be a string"),
+        ({"using": "nowhere"}, "using must be a database alias"),
+    ],
+)
+def test_a_worker_refuses_wrong_options_when_it_is_made(options, error):
+    """A negative batch size was taken, and failed in every claim's SQL, which the loop took
+    for a database outage and retried forever."""
+    with pytest.raises(ValueError, match=error):
+        Worker(**options)
+
+
+def test_a_worker_takes_its_poll_interval_in_seconds_too():
+    assert Worker(poll_interval=5).poll_interval == 5.0
+    assert Worker(poll_interval=timedelta(milliseconds=250)).poll_interval == 0.25
