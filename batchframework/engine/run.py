@@ -49,7 +49,12 @@ def _fenced(operation: BatchOperation, alias: str) -> Any:
 
 
 def _finish_success(
-    operation: BatchOperation, output: Any, alias: str, *, announce: bool = True
+    operation: BatchOperation,
+    output: Any,
+    alias: str,
+    *,
+    announce: bool = True,
+    report_loss: bool = True,
 ) -> RunOutcome:
     if not _fenced(operation, alias).update(
         status=BatchOperation.STATUS_FINISHED,
@@ -58,14 +63,18 @@ def _finish_success(
         output_data=output,
         lease_expires_at=None,
     ):
-        return _lost(operation)
+        return _lost(operation) if report_loss else RunOutcome.LOST_CLAIM
+    _mark_successful(operation, output)
+    if announce:
+        _announce_success(operation)
+    return RunOutcome.SUCCEEDED
+
+
+def _mark_successful(operation: BatchOperation, output: Any) -> None:
     operation.status = BatchOperation.STATUS_FINISHED
     operation.result = BatchOperation.RESULT_SUCCESSFUL
     operation.output_data = output
     operation.lease_expires_at = None
-    if announce:
-        _announce_success(operation)
-    return RunOutcome.SUCCEEDED
 
 
 def _announce_success(operation: BatchOperation) -> None:
@@ -347,11 +356,17 @@ def _run_atomic(
             except Exception as exc:
                 # The savepoint rolled back the handler's writes; record the failure.
                 return _finish_failure(operation, registered, describe_exception(exc), alias)
-            outcome = _finish_success(operation, output, alias, announce=False)
+            outcome = _finish_success(operation, output, alias, announce=False, report_loss=False)
             if outcome is RunOutcome.LOST_CLAIM:
-                # The row lock makes this unlikely, but the writes must never outlive the finish.
-                transaction.set_rollback(True, using=alias)
-                return outcome
+                if _deleted_by_its_handler(operation, alias):
+                    # Its work is what it was asked to do: kept, with no row to record it in.
+                    _mark_successful(operation, output)
+                    outcome = RunOutcome.SUCCEEDED
+                else:
+                    # The row lock makes this unlikely, but the writes must never outlive the
+                    # finish.
+                    transaction.set_rollback(True, using=alias)
+                    return _lost(operation)
             succeeded = True
     except BaseException as exc:
         if committed:
@@ -369,6 +384,24 @@ def _run_atomic(
     # Announced once it holds: in a transaction of ours, once it committed.
     _announce_success(operation)
     return outcome
+
+
+def _deleted_by_its_handler(operation: BatchOperation, alias: str) -> bool:
+    """Whether the row of ``operation``, locked by its atomic run since before the handler
+    started, is gone: then the handler deleted it itself, in the run's transaction (deleting
+    its context object cascades to it through a ``GenericRelation``). Rolled back as a lost
+    claim, its work would be undone, and the operation run again until failed as a lost
+    worker's."""
+    if BatchOperation.objects.db_manager(alias).filter(pk=operation.pk).exists():
+        return False
+    log_event(
+        logging.WARNING,
+        "operation_deleted_by_handler",
+        id=operation.pk,
+        operationtype=operation.operationtype,
+        hint="its work is kept; no row is left to record the outcome in",
+    )
+    return True
 
 
 def _check_deferred_constraints(alias: str) -> None:

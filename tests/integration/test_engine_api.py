@@ -66,7 +66,7 @@ from batchframework.signals import (
     operations_enqueued,
 )
 from batchframework.testing import run_due
-from tests.testapp.models import Effect, Execution, Player, Post, UUIDThing
+from tests.testapp.models import Archive, Effect, Execution, Player, Post, UUIDThing
 
 from .helpers import (
     ANNOUNCE_CHANNEL,
@@ -1220,6 +1220,31 @@ def test_output_nested_too_deep_fails_its_own_attempt_only(registered):
     )
     assert "31 levels" in stored[1].output_data["error"]["message"]
     assert stored[0].output_data == json.loads("[" * 31 + "]" * 31)
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "plain"])
+def test_a_handler_that_deletes_its_own_operation_keeps_its_work(registered, received, atomic):
+    """Deleting the context object cascades to its operations through a GenericRelation, this
+    one included. An atomic handler's finish then found no row, took it for a lost claim and
+    rolled the handler's work back: the operation ran again until failed as a lost worker's."""
+
+    @registered("test-delete-archive", atomic=atomic, max_attempts=1)
+    def delete_archive(operation):
+        operation.context_object.delete()
+        Effect.objects.create(key=f"deleted {operation.pk}")
+        return {"deleted": True}
+
+    archive = Archive.objects.create(title="old")
+    op = enqueue("test-delete-archive", context_object=archive)
+    [ran] = run_due(operationtype="test-delete-archive")
+    assert not Archive.objects.exists()
+    assert not BatchOperation.objects.filter(pk=op.pk).exists()
+    assert Effect.objects.filter(key=f"deleted {op.pk}").count() == 1
+    if atomic:
+        assert (ran.pk, ran.result) == (op.pk, BatchOperation.RESULT_SUCCESSFUL)
+        assert [e["succeeded"] for e in received["finished"]] == [True]
+    # A plain handler's work committed as it went; its finish finds no row, and is reported
+    # as a lost claim (the row was not locked: who deleted it can't be told).
 
 
 def test_retry_with_backoff():

@@ -3,6 +3,7 @@ string primary keys, and an effect table whose unique constraint counts handler 
 
 import uuid
 
+from django.contrib.contenttypes.fields import GenericRelation
 from django.db import models
 
 from batchframework.models import BatchOperation
@@ -53,3 +54,15 @@ class OperationLine(models.Model):
     """A row that belongs to its operation (``CASCADE``): deleting the operation deletes it."""
 
     batchoperation = models.ForeignKey(BatchOperation, on_delete=models.CASCADE, related_name="+")
+
+
+class Archive(models.Model):
+    """A model whose operations are deleted with it (a ``GenericRelation`` cascades), as a
+    project may declare to query an object's operations."""
+
+    title = models.CharField(max_length=100)
+    operations = GenericRelation(
+        BatchOperation,
+        content_type_field="context_content_type",
+        object_id_field="context_object_id",
+    )
