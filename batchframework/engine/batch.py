@@ -257,7 +257,7 @@ class BatchRunner:
         # The first ``count`` are the keeper's (the running handler's success, if any, is last).
         recorded, self._successes = self._successes[:count], self._successes[count:]
         self._last_flush = time.monotonic()  # a flush: the next one is a window away
-        self.outcomes.extend(_report_successes(recorded, job.result))
+        _report_successes(recorded, job.result, self.outcomes, self.interruptions)
 
     def _interrupted(self, operation: BatchOperation) -> None:
         """Its handler was interrupted and no longer runs: end its lease now (fenced), so that
@@ -385,20 +385,21 @@ class BatchRunner:
             _let_go(left)  # those of the claims not reached yet too, before holding anew
             self._successes = [self._hold(op, output) for op, output, _ in left] + self._successes
             self._success_aliases |= aliases
-            # What was recorded is reported all the same, each on its own: a receiver's error
-            # must not cost the others their signal (and an interruption goes on at once).
-            for success, done in pairs:
-                if done is None:
-                    continue
-                try:
-                    self.outcomes.extend(_report_successes([success], [done]))
-                except self.interruptions:
-                    raise
-                except Exception as exc:  # a receiver's: the operation did finish
-                    self.outcomes.append(RunOutcome.SUCCEEDED)
-                    log_event(logging.ERROR, "report_failed", id=success[0].pk, error=repr(exc))
+            # What was recorded is reported all the same (an interruption goes on at once).
+            reported = [(success, done) for success, done in pairs if done is not None]
+            try:
+                _report_successes(
+                    [success for success, _ in reported],
+                    [done for _, done in reported],
+                    self.outcomes,
+                    self.interruptions,
+                )
+            except self.interruptions:
+                raise
+            except Exception:  # a receiver's, logged: the flush's own error goes on
+                pass
             raise
-        self.outcomes.extend(_report_successes(successes, finished))
+        _report_successes(successes, finished, self.outcomes, self.interruptions)
 
     def _record(
         self,
@@ -509,10 +510,18 @@ def _finish_successes(group: list[tuple[BatchOperation, Any]], alias: str, token
     return finished
 
 
-def _report_successes(successes: list[_Success], finished: list[bool | None]) -> list[RunOutcome]:
+def _report_successes(
+    successes: list[_Success],
+    finished: list[bool | None],
+    outcomes: list[RunOutcome],
+    interruptions: tuple[type[BaseException], ...] = (),
+) -> None:
     """Update the instances of the successes recorded, send ``operation_finished`` for them, and
-    log the others (their claims were lost); returns the outcomes."""
-    outcomes = []
+    log the others (their claims were lost); their outcomes go to ``outcomes`` as they come.
+
+    A receiver's error must not cost the other operations their signal: every one is sent,
+    and the first error is raised at the end (an interruption goes on at once)."""
+    first_error: Exception | None = None
     for (operation, output, _), recorded in zip(successes, finished, strict=True):
         if not recorded:
             outcomes.append(_lost(operation))
@@ -521,8 +530,15 @@ def _report_successes(successes: list[_Success], finished: list[bool | None]) ->
         operation.result = BatchOperation.RESULT_SUCCESSFUL
         operation.output_data = output
         operation.lease_expires_at = None
-        operation_finished.send(
-            sender=BatchOperation, operation=operation, succeeded=True, error=None
-        )
-        outcomes.append(RunOutcome.SUCCEEDED)
-    return outcomes
+        outcomes.append(RunOutcome.SUCCEEDED)  # it did finish, whatever a receiver does
+        try:
+            operation_finished.send(
+                sender=BatchOperation, operation=operation, succeeded=True, error=None
+            )
+        except interruptions:
+            raise
+        except Exception as exc:
+            log_event(logging.ERROR, "report_failed", id=operation.pk, error=repr(exc))
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error

@@ -171,3 +171,28 @@ def test_a_worker_refuses_wrong_options_when_it_is_made(options, error):
 def test_a_worker_takes_its_poll_interval_in_seconds_too():
     assert Worker(poll_interval=5).poll_interval == 5.0
     assert Worker(poll_interval=timedelta(milliseconds=250)).poll_interval == 0.25
+
+
+def test_a_receiver_error_costs_no_other_operation_of_the_batch_its_signal(monkeypatch, caplog):
+    """The batch records quick successes together; a receiver that raised for the first one
+    left the others finished but never announced."""
+    from batchframework import signals
+    from batchframework import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "DATABASE_ERROR_BACKOFF", 0.01)
+    ops = [enqueue("test-noop") for _ in range(4)]
+    announced: list[int] = []
+
+    def buggy_receiver(sender, operation, **kwargs):
+        announced.append(operation.pk)
+        if len(announced) == 1:
+            raise RuntimeError("a receiver's bug")
+
+    signals.operation_finished.connect(buggy_receiver)
+    try:
+        assert Worker(max_operations=4, batch_size=4, poll_interval=0.05).run() == 4
+    finally:
+        signals.operation_finished.disconnect(buggy_receiver)
+    assert sorted(announced) == sorted(op.pk for op in ops)
+    assert BatchOperation.objects.successful().count() == 4
+    assert "event=worker_error" in caplog.text and "a receiver's bug" in caplog.text
