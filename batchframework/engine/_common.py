@@ -7,7 +7,7 @@ import socket
 import uuid
 from datetime import timedelta
 
-from django.db import OperationalError, router
+from django.db import OperationalError, connections, router
 from django.db.models import DateTimeField, DurationField, Expression, Value
 
 from ..clock import now_expression
@@ -121,3 +121,18 @@ def claim_alias(operation: BatchOperation, using: str | None) -> str:
     if claimed_on:
         return str(claimed_on)
     return router.db_for_write(BatchOperation, instance=operation)
+
+
+def replace_lost_sessions(aliases: set[str]) -> None:
+    """Close the connections to ``aliases`` that Django saw fail and that no longer answer
+    (Django opens a new one when next needed), as it does between requests. Outside a
+    worker's request cycle nobody else does, and every statement would fail on them. Not one
+    in a caller's transaction (``atomic`` or autocommit turned off), which is the caller's."""
+    for alias in aliases:
+        connection = connections[alias]
+        if (
+            connection.errors_occurred
+            and not connection.in_atomic_block
+            and connection.get_autocommit()
+        ):
+            connection.close_if_unusable_or_obsolete()

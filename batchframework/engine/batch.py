@@ -39,7 +39,7 @@ from ..errors import describe_exception
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event, operation_finished, operation_started
-from ._common import write_alias
+from ._common import replace_lost_sessions, write_alias
 from .claim import release, renew_leases
 from .keeper import lease_keeper, lease_point
 from .run import (
@@ -189,7 +189,9 @@ class BatchRunner:
             if isinstance(exc, self.interruptions):
                 self._drop_interrupted_sessions()
             try:
-                _replace_lost_sessions({self._alias(op) for op in pending})
+                # The running one's too: its lease is ended below, on the same databases.
+                lost = [*pending, running] if running is not None else pending
+                replace_lost_sessions({self._alias(op) for op in lost})
                 release(pending, using=self.using)
             except Exception as error:  # what goes on is the exception that ended the batch
                 _log_left_to_recovery("give_back_failed", pending, error)
@@ -347,6 +349,9 @@ class BatchRunner:
         except self.interruptions:
             raise
         except Exception as exc:
+            # The handler's error may be its session's loss (a restart, a failover): the
+            # failure is recorded on a new one, or it would wait for the lease as a lost worker's.
+            replace_lost_sessions({alias})
             self.outcomes.append(
                 _finish_failure(operation, registered, describe_exception(exc), alias)
             )
@@ -373,7 +378,7 @@ class BatchRunner:
         try:
             # A session lost while a handler ran (a database restart, a failover) failed the
             # flush before this one; this one reconnects, or the successes would be lost.
-            _replace_lost_sessions(aliases)
+            replace_lost_sessions(aliases)
             self._record(successes, let_go="before", finished=finished)
         except BaseException:
             # Interrupted (a soft time limit landing in this very statement) or the database
@@ -453,21 +458,6 @@ def _log_left_to_recovery(event: str, operations: list[BatchOperation], error: E
             error=repr(error),
             fallback="recovery when their leases expire",
         )
-
-
-def _replace_lost_sessions(aliases: set[str]) -> None:
-    """Close the connections to ``aliases`` that Django saw fail and that no longer answer
-    (Django opens a new one when next needed), as it does between requests. Outside a
-    worker's request cycle nobody else does, and every statement would fail on them. Not one
-    in a caller's transaction (``atomic`` or autocommit turned off), which is the caller's."""
-    for alias in aliases:
-        connection = connections[alias]
-        if (
-            connection.errors_occurred
-            and not connection.in_atomic_block
-            and connection.get_autocommit()
-        ):
-            connection.close_if_unusable_or_obsolete()
 
 
 def _let_go(successes: list[_Success]) -> None:

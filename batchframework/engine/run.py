@@ -25,7 +25,7 @@ from ..jsondata import encode_json
 from ..models import BatchOperation
 from ..registry import Handler, registry
 from ..signals import log_event, operation_finished, operation_retry_scheduled, operation_started
-from ._common import time_after, unclaimed_mark, write_alias
+from ._common import replace_lost_sessions, time_after, unclaimed_mark, write_alias
 from .claim import claim
 from .keeper import lease_keeper
 
@@ -295,6 +295,8 @@ def run_interruptible(
     except interruptions:
         raise
     except Exception as exc:
+        # The handler's error may be its session's loss: record the failure on a new one.
+        replace_lost_sessions({alias})
         return _finish_failure(operation, registered, describe_exception(exc), alias)
     return _finish_success(operation, output, alias)
 

@@ -102,3 +102,31 @@ def test_a_db_worker_records_the_success_of_a_handler_whose_session_was_lost(pro
         op.refresh_from_db()
         assert op.attempts == 1, worker.log()
         assert Execution.objects.filter(key=str(op.pk)).count() == 1, worker.log()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_db_worker_records_the_failure_of_a_handler_whose_session_was_lost(processes, batch_size):
+    """The session ends while a handler sleeps; its next statement fails. The failure used to
+    be recorded on the dead session, which failed too: the operation stayed running until its
+    lease expired, and was then retried (or failed) as a lost worker's, its real error lost.
+    Now it is recorded on a new session, and retried at once (``retry_backoff=0``)."""
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        # ``test-sleep`` writes an Effect after its sleep: on the lost session, that fails.
+        ops = [enqueue("test-sleep", input_data={"seconds": 1.5}) for _ in range(batch_size)]
+    procs = processes("redis://127.0.0.1:1/0")  # the DB worker needs no broker
+    worker = procs.db_worker("lost-session-failure", "--batch-size", str(batch_size))
+    first = ops[0]
+    wait_until(
+        lambda: Execution.objects.filter(key=str(first.pk)).exists(), timeout=30, what="handler"
+    )
+    assert _terminate_other_sessions() >= 1
+    wait_until(
+        lambda: BatchOperation.objects.successful().count() == batch_size,
+        timeout=30,
+        what=f"{batch_size} successes\n{worker.log()}",
+    )
+    first.refresh_from_db()
+    assert first.attempts == 2, worker.log()
+    assert "OperationalError" in first.last_error, (first.last_error, worker.log())
+    assert "WorkerLost" not in worker.log() and "lost" not in first.last_error.lower()
+    assert "lease_end_failed" not in worker.log()
