@@ -27,6 +27,7 @@ from batchframework.engine import BatchRunner, claim_due, write_alias
 from batchframework.engine._common import worker_identity
 from batchframework.engine.claim import claims_of
 from batchframework.models import BatchOperation
+from batchframework.registry import registry
 from batchframework.signals import log_event
 
 from .names import DRAIN_TASK, POLL_TASK, RUN_OPERATIONS_TASK
@@ -162,6 +163,8 @@ def run_operations(ids: Any, using: Any = None) -> int:
         ran += run_claimed_batch(late_claimed, using) if late_claimed else 0
         won.update(op.pk for op in late_claimed)
     if len(won) < len(ids):
+        if not worker_shutting_down():
+            _warn_of_unhandled([i for i in ids if i not in won], using)
         log_event(
             logging.INFO,
             "message_noop",
@@ -174,6 +177,30 @@ def run_operations(ids: Any, using: Any = None) -> int:
             else "gone, cancelled, claimed elsewhere, finished or not yet due",
         )
     return ran
+
+
+def _warn_of_unhandled(ids: list[int], using: str | None) -> None:
+    """Warn of those of ``ids`` that wait, unprocessed, for a handler this worker lacks: the
+    message's sender had one (a worker started before the handler was added, or one of a
+    release without it, during a deploy). Claims skip them, and only a worker that has the
+    handler runs them."""
+    types = sorted(
+        BatchOperation.objects.using(write_alias(using))
+        .unprocessed()
+        .filter(pk__in=ids)
+        .exclude(operationtype__in=registry.operationtypes())
+        .values_list("operationtype", flat=True)
+        .distinct()
+    )
+    if types:
+        log_event(
+            logging.WARNING,
+            "no_handler",
+            task=RUN_OPERATIONS_TASK,
+            operationtypes=",".join(types)[:500],
+            hint="this worker has no handler registered for them: restart it after adding a "
+            "handler, and check that it imports the app's batch_handlers module",
+        )
 
 
 class _DueSoon(NamedTuple):

@@ -205,6 +205,29 @@ def test_a_message_naming_an_id_no_operation_can_have_is_rejected_and_runs_nothi
     assert op.result == BatchOperation.RESULT_SUCCESSFUL
 
 
+def test_a_worker_without_the_handler_says_so(caplog):
+    """A worker started before a handler was added (Celery does not reload) skipped its
+    operations with an INFO line that named every reason but that one."""
+    caplog.set_level(logging.INFO, logger="batchframework")
+    unhandled = BatchOperation.objects.create_asynchronous(operationtype="added-after-start")
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        handled = enqueue("test-noop")
+        gone = enqueue("test-noop")
+    gone.cancel()
+    assert run_operations([unhandled.pk, handled.pk, gone.pk]) == 1
+    warned = [r for r in caplog.records if "event=no_handler" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "operationtypes=added-after-start " in warned[0].getMessage()
+    assert BatchOperation.objects.unprocessed().filter(pk=unhandled.pk).exists()
+
+    caplog.clear()
+    with override_settings(BATCHFRAMEWORK=NO_DISPATCH):
+        cancelled = enqueue("test-noop")
+    cancelled.cancel()
+    assert run_operations([cancelled.pk]) == 0
+    assert "event=no_handler" not in caplog.text  # gone: nothing waits for a handler
+
+
 def test_a_drain_message_naming_a_queue_with_a_nul_is_rejected(caplog):
     """A queue name ``enqueue`` would refuse (here with a NUL, which PostgreSQL refuses in a
     query) is rejected with a log line, not run into a database error."""
