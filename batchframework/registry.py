@@ -266,6 +266,13 @@ def handler(
                 "one: handlers are called synchronously (run async code inside them with "
                 "asgiref's async_to_sync)"
             )
+        if _is_generator(fn):
+            # Called, it would return a generator whose body never runs: every attempt would
+            # fail on that return value, and the handler's code would never have run.
+            raise HandlerRegistrationError(
+                f"@handler({operationtype!r}) must decorate a function that returns its "
+                "output, not a generator function (one with yield): its body would never run"
+            )
         registry.register(
             Handler(
                 operationtype=operationtype,
@@ -289,6 +296,14 @@ def _is_async(fn: Callable[..., Any]) -> bool:
         fn = fn.func
     call = fn if inspect.isroutine(fn) else type(fn).__call__
     return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _is_generator(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` returns a generator (its body runs only when iterated)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    call = fn if inspect.isroutine(fn) else type(fn).__call__
+    return inspect.isgeneratorfunction(call)
 
 
 def autodiscover() -> None:

@@ -249,6 +249,23 @@ def test_an_async_handler_is_refused():
     assert "test-api-bad" not in registry
 
 
+def test_a_generator_function_is_refused_as_a_handler():
+    """Called, it returned a generator whose body never ran: every attempt failed on that
+    return value, and none of the handler's code had run."""
+
+    def generator_handler(operation):
+        yield 1
+
+    class GeneratorCallable:
+        def __call__(self, operation):
+            yield 1
+
+    for fn in (generator_handler, GeneratorCallable(), functools.partial(generator_handler)):
+        with pytest.raises(HandlerRegistrationError, match="generator"):
+            handler("test-api-bad")(fn)
+    assert "test-api-bad" not in registry
+
+
 def test_a_callable_object_is_a_handler():
     class Callable_:
         def __call__(self, operation):
