@@ -18,8 +18,10 @@ operations_enqueued = Signal()
 #: ``operation``: a claimed operation whose handler is about to run.
 operation_started = Signal()
 #: ``operation``, ``succeeded`` (bool), ``error`` (dict or ``None``): the operation finished.
+#: Its ``finished_datetime`` is this process's estimate of the database's time the row holds.
 operation_finished = Signal()
-#: ``operation``, ``error``, ``attempt``: an attempt failed and another is scheduled.
+#: ``operation``, ``error``, ``attempt``: an attempt failed and another is scheduled; the
+#: instance's ``run_after`` estimates the retry's due time as the row holds it.
 operation_retry_scheduled = Signal()
 #: ``operation_id``: an unprocessed operation was cancelled and will never run. Sent once the
 #: cancel has committed (never for one a rollback undid).

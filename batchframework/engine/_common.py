@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import OperationalError, connections, router
 from django.db.models import DateTimeField, DurationField, Expression, Value
+from django.utils import timezone
 
-from ..clock import now_expression
+from ..clock import known_clock_offset, now_expression
 from ..models import BatchOperation
 
 _HOSTNAME = socket.gethostname()
@@ -136,3 +137,9 @@ def replace_lost_sessions(aliases: set[str]) -> None:
             and connection.get_autocommit()
         ):
             connection.close_if_unusable_or_obsolete()
+
+
+def approximately_now(alias: str) -> datetime:
+    """The database's time as this process estimates it, never with a query: what the
+    in-memory instance is given for a time the database wrote with its own clock."""
+    return timezone.now() + known_clock_offset(alias)

@@ -39,7 +39,7 @@ from ..errors import describe_exception
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event, operation_finished, operation_started
-from ._common import replace_lost_sessions, write_alias
+from ._common import approximately_now, claim_alias, replace_lost_sessions, write_alias
 from .claim import release, renew_leases
 from .keeper import lease_keeper, lease_point
 from .run import (
@@ -518,6 +518,7 @@ def _report_successes(
             continue
         operation.status = BatchOperation.STATUS_FINISHED
         operation.result = BatchOperation.RESULT_SUCCESSFUL
+        operation.finished_datetime = approximately_now(claim_alias(operation, None))
         operation.output_data = output
         operation.lease_expires_at = None
         outcomes.append(RunOutcome.SUCCEEDED)  # it did finish, whatever a receiver does

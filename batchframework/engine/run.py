@@ -25,7 +25,13 @@ from ..jsondata import encode_json
 from ..models import BatchOperation
 from ..registry import Handler, registry
 from ..signals import log_event, operation_finished, operation_retry_scheduled, operation_started
-from ._common import replace_lost_sessions, time_after, unclaimed_mark, write_alias
+from ._common import (
+    approximately_now,
+    replace_lost_sessions,
+    time_after,
+    unclaimed_mark,
+    write_alias,
+)
 from .claim import claim
 from .keeper import lease_keeper
 
@@ -64,13 +70,14 @@ def _finish_success(
         lease_expires_at=None,
     ):
         return _lost(operation) if report_loss else RunOutcome.LOST_CLAIM
-    _mark_successful(operation, output)
+    _mark_successful(operation, output, alias)
     if announce:
         _announce_success(operation)
     return RunOutcome.SUCCEEDED
 
 
-def _mark_successful(operation: BatchOperation, output: Any) -> None:
+def _mark_successful(operation: BatchOperation, output: Any, alias: str) -> None:
+    operation.finished_datetime = approximately_now(alias)
     operation.status = BatchOperation.STATUS_FINISHED
     operation.result = BatchOperation.RESULT_SUCCESSFUL
     operation.output_data = output
@@ -98,6 +105,7 @@ def _finish_failure(
             return _lost(operation)
         operation.status = BatchOperation.STATUS_UNPROCESSED
         operation.last_error = last_error
+        operation.run_after = approximately_now(alias) + backoff
         operation_retry_scheduled.send(
             sender=BatchOperation, operation=operation, error=error, attempt=operation.attempts
         )
@@ -115,6 +123,7 @@ def _finish_failure(
         return _lost(operation)
     operation.status = BatchOperation.STATUS_FINISHED
     operation.result = BatchOperation.RESULT_FAILED
+    operation.finished_datetime = approximately_now(alias)
     operation.output_data = output
     operation.last_error = last_error
     operation_finished.send(
@@ -362,7 +371,7 @@ def _run_atomic(
             if outcome is RunOutcome.LOST_CLAIM:
                 if _deleted_by_its_handler(operation, alias):
                     # Its work is what it was asked to do: kept, with no row to record it in.
-                    _mark_successful(operation, output)
+                    _mark_successful(operation, output, alias)
                     outcome = RunOutcome.SUCCEEDED
                 else:
                     # The row lock makes this unlikely, but the writes must never outlive the

@@ -1087,6 +1087,39 @@ def test_signals_are_sent(received, django_capture_on_commit_callbacks):
     assert [e["operation_id"] for e in received["cancelled"]] == [pending.pk]
 
 
+@pytest.mark.parametrize("operationtype", ["test-noop", "test-atomic", "test-always-fails"])
+def test_receivers_and_run_due_see_the_times_the_database_recorded(operationtype):
+    """``finished_datetime`` read ``None`` on the instance receivers get and ``run_due``
+    returns, though the operation was finished: a receiver computing a duration failed. A
+    retry's instance kept its old ``run_after``."""
+    seen: list[tuple[str, Any, Any]] = []
+
+    def finished(sender, operation, **kwargs):
+        seen.append(("finished", operation.finished_datetime, None))
+
+    def retried(sender, operation, **kwargs):
+        seen.append(("retry", operation.run_after, operation.status))
+
+    operation_finished.connect(finished)
+    operation_retry_scheduled.connect(retried)
+    try:
+        ops = [enqueue(operationtype) for _ in range(2)]  # two: a batch records them together
+        ran = run_due(now=timezone.now() + timedelta(seconds=1), operationtype=operationtype)
+    finally:
+        operation_finished.disconnect(finished)
+        operation_retry_scheduled.disconnect(retried)
+    last_runs = {op.pk: op for op in ran}  # (one per attempt)
+    assert sorted(last_runs) == sorted(op.pk for op in ops)
+    for op in ops:
+        assert_close(last_runs[op.pk].finished_datetime, fresh(op).finished_datetime)
+    finishes = [when for kind, when, _ in seen if kind == "finished"]
+    assert len(finishes) == 2 and all(when is not None for when in finishes)
+    retries = [(when, status) for kind, when, status in seen if kind == "retry"]
+    if operationtype == "test-always-fails":  # retry_backoff=0: due again at once
+        assert len(retries) == 4 and all(status == "unprocessed" for _, status in retries)
+        assert all(abs(when - timezone.now()) < timedelta(seconds=5) for when, _ in retries)
+
+
 def test_a_cancel_that_rolls_back_sends_no_signal(received, django_capture_on_commit_callbacks):
     """A receiver keeping a record of cancellations must not record one a rollback undid:
     the operation is still there, and will run."""
