@@ -165,6 +165,15 @@ def _debounce_key(operationtype: str, context: _Context) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+def _created_now(using: str) -> datetime:
+    """An operation's ``created_datetime``: the earlier of this process's clock and the
+    database's. The poller's window leaves to the publishers what falls due within
+    ``DISPATCH_HORIZON`` of it, and a publisher (the web process, a relay, a retry) judges by the
+    later of its own clock and the database's: from a web server whose clock runs ahead, an
+    operation could otherwise fall between the two and wait for a drain, a poll interval late."""
+    return min(timezone.now(), database_now(using))
+
+
 def _build(
     operationtype: str,
     *,
@@ -174,6 +183,7 @@ def _build(
     started_by: Any,
     queue: str | None,
     priority: int,
+    created: datetime,
 ) -> BatchOperation:
     registered = registry[operationtype]  # raises UnknownOperationTypeError, listing known types
     if input_data is not None:
@@ -193,6 +203,7 @@ def _build(
         queue=queue or registered.resolved_queue(),
         priority=priority,
         status=BatchOperation.STATUS_UNPROCESSED,
+        created_datetime=created,
     )
 
 
@@ -233,6 +244,7 @@ def enqueue(
         started_by=started_by,
         queue=queue,
         priority=_check_priority(priority),
+        created=_created_now(alias),
     )
     if replace:
         operation = _insert_or_replace(operation, _debounce_key(operationtype, context), alias)
@@ -363,6 +375,7 @@ def enqueue_many(
         started_by=started_by,
         queue=queue,
         priority=_check_priority(priority),
+        created=_created_now(alias),
     )
     # Items without a time of their own share the call's, computed (and validated) once.
     call_due = resolve_run_after(delay, run_after, alias)

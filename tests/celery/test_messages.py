@@ -6,6 +6,7 @@ could hide it."""
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 import pytest
@@ -240,6 +241,38 @@ def test_a_drain_message_naming_a_queue_with_a_nul_is_rejected(caplog):
     ]
     assert len(rejected) == 1 and "bad queue name" in rejected[0], rejected
     assert BatchOperation.objects.unprocessed().filter(pk=op.pk).exists()
+
+
+def test_an_operation_from_a_web_server_whose_clock_runs_ahead_still_gets_a_message(
+    purge_broker, monkeypatch
+):
+    """The web process writes the operation's ``created_datetime``; the poller's window leaves
+    to the publishers what falls due within the horizon of it. From a web server whose clock
+    ran 3 s ahead, the relay (judging by a correct clock) left an operation due just beyond
+    the horizon to the window, and the window left it to the relay: it waited for a drain."""
+    from batchframework.clock import forget_clock_offsets
+
+    quick = {**NO_DISPATCH, "DISPATCH_HORIZON": 2, "POLL_INTERVAL": 1}
+    real_now = timezone.now
+    with override_settings(BATCHFRAMEWORK=quick):
+        ahead = timedelta(seconds=3)
+        monkeypatch.setattr(timezone, "now", lambda: real_now() + ahead)
+        # The model's default holds Django's own function, which the line above doesn't reach.
+        created = BatchOperation._meta.get_field("created_datetime")
+        monkeypatch.setattr(created, "_get_default", lambda: real_now() + ahead)
+        forget_clock_offsets()  # measured again: the database is 3 s behind this "process"
+        op = enqueue("test-noop", delay=timedelta(seconds=3.5))  # nothing published here
+        monkeypatch.undo()
+        forget_clock_offsets()
+        # What a relay whose clock is right publishes of it: nothing, it is beyond the horizon.
+        assert publish_operations([op]).published == 0
+        scheduled = 0
+        while timezone.now() < op.run_after:
+            scheduled += poll_once()["scheduled"]
+            time.sleep(0.5)
+    assert scheduled == 1, "no message: the operation waits for a poller's drain"
+    [message] = messages(purge_broker)
+    assert message["args"] == [[op.pk]]
 
 
 def test_a_worker_whose_clock_is_behind_still_publishes_what_the_poller_leaves_to_it(
