@@ -126,17 +126,24 @@ def claim_alias(operation: BatchOperation, using: str | None) -> str:
 
 def replace_lost_sessions(aliases: set[str]) -> None:
     """Close the connections to ``aliases`` that Django saw fail and that no longer answer
-    (Django opens a new one when next needed), as it does between requests. Outside a
-    worker's request cycle nobody else does, and every statement would fail on them. Not one
-    in a caller's transaction (``atomic`` or autocommit turned off), which is the caller's."""
+    (Django opens a new one when next needed). Outside a worker's request cycle nobody else
+    does, and every statement would fail on them. Not one in a caller's transaction
+    (``atomic`` or autocommit turned off), which is the caller's; and never one that still
+    answers, however old (Django's own ``close_if_unusable_or_obsolete`` would close that one
+    too with ``CONN_MAX_AGE=0``, and with it a cursor the caller is reading)."""
     for alias in aliases:
         connection = connections[alias]
         if (
-            connection.errors_occurred
-            and not connection.in_atomic_block
-            and connection.get_autocommit()
+            connection.connection is None
+            or not connection.errors_occurred
+            or connection.in_atomic_block
+            or not connection.get_autocommit()
         ):
-            connection.close_if_unusable_or_obsolete()
+            continue
+        if connection.is_usable():
+            connection.errors_occurred = False  # as Django marks one it checked
+        else:
+            connection.close()
 
 
 def approximately_now(alias: str) -> datetime:

@@ -991,3 +991,21 @@ def test_a_deadlock_in_a_callers_transaction_is_not_run_again(monkeypatch):
     with pytest.raises(OperationalError), transaction.atomic():
         claim(op.pk)
     assert len(calls) == 1
+
+
+# --- A handler's database error ------------------------------------------------------------
+def test_a_handlers_database_error_leaves_the_callers_connection_open(registered):
+    """The failure of a handler whose statement failed is recorded on a new session only when
+    its session was lost: a working one (with ``CONN_MAX_AGE=0``, as the tests run) was closed
+    too, and with it the cursor the caller was reading its operations from."""
+
+    @registered("test-bad-sql", max_attempts=1)
+    def bad_sql(operation):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT * FROM no_such_table_of_the_tests")
+
+    ops = [enqueue("test-bad-sql") for _ in range(3)]
+    pending = BatchOperation.objects.filter(pk__in=[op.pk for op in ops]).order_by("pk")
+    outcomes = [run(op.pk) for op in pending.iterator(chunk_size=1)]
+    assert outcomes == [RunOutcome.FAILED] * 3
+    assert BatchOperation.objects.failed().count() == 3
