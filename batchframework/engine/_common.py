@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from django.db import OperationalError, connections, router
 from django.db.models import DateTimeField, DurationField, Expression, Value
@@ -13,6 +16,7 @@ from django.utils import timezone
 
 from ..clock import known_clock_offset, now_expression
 from ..models import BatchOperation
+from ..signals import log_event
 
 _HOSTNAME = socket.gethostname()
 
@@ -95,6 +99,31 @@ def supports_skip_locked(alias: str) -> bool:
     from django.db import connections
 
     return bool(connections[alias].features.has_select_for_update_skip_locked)
+
+
+#: How often a transaction runs again when it was a deadlock's victim.
+DEADLOCK_ATTEMPTS = 3
+
+T = TypeVar("T")
+
+
+def retrying_deadlocks(
+    alias: str, run: Callable[[], T], *, event: str = "claim_retried", **context: Any
+) -> T:
+    """Run ``run`` (a transaction of its own) again when it was a deadlock's victim, at most
+    :data:`DEADLOCK_ATTEMPTS` times. Not in a caller's transaction, which the deadlock rolled
+    back as a whole. (On MySQL/MariaDB a writer that locked an index entry first, then waits
+    for the row, deadlocks with a claim's UPDATE of that entry: ``enqueue(replace=True)``.)"""
+    outermost = not connections[alias].in_atomic_block
+    attempt = 1
+    while True:
+        try:
+            return run()
+        except OperationalError as exc:
+            if not (outermost and is_deadlock(exc)) or attempt >= DEADLOCK_ATTEMPTS:
+                raise
+        log_event(logging.INFO, event, reason="deadlock", **context)
+        attempt += 1
 
 
 def is_deadlock(exc: OperationalError) -> bool:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from django.db import OperationalError, connections, transaction
+from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -34,10 +34,10 @@ from ..signals import log_event
 from ._common import (
     ISOLATED,
     claim_alias,
-    is_deadlock,
     mark_claimed_on,
     new_claim_token,
     read_committed_next,
+    retrying_deadlocks,
     supports_skip_locked,
     time_after,
     unclaimed_mark,
@@ -92,32 +92,11 @@ def claim(
     be claimed alone is not lost in that window.
     """
     alias = write_alias(using)
-    return _retrying_deadlocks(
+    return retrying_deadlocks(
         alias,
         lambda: _claim_locked(operation_id, alias=alias, worker=worker, now=now),
         id=operation_id,
     )
-
-
-#: How often a claim runs again when its transaction was a deadlock's victim.
-_CLAIM_ATTEMPTS = 3
-
-
-def _retrying_deadlocks(alias: str, claim_now: Callable[[], T], **context: Any) -> T:
-    """Run ``claim_now`` (a transaction of its own) again when it was a deadlock's victim, at
-    most :data:`_CLAIM_ATTEMPTS` times. Not in a caller's transaction, which the deadlock rolled
-    back as a whole. (On MySQL/MariaDB a writer that locked an index entry first, then waits
-    for the row, deadlocks with a claim's UPDATE of that entry: ``enqueue(replace=True)``.)"""
-    outermost = not connections[alias].in_atomic_block
-    attempt = 1
-    while True:
-        try:
-            return claim_now()
-        except OperationalError as exc:
-            if not (outermost and is_deadlock(exc)) or attempt >= _CLAIM_ATTEMPTS:
-                raise
-        log_event(logging.INFO, "claim_retried", reason="deadlock", **context)
-        attempt += 1
 
 
 def _claim_locked(
@@ -239,7 +218,7 @@ def claim_due(
             worker=worker,
             now=now,
         )
-    return _retrying_deadlocks(
+    return retrying_deadlocks(
         alias,
         lambda: _claim_due_portable(
             alias, types=types, ids=ids, queues=queues, limit=limit, worker=worker, now=now

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -16,12 +17,20 @@ from functools import partial
 from typing import Any
 
 from django.db import router, transaction
+from django.db.models import ProtectedError, RestrictedError
 
 from ..errors import storable_text
 from ..models import BatchOperation
 from ..registry import registry
 from ..signals import log_event, operation_cancelled
-from ._common import claim_alias, time_after, write_alias
+from ._common import (
+    claim_alias,
+    read_committed_next,
+    retrying_deadlocks,
+    supports_skip_locked,
+    time_after,
+    write_alias,
+)
 
 
 class CancelOutcome(enum.Enum):
@@ -87,6 +96,10 @@ def cancel(operation: BatchOperation | Any, *, using: str | None = None) -> Canc
 #: How many operations :func:`cancel_many` cancels per transaction, so that it holds its row
 #: locks (and SQLite's write lock) briefly, and stays within every database's parameter limit.
 CANCEL_CHUNK = 500
+#: How many times :func:`cancel_many` tries pending operations it found locked by others,
+#: pausing this long (seconds) in between.
+SKIPPED_PASSES = 5
+SKIPPED_PAUSE = 0.02
 
 
 def cancel_many(
@@ -94,57 +107,163 @@ def cancel_many(
 ) -> list[Any]:
     """Cancel every one of ``operations`` (instances or primary keys) that is still pending,
     as :func:`cancel` cancels one; return the primary keys of those cancelled, in the order
-    given (once each). The others (running, finished, gone) are left as they are.
+    given (once each). The others are left as they are: running, finished or gone; protected
+    by a row that references them (``on_delete=PROTECT``, which makes :func:`cancel` raise);
+    or locked at that moment by someone else (being claimed, replaced, postponed or cancelled).
 
-    Two statements, plus the cascade's, per :data:`CANCEL_CHUNK` operations, each chunk in a
-    transaction of its own: the pending rows are locked in key order (a claim skips them; one
-    that holds a row first makes this wait and then see it running), then deleted. Inside a
-    caller's transaction the cancels are final when it commits, and
-    :data:`~batchframework.signals.operation_cancelled` is sent for each then.
+    :data:`CANCEL_CHUNK` operations per transaction, each chunk a locking SELECT of its pending
+    rows that skips locked ones (on SQLite, which has no row locks, an UPDATE first takes the
+    write lock), and their DELETE, cascading as Django's ``delete()`` does. Inside a caller's
+    transaction the cancels are final when it commits, and
+    :data:`~batchframework.signals.operation_cancelled` is sent for each then: for every one,
+    even when a receiver raises (the first such error is raised once all were sent). A
+    database error ends it, and the chunks before it stay cancelled.
     """
     if isinstance(operations, str | bytes | BatchOperation):
         raise TypeError(
             f"cancel_many() takes an iterable of operations or primary keys, not {operations!r}"
         )
-    key = BatchOperation._meta.pk
-    assert key is not None
-    # Each database's keys, once each, in the order given. Converted before anything is
-    # written, so that a value that is no key (Django's ValueError) cancels nothing.
-    by_alias: dict[str, dict[Any, None]] = defaultdict(dict)
+    # Each operation's database and key, once each, in the order given: the same key on two
+    # databases names two operations. Converted before anything is written, so that a value
+    # that is no key (Django's ValueError) cancels nothing.
+    given: dict[tuple[str, Any], None] = {}
     for operation in operations:
         pk = _pk(operation)
         if pk is None:  # an instance already deleted (or never saved): nothing to cancel
             continue
-        by_alias[_alias(operation, using)][key.get_prep_value(pk)] = None
-    cancelled: set[Any] = set()
-    for alias, keys in by_alias.items():
-        manager = BatchOperation.objects.db_manager(alias)
-        pks = list(keys)
-        for start in range(0, len(pks), CANCEL_CHUNK):
-            chunk = pks[start : start + CANCEL_CHUNK]
-            with transaction.atomic(using=alias):
-                pending = list(
-                    manager.select_for_update()
-                    .filter(pk__in=chunk, status=BatchOperation.STATUS_UNPROCESSED)
-                    .order_by("pk")
-                    .values_list("pk", flat=True)
-                )
-                if pending:
-                    manager.filter(pk__in=pending).delete()
-            if pending:
-                transaction.on_commit(partial(_announce_cancelled, pending), using=alias)
-            cancelled.update(pending)
-    given = [pk for keys in by_alias.values() for pk in keys]
-    if len(given) > len(cancelled):
+        key = _prepared_key(pk)
+        if key is not None:
+            given[(_alias(operation, using), key)] = None
+    by_alias: dict[str, list[Any]] = defaultdict(list)
+    for alias, key in given:
+        by_alias[alias].append(key)
+    cancelled: dict[str, list[Any]] = {}
+    try:
+        for alias, keys in by_alias.items():
+            cancelled[alias] = []
+            left = keys
+            for _ in range(SKIPPED_PASSES):
+                for start in range(0, len(left), CANCEL_CHUNK):
+                    cancelled[alias] += _cancel_chunk(left[start : start + CANCEL_CHUNK], alias)
+                # A pending row skipped because it was locked may have been locked only for
+                # a moment: a claim's scan (MySQL/MariaDB lock the rows they scan past), a
+                # replace. Those still pending are tried again.
+                left = _still_pending(keys, cancelled[alias], alias)
+                if not left:
+                    break
+                time.sleep(SKIPPED_PAUSE)
+    finally:
+        # After every chunk (or the one that raised): a receiver's error must neither stop the
+        # cancel half-way nor cost the others their signals.
+        receiver_error = _announce_when_final(cancelled)
+    done = {(alias, pk) for alias, pks in cancelled.items() for pk in pks}
+    if len(given) > len(done):
         log_event(
-            logging.INFO, "cancel_refused", count=len(given) - len(cancelled), reason="not_pending"
+            logging.INFO, "cancel_refused", count=len(given) - len(done), reason="not_pending"
         )
-    return [pk for pk in given if pk in cancelled]
+    if receiver_error is not None:
+        raise receiver_error
+    return [pk for alias, pk in given if (alias, pk) in done]
+
+
+def _announce_when_final(cancelled: dict[str, list[Any]]) -> Exception | None:
+    """Have ``operation_cancelled`` sent for each cancelled operation once its cancel is final:
+    at once outside a transaction (then a receiver's error is returned), else when the
+    caller's commits."""
+    first_error: Exception | None = None
+    for alias, pks in cancelled.items():
+        if pks:
+            try:
+                transaction.on_commit(partial(_announce_cancelled, pks), using=alias)
+            except Exception as exc:
+                first_error = first_error or exc
+    return first_error
+
+
+def _still_pending(keys: list[Any], cancelled: list[Any], alias: str) -> list[Any]:
+    """Those of ``keys`` not ``cancelled`` that are pending (read without a lock), in order:
+    none where pending rows are never skipped (SQLite waits for its write lock instead)."""
+    done = set(cancelled)
+    left = [key for key in keys if key not in done]
+    if not left or not supports_skip_locked(alias):
+        return []
+    manager = BatchOperation.objects.db_manager(alias)
+    pending: set[Any] = set()
+    for start in range(0, len(left), CANCEL_CHUNK):
+        pending.update(
+            manager.filter(
+                pk__in=left[start : start + CANCEL_CHUNK], status=BatchOperation.STATUS_UNPROCESSED
+            ).values_list("pk", flat=True)
+        )
+    return [key for key in left if key in pending]
+
+
+def _prepared_key(pk: Any) -> Any:
+    """``pk`` as the database compares it (Django's ValueError for one that is no key), or
+    ``None`` for an integer no row can have: SQLite can't even take it as a parameter."""
+    field = BatchOperation._meta.pk
+    assert field is not None
+    key = field.get_prep_value(pk)
+    if isinstance(key, int) and not -(2**63) <= key < 2**63:
+        return None
+    return key
+
+
+def _cancel_chunk(keys: list[Any], alias: str) -> list[Any]:
+    """Cancel the pending ones of ``keys`` in one transaction; return their keys."""
+    return retrying_deadlocks(
+        alias, lambda: _cancel_pending(keys, alias), event="cancel_retried", count=len(keys)
+    )
+
+
+def _cancel_pending(keys: list[Any], alias: str) -> list[Any]:
+    manager = BatchOperation.objects.db_manager(alias)
+    read_committed_next(alias)  # MySQL/MariaDB: no gap locks for claims to deadlock with
+    with transaction.atomic(using=alias):
+        rows = manager.filter(pk__in=keys, status=BatchOperation.STATUS_UNPROCESSED)
+        if supports_skip_locked(alias):
+            # A row locked now is being claimed, run by an atomic handler, or changed by
+            # someone else (a replace, a postpone, another cancel): left as it is, and not
+            # reported cancelled, rather than waited for (an atomic handler may hold its row
+            # for minutes; on MariaDB, waiting in this order deadlocks with claims).
+            rows = rows.select_for_update(skip_locked=True)
+        else:
+            # SQLite: a read first would take a lock it can't upgrade to write later ("database
+            # is locked" at once); a write first takes the write lock, waiting its turn.
+            rows.update(status=BatchOperation.STATUS_UNPROCESSED)
+        pending = list(rows.order_by("pk").values_list("pk", flat=True))
+        if not pending:
+            return []
+        try:
+            manager.filter(pk__in=pending).delete()
+        except (ProtectedError, RestrictedError):
+            # Raised while Django collected what the delete cascades to, before it deleted
+            # anything: delete one at a time, leaving those that rows protect.
+            return [pk for pk in pending if _deleted_unless_protected(manager, pk)]
+    return pending
+
+
+def _deleted_unless_protected(manager: Any, pk: Any) -> bool:
+    try:
+        manager.filter(pk=pk).delete()
+    except (ProtectedError, RestrictedError) as exc:
+        log_event(logging.INFO, "cancel_refused", id=pk, reason="protected", error=repr(exc))
+        return False
+    return True
 
 
 def _announce_cancelled(pks: list[Any]) -> None:
+    """Send ``operation_cancelled`` for each of ``pks``; a receiver's error is logged, and the
+    first one raised once every signal was sent."""
+    first_error: Exception | None = None
     for pk in pks:
-        operation_cancelled.send(sender=BatchOperation, operation_id=pk)
+        try:
+            operation_cancelled.send(sender=BatchOperation, operation_id=pk)
+        except Exception as exc:
+            log_event(logging.ERROR, "report_failed", id=pk, error=repr(exc))
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
 
 
 def postpone(

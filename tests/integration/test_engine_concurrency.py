@@ -1009,3 +1009,99 @@ def test_a_handlers_database_error_leaves_the_callers_connection_open(registered
     outcomes = [run(op.pk) for op in pending.iterator(chunk_size=1)]
     assert outcomes == [RunOutcome.FAILED] * 3
     assert BatchOperation.objects.failed().count() == 3
+
+
+# --- cancel_many's edges ---------------------------------------------------------------------
+def test_a_raising_cancelled_receiver_neither_stops_cancel_many_nor_silences_the_others(
+    monkeypatch,
+):
+    """A receiver's error stopped the cancel after the first chunk, and the other operations
+    of that chunk and the later ones were never announced."""
+    from batchframework.engine import control
+    from batchframework.signals import operation_cancelled
+
+    monkeypatch.setattr(control, "CANCEL_CHUNK", 3)
+    ops = enqueue_many("test-noop", [{}] * 7, delay=3600)
+    seen: list[int] = []
+
+    def buggy(sender, operation_id, **kwargs):
+        if operation_id == ops[0].pk:
+            raise RuntimeError("a receiver's bug")
+
+    def counting(sender, operation_id, **kwargs):
+        seen.append(operation_id)
+
+    operation_cancelled.connect(buggy)
+    operation_cancelled.connect(counting)
+    try:
+        with pytest.raises(RuntimeError, match="a receiver's bug"):
+            cancel_many(ops)
+    finally:
+        operation_cancelled.disconnect(buggy)
+        operation_cancelled.disconnect(counting)
+    assert not BatchOperation.objects.filter(pk__in=[op.pk for op in ops]).exists()
+    assert sorted(seen) == sorted(op.pk for op in ops if op.pk != ops[0].pk)
+
+
+def test_cancel_many_leaves_a_protected_operation_and_cancels_the_others(monkeypatch):
+    """A row that protects an operation raised ``ProtectedError`` half-way: the chunks before
+    it were cancelled, the rest not even tried, and the caller was told none of it."""
+    from batchframework.engine import control
+    from batchframework.signals import operation_cancelled
+    from tests.testapp.models import ProtectingLine
+
+    monkeypatch.setattr(control, "CANCEL_CHUNK", 2)
+    ops = enqueue_many("test-noop", [{}] * 5, delay=3600)
+    ProtectingLine.objects.create(batchoperation=ops[2])
+    seen: list[int] = []
+
+    def counting(sender, operation_id, **kwargs):
+        seen.append(operation_id)
+
+    operation_cancelled.connect(counting)
+    try:
+        cancelled = cancel_many(ops)
+    finally:
+        operation_cancelled.disconnect(counting)
+    others = [op.pk for op in ops if op.pk != ops[2].pk]
+    assert cancelled == others
+    assert sorted(seen) == sorted(others)
+    assert list(BatchOperation.objects.unprocessed().values_list("pk", flat=True)) == [ops[2].pk]
+
+
+def test_cancel_many_takes_a_key_no_row_can_have_for_one_that_is_gone():
+    """SQLite can't take an integer beyond 64 bits as a parameter: ``cancel()`` answered
+    "not found", ``cancel_many`` raised ``OverflowError``."""
+    op = enqueue("test-noop", delay=3600)
+    assert cancel_many([10**30, op, -(10**30)]) == [op.pk]
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's lock upgrade")
+def test_cancel_many_waits_for_sqlites_write_lock_in_a_deferred_transaction():
+    """With Django's default DEFERRED transactions, a read first takes a lock SQLite refuses to
+    upgrade while another connection writes: cancel_many failed at once with "database is
+    locked", where cancel() waits its turn."""
+    op = enqueue("test-noop", delay=3600)
+    connection.ensure_connection()
+    immediate = connection.transaction_mode
+    connection.transaction_mode = None  # BEGIN (DEFERRED), Django's default
+    writing, done = threading.Event(), threading.Event()
+
+    def other_writer():
+        try:
+            with transaction.atomic():
+                Effect.objects.create(key="another connection's write")
+                writing.set()
+                time.sleep(0.5)
+        finally:
+            done.set()
+
+    threads = Threads()
+    threads.start(other_writer)
+    try:
+        assert writing.wait(10)
+        assert cancel_many([op]) == [op.pk]
+        assert done.is_set()  # it waited for the other write
+    finally:
+        connection.transaction_mode = immediate
+    threads.join(timeout=10)

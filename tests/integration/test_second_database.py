@@ -179,3 +179,24 @@ def test_progress_of_a_running_operation_read_from_a_replica_is_written_to_the_p
         assert set_progress(read, 3, 4) is True
     assert BatchOperation.objects.using("default").get(pk=claimed.pk).progress_done == 3
     assert BatchOperation.objects.using(OTHER).get(pk=claimed.pk).progress_done is None
+
+
+@pytest.mark.skipif(not HAS_OTHER, reason="a second PostgreSQL test database is needed")
+@pytest.mark.django_db(transaction=True, databases=["default", OTHER])
+def test_cancel_many_tells_the_same_key_on_two_databases_apart():
+    """Each database numbers its own operations: a pending one on ``default`` and a running
+    one on ``OTHER`` had the same key, and both were reported cancelled."""
+    from batchframework import cancel_many
+    from batchframework.engine import claim
+
+    with override_settings(BATCHFRAMEWORK={"DISPATCHER": NULL_DISPATCHER}):
+        pending = enqueue("test-noop", delay=3600, using="default")
+        running = enqueue("test-noop", using=OTHER)
+        while running.pk < pending.pk:
+            running = enqueue("test-noop", using=OTHER)
+        while pending.pk < running.pk:
+            pending = enqueue("test-noop", delay=3600, using="default")
+        assert claim(running.pk, using=OTHER) is not None
+        assert cancel_many([running, pending]) == [pending.pk]
+    assert BatchOperation.objects.using(OTHER).get(pk=running.pk).status == "running"
+    assert not BatchOperation.objects.using("default").filter(pk=pending.pk).exists()

@@ -56,6 +56,12 @@ class OperationLine(models.Model):
     batchoperation = models.ForeignKey(BatchOperation, on_delete=models.CASCADE, related_name="+")
 
 
+class ProtectingLine(models.Model):
+    """A row that keeps its operation from being deleted (``PROTECT``)."""
+
+    batchoperation = models.ForeignKey(BatchOperation, on_delete=models.PROTECT, related_name="+")
+
+
 class Archive(models.Model):
     """A model whose operations are deleted with it (a ``GenericRelation`` cascades), as a
     project may declare to query an object's operations."""
