@@ -714,7 +714,9 @@ class BatchOperation(models.Model):
         # The engine finishes what it claimed, fenced by the claim; a row finished under it by
         # hand fails that fence, which then reads as a lost lease: the handler's work rolled
         # back (atomic handlers) or its success never announced.
-        if self.status == self.STATUS_RUNNING and self.claimed_by:
+        from .engine._common import ISOLATED  # the mark recovery leaves: no claim
+
+        if self.status == self.STATUS_RUNNING and self.claimed_by not in ("", ISOLATED):
             raise OperationStateError(
                 f"Operation #{self.pk} is being run by a worker (claimed by "
                 f"{self.claimed_by}) and can't be {change}: a handler returns its output, or "

@@ -363,6 +363,19 @@ def test_a_handler_that_finishes_its_own_operation_by_hand_is_told_how(registere
     assert Post.objects.exists() is not atomic  # an atomic handler's work rolls back with it
 
 
+def test_the_manual_flow_finishes_an_operation_recovery_marked_to_run_alone():
+    """Recovery marks an operation lost with a batch (``claimed_by`` holds the mark, not a
+    claim); the manual flow then took it for one a worker had claimed, and refused to finish
+    what it had marked as running."""
+    op = enqueue("test-noop", delay=3600)
+    BatchOperation.objects.filter(pk=op.pk).update(claimed_by="!isolated")  # recovery's mark
+    op = BatchOperation.objects.get(pk=op.pk)
+    op.mark_as_running()
+    op.finish()
+    stored = BatchOperation.objects.get(pk=op.pk)
+    assert (stored.status, stored.result) == ("finished", "successful")
+
+
 def test_a_synchronous_operation_starts_when_it_is_created():
     op = BatchOperation.objects.create_synchronous(operationtype="manual")
     assert op.created_datetime == op.started_running_datetime
