@@ -11,7 +11,6 @@ import contextlib
 import logging
 import signal
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from traceback import format_exc
@@ -24,7 +23,7 @@ from django.db.models import Min
 from .clock import database_now
 from .conf import MAX_BATCH_SIZE, MAX_POLL_INTERVAL, get_settings
 from .engine import BatchRunner, claim_due, recover_expired
-from .engine._common import worker_identity, write_alias
+from .engine._common import claimer_name, write_alias
 from .engine.claim import claims_of
 from .models import BatchOperation
 from .registry import registry
@@ -240,8 +239,7 @@ class Worker:
         if self.max_operations is not None:
             limit = min(limit, self.max_operations - self.processed)
         # Each claim under a name of its own, remembered until its answer arrives.
-        who = (self.name or worker_identity())[:200]  # claim tokens keep 236 characters of it
-        self._unconfirmed_claim = f"{who}:{uuid.uuid4().hex[:8]}"
+        self._unconfirmed_claim = claimer_name(self.name)
         claimed = claim_due(
             queues=self.queues, limit=limit, worker=self._unconfirmed_claim, using=self.using
         )

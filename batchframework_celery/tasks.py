@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
@@ -24,7 +23,7 @@ from django.db import InterfaceError, OperationalError, connections
 from batchframework.clock import NOISE, database_now, now_expression
 from batchframework.conf import is_queue_name
 from batchframework.engine import BatchRunner, claim_due, write_alias
-from batchframework.engine._common import worker_identity
+from batchframework.engine._common import claimer_name
 from batchframework.engine.claim import claims_of
 from batchframework.models import BatchOperation
 from batchframework.registry import registry
@@ -113,7 +112,7 @@ def claiming(
     they would be found running, wait for their leases to expire, and be counted as a lost
     worker's attempt (failed, with ``max_attempts=1``) without having run.
     """
-    worker = f"{worker_identity()}:{uuid.uuid4().hex[:8]}"
+    worker = claimer_name()
     return reconnecting(
         using,
         lambda: claim(worker),

@@ -43,6 +43,13 @@ def worker_identity() -> str:
     return f"{_HOSTNAME}:{os.getpid()}"
 
 
+def claimer_name(who: str | None = None) -> str:
+    """A name for one claim of ``who`` (default: this host and process): its operations can be
+    found by it (``claims_of``) when the claim's answer was lost with the database session.
+    ``who`` is cut so that claim tokens keep all of the name."""
+    return f"{(who or worker_identity())[:200]}:{uuid.uuid4().hex[:8]}"
+
+
 def new_claim_token(worker: str | None = None, *, batch: bool = False, alone: bool = False) -> str:
     """A claim identity: who claims (host:pid unless given), a fresh token per claim, and
     whether the claim took a batch (recovery treats those differently) or an operation marked
