@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from django.db import OperationalError, connections, router
+from django.db import DatabaseError, OperationalError, connections, router
 from django.db.models import DateTimeField, DurationField, Expression, Value
 from django.utils import timezone
 
@@ -121,7 +122,10 @@ def retrying_deadlocks(
     :data:`DEADLOCK_ATTEMPTS` times. Not in a caller's transaction, which the deadlock rolled
     back as a whole. (On MySQL/MariaDB a writer that locked an index entry first, then waits
     for the row, deadlocks with a claim's UPDATE of that entry: ``enqueue(replace=True)``.)"""
-    outermost = not connections[alias].in_atomic_block
+    # Not with autocommit turned off either: the deadlock rolled back the caller's transaction,
+    # and a retry would commit the rest without the caller's earlier writes.
+    connection = connections[alias]
+    outermost = not connection.in_atomic_block and connection.get_autocommit()
     attempt = 1
     while True:
         try:
@@ -179,7 +183,10 @@ def replace_lost_sessions(aliases: set[str]) -> None:
         if connection.is_usable():
             connection.errors_occurred = False  # as Django marks one it checked
         else:
-            connection.close()
+            # Closing may fail on a driver connection closed already (mysqlclient raises);
+            # Django forgets it all the same.
+            with contextlib.suppress(DatabaseError):
+                connection.close()
 
 
 def approximately_now(alias: str) -> datetime:

@@ -11,12 +11,11 @@ import enum
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any
 
-from django.db import router, transaction
+from django.db import connections, router, transaction
 from django.db.models import ProtectedError, RestrictedError
 
 from ..errors import storable_text
@@ -85,8 +84,8 @@ def cancel(operation: BatchOperation | Any, *, using: str | None = None) -> Canc
             }[status]
     if outcome is CancelOutcome.CANCELLED:
         # Once the cancel is final: in a caller's transaction that rolls back, it never was.
-        transaction.on_commit(
-            lambda: operation_cancelled.send(sender=BatchOperation, operation_id=pk), using=alias
+        _on_commit_announce(
+            lambda: operation_cancelled.send(sender=BatchOperation, operation_id=pk), alias
         )
     else:
         log_event(logging.INFO, "cancel_refused", id=pk, reason=outcome.value)
@@ -141,14 +140,17 @@ def cancel_many(
     try:
         for alias, keys in by_alias.items():
             cancelled[alias] = []
+            protected: list[Any] = []
             left = keys
             for _ in range(SKIPPED_PASSES):
                 for start in range(0, len(left), CANCEL_CHUNK):
-                    cancelled[alias] += _cancel_chunk(left[start : start + CANCEL_CHUNK], alias)
+                    deleted, kept = _cancel_chunk(left[start : start + CANCEL_CHUNK], alias)
+                    cancelled[alias] += deleted
+                    protected += kept
                 # A pending row skipped because it was locked may have been locked only for
                 # a moment: a claim's scan (MySQL/MariaDB lock the rows they scan past), a
                 # replace. Those still pending are tried again.
-                left = _still_pending(keys, cancelled[alias], alias)
+                left = _still_pending(keys, [*cancelled[alias], *protected], alias)
                 if not left:
                     break
                 time.sleep(SKIPPED_PAUSE)
@@ -174,16 +176,17 @@ def _announce_when_final(cancelled: dict[str, list[Any]]) -> Exception | None:
     for alias, pks in cancelled.items():
         if pks:
             try:
-                transaction.on_commit(partial(_announce_cancelled, pks), using=alias)
+                _on_commit_announce(_announcing(pks), alias)
             except Exception as exc:
                 first_error = first_error or exc
     return first_error
 
 
-def _still_pending(keys: list[Any], cancelled: list[Any], alias: str) -> list[Any]:
-    """Those of ``keys`` not ``cancelled`` that are pending (read without a lock), in order:
-    none where pending rows are never skipped (SQLite waits for its write lock instead)."""
-    done = set(cancelled)
+def _still_pending(keys: list[Any], tried: list[Any], alias: str) -> list[Any]:
+    """Those of ``keys`` not ``tried`` (cancelled, or protected) that are pending (read without
+    a lock), in order: none where pending rows are never skipped (SQLite waits for its write
+    lock instead)."""
+    done = set(tried)
     left = [key for key in keys if key not in done]
     if not left or not supports_skip_locked(alias):
         return []
@@ -209,14 +212,15 @@ def _prepared_key(pk: Any) -> Any:
     return key
 
 
-def _cancel_chunk(keys: list[Any], alias: str) -> list[Any]:
-    """Cancel the pending ones of ``keys`` in one transaction; return their keys."""
+def _cancel_chunk(keys: list[Any], alias: str) -> tuple[list[Any], list[Any]]:
+    """Cancel the pending ones of ``keys`` in one transaction; return their keys, and those of
+    the pending ones rows protect."""
     return retrying_deadlocks(
         alias, lambda: _cancel_pending(keys, alias), event="cancel_retried", count=len(keys)
     )
 
 
-def _cancel_pending(keys: list[Any], alias: str) -> list[Any]:
+def _cancel_pending(keys: list[Any], alias: str) -> tuple[list[Any], list[Any]]:
     manager = BatchOperation.objects.db_manager(alias)
     read_committed_next(alias)  # MySQL/MariaDB: no gap locks for claims to deadlock with
     with transaction.atomic(using=alias):
@@ -233,23 +237,44 @@ def _cancel_pending(keys: list[Any], alias: str) -> list[Any]:
             rows.update(status=BatchOperation.STATUS_UNPROCESSED)
         pending = list(rows.order_by("pk").values_list("pk", flat=True))
         if not pending:
-            return []
-        try:
-            manager.filter(pk__in=pending).delete()
-        except (ProtectedError, RestrictedError):
-            # Raised while Django collected what the delete cascades to, before it deleted
-            # anything: delete one at a time, leaving those that rows protect.
-            return [pk for pk in pending if _deleted_unless_protected(manager, pk)]
-    return pending
+            return [], []
+        return _delete_unless_protected(manager, pending)
 
 
-def _deleted_unless_protected(manager: Any, pk: Any) -> bool:
+def _delete_unless_protected(manager: Any, pks: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Delete the operations ``pks``, except those that rows protect (``ProtectedError``,
+    ``RestrictedError``: raised while Django collects what a delete cascades to, before it
+    deletes anything); returns the keys deleted and those protected. Halves a refused set
+    until it finds them: a few collects per protected operation, not one per operation."""
     try:
-        manager.filter(pk=pk).delete()
+        manager.filter(pk__in=pks).delete()
     except (ProtectedError, RestrictedError) as exc:
-        log_event(logging.INFO, "cancel_refused", id=pk, reason="protected", error=repr(exc))
-        return False
-    return True
+        if len(pks) == 1:
+            log_event(
+                logging.INFO, "cancel_refused", id=pks[0], reason="protected", error=repr(exc)
+            )
+            return [], pks
+        half = len(pks) // 2
+        first, first_protected = _delete_unless_protected(manager, pks[:half])
+        second, second_protected = _delete_unless_protected(manager, pks[half:])
+        return first + second, first_protected + second_protected
+    return pks, []
+
+
+def _on_commit_announce(announce: Callable[[], Any], alias: str) -> None:
+    """Run ``announce`` once the cancel is final. In a caller's transaction, a receiver's
+    error is logged by Django rather than raised from the commit, where it would keep the
+    commit's later callbacks (the dispatch of what the caller enqueued) from running."""
+    in_transaction = connections[alias].in_atomic_block
+    transaction.on_commit(announce, using=alias, robust=in_transaction)
+
+
+def _announcing(pks: list[Any]) -> Callable[[], None]:
+    # A function of its own, not a partial: Django names a robust callback by its qualname.
+    def announce() -> None:
+        _announce_cancelled(pks)
+
+    return announce
 
 
 def _announce_cancelled(pks: list[Any]) -> None:

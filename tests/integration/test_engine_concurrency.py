@@ -1069,6 +1069,78 @@ def test_cancel_many_leaves_a_protected_operation_and_cancels_the_others(monkeyp
     assert list(BatchOperation.objects.unprocessed().values_list("pk", flat=True)) == [ops[2].pk]
 
 
+def test_a_protected_operation_costs_cancel_many_a_few_statements_not_one_per_operation():
+    """One protected operation sent its whole chunk through ``delete()`` one at a time, and was
+    tried again on every pass as if another had locked it for a moment."""
+    from tests.testapp.models import ProtectingLine
+
+    def statements(protect: bool) -> int:
+        ops = enqueue_many("test-noop", [{}] * 64, delay=3600)
+        if protect:
+            ProtectingLine.objects.create(batchoperation=ops[40])
+        with CaptureQueriesContext(connection) as queries:
+            assert len(cancel_many(ops)) == 64 - protect
+        return len(queries)
+
+    plain = statements(protect=False)
+    # Halving the refused 64 until the one is found: two collects per level, 6 levels. One
+    # at a time, each of the 64 deletes would cost its collect's SELECTs and DELETEs.
+    assert statements(protect=True) - plain < 2 * 64
+
+
+@pytest.mark.parametrize("how", ["cancel", "cancel_many"])
+def test_a_raising_cancelled_receiver_keeps_the_callers_other_commit_callbacks(how):
+    """Raised from the caller's commit, a receiver's error kept the callbacks after it from
+    running: the dispatch of an operation the caller enqueued after the cancel, say."""
+    from batchframework.signals import operation_cancelled
+
+    op = enqueue("test-noop", delay=3600)
+    later: list[str] = []
+
+    def buggy(sender, operation_id, **kwargs):
+        raise RuntimeError("a receiver's bug")
+
+    operation_cancelled.connect(buggy)
+    try:
+        with transaction.atomic():
+            if how == "cancel":
+                assert cancel(op)
+            else:
+                assert cancel_many([op]) == [op.pk]
+            transaction.on_commit(lambda: later.append("the caller's callback"))
+    finally:
+        operation_cancelled.disconnect(buggy)
+    assert later == ["the caller's callback"]
+    assert not BatchOperation.objects.filter(pk=op.pk).exists()
+
+
+def test_a_deadlock_with_autocommit_turned_off_is_the_callers_to_handle():
+    """The deadlock rolled back the caller's whole transaction; retried, the claim or cancel
+    committed without the caller's earlier writes, and nobody was told."""
+    from django.db import OperationalError
+
+    from batchframework.engine._common import DEADLOCK_ATTEMPTS, retrying_deadlocks
+
+    calls: list[int] = []
+
+    def deadlock_victim():
+        calls.append(1)
+        raise OperationalError(1213, "Deadlock found when trying to get lock")
+
+    transaction.set_autocommit(False)
+    try:
+        with pytest.raises(OperationalError):
+            retrying_deadlocks("default", deadlock_victim)
+    finally:
+        transaction.rollback()
+        transaction.set_autocommit(True)
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(OperationalError):  # its own transaction: tried again
+        retrying_deadlocks("default", deadlock_victim)
+    assert len(calls) == DEADLOCK_ATTEMPTS
+
+
 def test_cancel_many_takes_a_key_no_row_can_have_for_one_that_is_gone():
     """SQLite can't take an integer beyond 64 bits as a parameter: ``cancel()`` answered
     "not found", ``cancel_many`` raised ``OverflowError``."""
