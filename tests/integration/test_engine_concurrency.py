@@ -179,28 +179,32 @@ def test_four_workers_run_every_operation_exactly_once(reaper):
     assert names <= {"w0", "w1", "w2", "w3"} and len(names) >= 2, names
 
 
+def in_lockstep(items, first, second) -> tuple[dict, dict]:
+    """Call ``first(item)`` and ``second(item)`` at the same moment, each on a thread (and a
+    database connection) of its own, for each of ``items`` in turn; their results by item."""
+    barrier = threading.Barrier(2, timeout=20)
+    results: tuple[dict, dict] = ({}, {})
+
+    def calling(function, into):
+        def each():
+            for item in items:
+                barrier.wait()
+                into[item] = function(item)
+
+        return each
+
+    threads = Threads()
+    threads.start(calling(first, results[0]))
+    threads.start(calling(second, results[1]))
+    threads.join(timeout=75)
+    return results
+
+
 # --- Cancel is final (invariant 3) -----------------------------------------------------------
 def test_cancel_racing_a_claim_either_runs_once_or_never():
     iterations = 150
     pks = [op.pk for op in enqueue_many("test-effect", [{} for _ in range(iterations)])]
-    barrier = threading.Barrier(2, timeout=20)
-    cancelled: dict[int, CancelOutcome] = {}
-    ran: dict[int, RunOutcome] = {}
-
-    def canceller():
-        for pk in pks:
-            barrier.wait()
-            cancelled[pk] = cancel(pk)
-
-    def runner():
-        for pk in pks:
-            barrier.wait()
-            ran[pk] = run(pk)
-
-    threads = Threads()
-    threads.start(canceller)
-    threads.start(runner)
-    threads.join(timeout=75)
+    cancelled, ran = in_lockstep(pks, cancel, run)
 
     for pk in pks:
         outcome, result = cancelled[pk], ran[pk]
@@ -226,34 +230,20 @@ def test_cancel_many_racing_claims_cancels_each_or_lets_it_run_once():
     is cancelled and never runs, or runs once and is reported not cancelled."""
     rounds = 100
     pairs = [tuple(op.pk for op in enqueue_many("test-effect", [{}, {}])) for _ in range(rounds)]
-    barrier = threading.Barrier(2, timeout=20)
-    cancelled: dict[int, list[int]] = {}
-    ran: dict[int, RunOutcome] = {}
+    cancelled, ran = in_lockstep(
+        pairs, lambda pair: cancel_many(list(pair)), lambda pair: run(pair[0])
+    )
 
-    def canceller():
-        for first, second in pairs:
-            barrier.wait()
-            cancelled[first] = cancel_many([first, second])
-
-    def runner():
-        for first, _second in pairs:
-            barrier.wait()
-            ran[first] = run(first)
-
-    threads = Threads()
-    threads.start(canceller)
-    threads.start(runner)
-    threads.join(timeout=75)
-
-    for first, second in pairs:
+    for pair in pairs:
+        first, second = pair
         count = Execution.objects.filter(key=str(first)).count()
-        if first in cancelled[first]:
-            assert ran[first] is RunOutcome.NOT_CLAIMED, (first, cancelled[first], ran[first])
+        if first in cancelled[pair]:
+            assert ran[pair] is RunOutcome.NOT_CLAIMED, (first, cancelled[pair], ran[pair])
             assert count == 0 and not BatchOperation.objects.filter(pk=first).exists()
         else:
-            assert ran[first] is RunOutcome.SUCCEEDED, (first, cancelled[first], ran[first])
+            assert ran[pair] is RunOutcome.SUCCEEDED, (first, cancelled[pair], ran[pair])
             assert count == 1
-        assert cancelled[first][-1] == second  # never claimed: always cancelled
+        assert cancelled[pair][-1] == second  # never claimed: always cancelled
         assert not BatchOperation.objects.filter(pk=second).exists()
     assert Effect.objects.count() == sum(r is RunOutcome.SUCCEEDED for r in ran.values())
 
