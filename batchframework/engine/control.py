@@ -115,7 +115,8 @@ def cancel_many(
     write lock), and their DELETE, cascading as Django's ``delete()`` does. Inside a caller's
     transaction the cancels are final when it commits, and
     :data:`~batchframework.signals.operation_cancelled` is sent for each then: for every one,
-    even when a receiver raises (the first such error is raised once all were sent). A
+    even when a receiver raises (outside a transaction the first such error is raised once all
+    were sent; inside one, Django logs it at the commit, whose other callbacks still run). A
     database error ends it, and the chunks before it stay cancelled.
     """
     if isinstance(operations, str | bytes | BatchOperation):
