@@ -184,12 +184,15 @@ def _warn_of_unhandled(ids: list[int], using: str | None) -> None:
     release without it, during a deploy). Claims skip them, and only a worker that has the
     handler runs them."""
     types = sorted(
-        BatchOperation.objects.using(write_alias(using))
-        .unprocessed()
-        .filter(pk__in=ids)
-        .exclude(operationtype__in=registry.operationtypes())
-        .values_list("operationtype", flat=True)
-        .distinct()
+        set(
+            BatchOperation.objects.using(write_alias(using))
+            .unprocessed()
+            .filter(pk__in=ids)
+            .exclude(operationtype__in=registry.operationtypes())
+            .order_by()  # the model's ordering would make DISTINCT keep duplicates
+            .values_list("operationtype", flat=True)
+            .distinct()
+        )
     )
     if types:
         log_event(
