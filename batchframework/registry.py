@@ -289,21 +289,24 @@ def handler(
     return decorator
 
 
+def _called_function(fn: Callable[..., Any]) -> Any:
+    """What calling ``fn`` runs: the function under any ``functools.partial``, or an object's
+    ``__call__``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn if inspect.isroutine(fn) else type(fn).__call__
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
     """Whether calling ``fn`` returns a coroutine or an async generator: an ``async def``
     function (``functools.partial`` of one included), or an object whose ``__call__`` is one."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    call = fn if inspect.isroutine(fn) else type(fn).__call__
+    call = _called_function(fn)
     return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
 
 
 def _is_generator(fn: Callable[..., Any]) -> bool:
     """Whether calling ``fn`` returns a generator (its body runs only when iterated)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    call = fn if inspect.isroutine(fn) else type(fn).__call__
-    return inspect.isgeneratorfunction(call)
+    return inspect.isgeneratorfunction(_called_function(fn))
 
 
 def autodiscover() -> None:
